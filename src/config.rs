@@ -1,0 +1,432 @@
+//! Configuration: one typed struct, loaded once from TOML over embedded
+//! defaults, validated with errors that name the key, shared as
+//! `Arc<Config>`. Every key is optional (see `shared/CONTRACT.md`).
+//! This module reads files and nothing else; it never mutates the process
+//! environment.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::HostName;
+
+/// Why a configuration was refused. `Invalid` carries every problem found,
+/// each with the key it belongs to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<KeyError>),
+}
+
+/// One problem with one key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub gateway: GatewayConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+    pub sandbox: SandboxConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub transparent_listen: SocketAddr,
+    pub proxy_listen: SocketAddr,
+    pub allowed_ports: Vec<u16>,
+    pub peek_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub max_connections: usize,
+    pub deny_private_destinations: bool,
+    pub allow_destinations: Vec<IpNet>,
+    /// Static name → addresses, checked before DNS.
+    pub resolve: BTreeMap<String, Vec<IpAddr>>,
+    /// `SO_MARK` on upstream sockets, so the iptables rules can skip
+    /// sluice's own traffic. 0 disables it.
+    pub upstream_mark: u32,
+    /// Largest ClientHello handshake message accepted before `no_host`.
+    pub max_client_hello_bytes: usize,
+    /// Largest HTTP request head accepted before `bad_request`.
+    pub max_request_head_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    /// Defaults to `<state_dir>/keys/jwks.json`.
+    pub jwks_file: Option<PathBuf>,
+    /// Defaults to `<state_dir>/keys/private-key.pem`.
+    pub signing_key_file: Option<PathBuf>,
+    pub signing_kid: String,
+    pub leeway_s: u64,
+    /// Longest lifetime `POST /v1/tokens` will mint.
+    pub max_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Defaults to `<state_dir>/admin-token`.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    pub runtime: String,
+    pub runtime_args: Vec<String>,
+    pub rootfs: PathBuf,
+    pub subnet: IpNet,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| unreachable!("embedded default {s}"))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from(".sluice"),
+            gateway: GatewayConfig::default(),
+            auth: AuthConfig::default(),
+            admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
+            sandbox: SandboxConfig::default(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            transparent_listen: addr("127.0.0.1:15001"),
+            proxy_listen: addr("127.0.0.1:8443"),
+            allowed_ports: vec![80, 443],
+            peek_timeout_ms: 5_000,
+            connect_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            drain_timeout_ms: 30_000,
+            max_connections: 65_536,
+            deny_private_destinations: true,
+            allow_destinations: Vec::new(),
+            resolve: BTreeMap::new(),
+            upstream_mark: 0x534c,
+            max_client_hello_bytes: 16 * 1024,
+            max_request_head_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: "secure-egress-control".into(),
+            audience: "egress-proxy".into(),
+            jwks_file: None,
+            signing_key_file: None,
+            signing_kid: "sluice-1".into(),
+            leeway_s: 30,
+            max_ttl_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: addr("127.0.0.1:9080"),
+            token_file: None,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: addr("127.0.0.1:9090"),
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            runtime: "runsc".into(),
+            runtime_args: Vec::new(),
+            rootfs: PathBuf::from("/srv/sandbox/rootfs"),
+            subnet: "10.213.0.0/16"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("embedded default subnet")),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem with the values, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |key: &str, message: String| {
+            errors.push(KeyError {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        let g = &self.gateway;
+        if g.allowed_ports.contains(&0) {
+            err("gateway.allowed_ports", "port 0 is not a port".into());
+        }
+        for (key, v) in [
+            ("gateway.peek_timeout_ms", g.peek_timeout_ms),
+            ("gateway.connect_timeout_ms", g.connect_timeout_ms),
+            ("gateway.idle_timeout_ms", g.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                err(key, "must be greater than 0".into());
+            }
+        }
+        if g.max_connections == 0 {
+            err("gateway.max_connections", "must be greater than 0".into());
+        }
+        if !(512..=1 << 20).contains(&g.max_client_hello_bytes) {
+            err(
+                "gateway.max_client_hello_bytes",
+                "must be between 512 and 1048576".into(),
+            );
+        }
+        if !(1024..=1 << 20).contains(&g.max_request_head_bytes) {
+            err(
+                "gateway.max_request_head_bytes",
+                "must be between 1024 and 1048576".into(),
+            );
+        }
+        for (name, addrs) in &g.resolve {
+            let key = format!("gateway.resolve.\"{name}\"");
+            if let Err(e) = HostName::parse(name) {
+                err(&key, format!("not a host name: {e}"));
+            }
+            if addrs.is_empty() {
+                err(&key, "needs at least one address".into());
+            }
+        }
+        let listeners = [
+            ("gateway.transparent_listen", g.transparent_listen),
+            ("gateway.proxy_listen", g.proxy_listen),
+            ("admin.listen", self.admin.listen),
+            ("metrics.listen", self.metrics.listen),
+        ];
+        for (i, (key, a)) in listeners.iter().enumerate() {
+            if a.port() == 0 {
+                continue;
+            }
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, b)| b == a) {
+                err(key, format!("same address as {other} ({a})"));
+            }
+        }
+        if self.auth.issuer.is_empty() {
+            err("auth.issuer", "must not be empty".into());
+        }
+        if self.auth.audience.is_empty() {
+            err("auth.audience", "must not be empty".into());
+        }
+        if self.auth.signing_kid.is_empty() {
+            err("auth.signing_kid", "must not be empty".into());
+        }
+        if self.auth.max_ttl_s == 0 {
+            err("auth.max_ttl_s", "must be greater than 0".into());
+        }
+        if self.sandbox.runtime.is_empty() {
+            err("sandbox.runtime", "must not be empty".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    pub fn jwks_path(&self) -> PathBuf {
+        self.auth
+            .jwks_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("keys/jwks.json"))
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.auth
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("keys/private-key.pem"))
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin-token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert_eq!(
+            Config::default().jwks_path(),
+            PathBuf::from(".sluice/keys/jwks.json")
+        );
+    }
+
+    #[test]
+    fn the_contract_example_parses() {
+        let text = r#"
+state_dir = ".sluice"
+
+[gateway]
+transparent_listen = "127.0.0.1:15001"
+proxy_listen = "127.0.0.1:8443"
+allowed_ports = [80, 443]
+peek_timeout_ms = 5000
+connect_timeout_ms = 10000
+idle_timeout_ms = 300000
+drain_timeout_ms = 30000
+max_connections = 65536
+deny_private_destinations = true
+allow_destinations = ["198.18.0.0/15"]
+
+[gateway.resolve]
+"api.example.com" = ["198.18.1.10"]
+
+[auth]
+issuer = "secure-egress-control"
+audience = "egress-proxy"
+jwks_file = ".sluice/keys/jwks.json"
+signing_key_file = ".sluice/keys/private-key.pem"
+signing_kid = "sluice-1"
+leeway_s = 30
+
+[admin]
+listen = "127.0.0.1:9080"
+token_file = ".sluice/admin-token"
+
+[metrics]
+listen = "127.0.0.1:9090"
+
+[sandbox]
+runtime = "runsc"
+runtime_args = []
+rootfs = "/srv/sandbox/rootfs"
+subnet = "10.213.0.0/16"
+"#;
+        let c = Config::parse(text).unwrap();
+        assert_eq!(
+            c.gateway.resolve["api.example.com"],
+            vec!["198.18.1.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.gateway.allow_destinations,
+            vec!["198.18.0.0/15".parse::<IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_their_key() {
+        let e = Config::parse("[gateway]\npeek_timeout = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("peek_timeout"), "{e}");
+        let e = Config::parse("[gateway]\ntransparent_listen = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transparent_listen"), "{e}");
+        let e = Config::parse("[gateway]\nallow_destinations = [\"10.0.0.0/33\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allow_destinations"), "{e}");
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported() {
+        let text = r#"
+[gateway]
+allowed_ports = [0]
+peek_timeout_ms = 0
+proxy_listen = "127.0.0.1:15001"
+[gateway.resolve]
+"bad name" = []
+[auth]
+issuer = ""
+"#;
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("should be invalid");
+        };
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "gateway.allowed_ports",
+            "gateway.peek_timeout_ms",
+            "gateway.proxy_listen",
+            "gateway.resolve.\"bad name\"",
+            "auth.issuer",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! sluice: a transparent egress gateway for sandboxed containers.
+//!
+//! The connection path follows the modules: [`net`] accepts and reads the
+//! original destination, [`identity`] maps the source to a sandbox and its
+//! verified token, [`proxy::sniff`] reads the name the client asks for,
+//! [`policy`] decides, [`proxy::upstream`] resolves, guards and connects,
+//! and [`proxy::relay`] moves the bytes. Beside them: [`config`],
+//! [`admin`], [`metrics`] and [`app`], which wires everything together.
+
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;

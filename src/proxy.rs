@@ -1,0 +1,2 @@
+//! The data plane.
+pub mod sniff;
