@@ -7,8 +7,13 @@
 //! and [`proxy::relay`] moves the bytes. Beside them: [`config`],
 //! [`admin`], [`metrics`] and [`app`], which wires everything together.
 
+pub mod admin;
+pub mod app;
+pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod shutdown;

@@ -1,1 +1,256 @@
-fn main() {}
+//! The `sluice` command: parses the command line, sets up logging, raises
+//! the descriptor limit, loads the config and calls into the library.
+//! Exit codes: 0 ok, 1 runtime failure or rejected input, 2 usage error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use sluice::config::Config;
+use sluice::identity::token::{Jwks, KeyPair, MintRequest, Signer, Verifier};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Transparent egress gateway for sandboxed containers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (embedded defaults without --config).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write an ES256 key pair and its JWKS into a directory.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "sluice-1")]
+        kid: String,
+    },
+    /// Mint or verify tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Validate a config file.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print one ES256 JWT on stdout.
+    Mint {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        kid: String,
+        #[arg(long)]
+        container_id: String,
+        #[arg(long)]
+        user_id: String,
+        /// Comma-separated allowlist entries.
+        #[arg(long, value_delimiter = ',', required = true)]
+        allow: Vec<String>,
+        /// Lifetime: 90s, 30m, 4h, 2d, or plain seconds.
+        #[arg(long, default_value = "4h", value_parser = parse_ttl)]
+        ttl: Duration,
+        #[arg(long, default_value = "secure-egress-control")]
+        issuer: String,
+        #[arg(long, default_value = "egress-proxy")]
+        audience: String,
+    },
+    /// Print a token's verified claims as JSON.
+    Verify {
+        #[arg(long)]
+        jwks: PathBuf,
+        #[arg(long, default_value = "secure-egress-control")]
+        issuer: String,
+        #[arg(long, default_value = "egress-proxy")]
+        audience: String,
+        #[arg(long, default_value_t = 30)]
+        leeway: u64,
+        token: String,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{s:?} is not a duration (use s, m, h or d)"))?;
+    if secs == 0 {
+        return Err("the ttl must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::Keygen { out, kid } => keygen(&out, &kid),
+        Command::Token(cmd) => token(cmd),
+        Command::Check { config } => check(&config),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Lifts the soft descriptor limit to the hard one: every relayed
+/// connection holds two sockets and, while bytes flow, two pipes.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise RLIMIT_NOFILE");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
+    }
+}
+
+fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    raise_nofile();
+    let config = match config_path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "configuration");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let running = sluice::app::run(config, sluice::app::Options::default()).await?;
+        eprintln!(
+            "sluice: transparent {} admin {} metrics {}",
+            running.transparent_addr, running.admin_addr, running.metrics_addr
+        );
+        wait_for_signal().await?;
+        tracing::info!("shutting down: draining live connections");
+        let cut = running.shutdown().await;
+        tracing::info!(cut, "stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn keygen(out: &Path, kid: &str) -> anyhow::Result<ExitCode> {
+    if kid.is_empty() {
+        bail!("--kid must not be empty");
+    }
+    let pair = KeyPair::generate(kid)?;
+    pair.write(out)?;
+    eprintln!(
+        "wrote {0}/private-key.pem, {0}/public-key.pem, {0}/jwks.json (kid {kid})",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TokenCommand::Mint {
+            key,
+            kid,
+            container_id,
+            user_id,
+            allow,
+            ttl,
+            issuer,
+            audience,
+        } => {
+            let signer = Signer::load(&key, &kid, &issuer, &audience)?;
+            let minted = signer.mint(&MintRequest {
+                container_id,
+                user_id,
+                allowed_hosts: allow,
+                ttl,
+            })?;
+            println!("{}", minted.token);
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Verify {
+            jwks,
+            issuer,
+            audience,
+            leeway,
+            token,
+        } => {
+            let verifier = Verifier::new(Jwks::load(&jwks)?, &issuer, &audience, leeway);
+            match verifier.verify_uncached(token.trim()) {
+                Ok(grant) => {
+                    println!("{}", serde_json::to_string_pretty(&grant.claims)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("sluice: token rejected ({}): {e}", e.deny());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

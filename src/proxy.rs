@@ -1,2 +1,209 @@
-//! The data plane.
+//! The data plane: the shared [`Gateway`] state, the accept loop, and the
+//! way a denied client is told. A connection's path is
+//! accept → [`net::orig_dst`](crate::net::orig_dst) → identity →
+//! [`sniff`] → policy → [`upstream`] → [`relay`] (with [`http`] checking
+//! every request of an HTTP connection); [`transparent`] is the front door
+//! that strings them together for REDIRECTed connections.
+
+pub mod http;
+pub mod relay;
 pub mod sniff;
+pub mod transparent;
+pub mod upstream;
+
+use std::borrow::Cow;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::identity::Registry;
+use crate::identity::token::Verifier;
+use crate::metrics::{self as m, Mode};
+use crate::net::orig_dst::OrigDstSource;
+use crate::policy::Deny;
+use crate::shutdown::Shutdown;
+use sniff::Protocol;
+use upstream::Upstream;
+
+/// Everything a connection task needs, shared.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    pub verifier: Arc<Verifier>,
+    pub upstream: Upstream,
+    pub shutdown: Shutdown,
+    pub orig_dst: OrigDstSource,
+    /// `max_connections`, shared by every listener.
+    pub limit: Arc<Semaphore>,
+}
+
+/// Accepts connections until shutdown, each on its own tracked task.
+pub async fn accept_loop(listener: TcpListener, gw: Arc<Gateway>, mode: Mode) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gw.shutdown.stopping() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                if is_resource_exhaustion(&e) {
+                    // Out of descriptors or memory: give live connections a
+                    // moment to finish instead of spinning on accept.
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                } else {
+                    tracing::debug!(error = %e, "accept failed");
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&gw.limit).try_acquire_owned() else {
+            overloaded(stream, peer, mode);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let gw2 = Arc::clone(&gw);
+        gw.shutdown.spawn(async move {
+            let _permit = permit;
+            match mode {
+                Mode::Transparent => transparent::handle(gw2, stream, peer).await,
+                Mode::Proxy => {}
+            }
+        });
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
+fn overloaded(stream: TcpStream, peer: SocketAddr, mode: Mode) {
+    count(mode, Protocol::Other, Err(Deny::Overloaded));
+    crate::audit::Record {
+        container_id: None,
+        source: peer,
+        mode,
+        protocol: Protocol::Other.as_str(),
+        host: None,
+        port: 0,
+        upstream: None,
+        decision: Err(Deny::Overloaded),
+        bytes_to_upstream: 0,
+        bytes_to_client: 0,
+        duration: Duration::ZERO,
+        end: "overloaded",
+    }
+    .emit();
+    drop(stream);
+}
+
+/// Counts one decision.
+pub fn count(mode: Mode, protocol: Protocol, decision: Result<(), Deny>) {
+    let (decision, reason) = match decision {
+        Ok(()) => ("allow", "none"),
+        Err(d) => ("deny", d.as_str()),
+    };
+    ::metrics::counter!(
+        m::CONNECTIONS_TOTAL,
+        "mode" => mode.as_str(),
+        "protocol" => protocol.as_str(),
+        "decision" => decision,
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+/// TLS alert record: fatal (2), access_denied (49).
+const TLS_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+/// TLS alert record: fatal (2), internal_error (80), for upstream failures.
+const TLS_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
+
+/// What a denied client receives, by protocol: an HTTP status with
+/// `x-deny-reason`, a TLS alert, or nothing (close).
+pub fn deny_response(protocol: Protocol, deny: Deny) -> Option<Cow<'static, [u8]>> {
+    match protocol {
+        Protocol::Http => {
+            let (code, text) = deny.http_status();
+            let body = format!("sluice: {}\n", deny.as_str());
+            Some(Cow::Owned(
+                format!(
+                    "HTTP/1.1 {code} {text}\r\nx-deny-reason: {}\r\ncontent-type: text/plain\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    deny.as_str(),
+                    body.len()
+                )
+                .into_bytes(),
+            ))
+        }
+        Protocol::Tls => match deny {
+            Deny::UpstreamUnreachable | Deny::UpstreamTimeout => {
+                Some(Cow::Borrowed(&TLS_INTERNAL_ERROR[..]))
+            }
+            _ => Some(Cow::Borrowed(&TLS_ACCESS_DENIED[..])),
+        },
+        Protocol::Other => None,
+    }
+}
+
+/// Answers a denied client and closes: the response, then our write half,
+/// then a short, bounded wait for the client's remaining bytes so the
+/// close does not reset the connection before the answer is read.
+pub async fn refuse(stream: &TcpStream, protocol: Protocol, deny: Deny) {
+    if let Some(bytes) = deny_response(protocol, deny) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::net::write_all(stream, &bytes),
+        )
+        .await;
+    }
+    crate::net::shutdown_write(stream);
+    let linger = async {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            buf.clear();
+            match crate::net::read_some(stream, &mut buf, 16 * 1024).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), linger).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_denies_carry_the_reason() {
+        let bytes = deny_response(Protocol::Http, Deny::HostNotAllowed).unwrap();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"));
+        assert!(text.contains("\r\nx-deny-reason: host_not_allowed\r\n"));
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let bytes = deny_response(Protocol::Http, Deny::UpstreamTimeout).unwrap();
+        assert!(bytes.starts_with(b"HTTP/1.1 504 "));
+        let bytes = deny_response(Protocol::Http, Deny::BadRequest).unwrap();
+        assert!(bytes.starts_with(b"HTTP/1.1 400 "));
+    }
+
+    #[test]
+    fn tls_denies_are_alerts_and_others_close() {
+        assert_eq!(
+            &*deny_response(Protocol::Tls, Deny::HostNotAllowed).unwrap(),
+            &TLS_ACCESS_DENIED
+        );
+        assert!(deny_response(Protocol::Other, Deny::UnsupportedProtocol).is_none());
+    }
+}

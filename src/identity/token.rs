@@ -243,18 +243,40 @@ impl KeyPair {
         serde_json::json!({ "keys": [self.jwk] })
     }
 
-    /// Writes `private-key.pem` (0600), `public-key.pem` and `jwks.json`.
+    /// Writes `private-key.pem` (0600), `public-key.pem` and `jwks.json`
+    /// into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), KeyError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        write_private(&dir.join("private-key.pem"), self.private_pem.as_bytes())?;
-        let public = dir.join("public-key.pem");
-        std::fs::write(&public, &self.public_pem).map_err(io_err(&public))?;
-        let jwks = dir.join("jwks.json");
+        self.write_to(&dir.join("private-key.pem"), &dir.join("jwks.json"))
+    }
+
+    /// Writes the private key (0600, never over an existing file), the
+    /// public key beside it as `public-key.pem`, and the JWKS.
+    pub fn write_to(&self, key_path: &Path, jwks_path: &Path) -> Result<(), KeyError> {
+        let key_dir = parent_of(key_path);
+        std::fs::create_dir_all(key_dir).map_err(io_err(key_dir))?;
+        write_private(key_path, self.private_pem.as_bytes())?;
+        write_public(&key_dir.join("public-key.pem"), &self.public_pem)?;
+        self.write_jwks(jwks_path)
+    }
+
+    /// Writes the JWKS alone (for a private key that has none yet).
+    pub fn write_jwks(&self, jwks_path: &Path) -> Result<(), KeyError> {
         let text = serde_json::to_string_pretty(&self.jwks())
             .map_err(|e| KeyError::Format(e.to_string()))?;
-        std::fs::write(&jwks, text + "\n").map_err(io_err(&jwks))?;
-        Ok(())
+        write_public(jwks_path, &text)
     }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn write_public(path: &Path, text: &str) -> Result<(), KeyError> {
+    let dir = parent_of(path);
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::write(path, format!("{}\n", text.trim_end())).map_err(io_err(path))
 }
 
 /// Creates a file readable by its owner only, failing if it exists.

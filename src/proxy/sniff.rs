@@ -153,11 +153,7 @@ fn sni_of_hello(msg: &[u8]) -> Result<ClientHello, Deny> {
     use tls_parser::{TlsMessage, TlsMessageHandshake, parse_tls_message_handshake};
 
     let hello = match parse_tls_message_handshake(msg) {
-        Ok((rest, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))))
-            if rest.is_empty() =>
-        {
-            hello
-        }
+        Ok((&[], TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => hello,
         _ => return Err(Deny::UnsupportedProtocol),
     };
     let Some(mut exts) = hello.ext else {

@@ -1,0 +1,289 @@
+//! The admin API: a separate, privileged HTTP/1.1 JSON listener for the
+//! control plane. It mints tokens, serves the JWKS, and registers,
+//! lists and unregisters sandboxes. Every `/v1` call needs the admin bearer
+//! token, compared in constant time. Errors are JSON
+//! `{"error": "<reason>", "detail": "…"}`. Bodies are capped and unknown
+//! fields refused; nothing here panics on what a caller sends.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+use crate::identity::token::{MintRequest, Signer, Verifier};
+use crate::identity::{BindError, Origin, Registry, Sandbox};
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+/// `POST /v1/tokens` without `ttl_seconds`: the CLI's default, 4 h.
+const DEFAULT_TTL_S: u64 = 4 * 3600;
+
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    pub verifier: Arc<Verifier>,
+    pub signer: Option<Signer>,
+    pub admin_token: String,
+}
+
+/// An API error: a status, a stable reason and a human detail.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": self.error, "detail": self.detail }));
+        let mut resp = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// A JSON body with unknown fields refused and every failure answered as
+/// a JSON error.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::new(e.status(), "bad_request", format!("cannot read body: {e}"))
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    let v1 = Router::new()
+        .route("/tokens", post(mint_token))
+        .route("/sandboxes", post(register).get(list))
+        .route("/sandboxes/{id}", get(show).delete(unregister))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_admin,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/.well-known/jwks.json", get(jwks))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn require_admin(
+    State(state): State<Arc<AdminState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    let ok: bool = presented
+        .as_bytes()
+        .ct_eq(state.admin_token.as_bytes())
+        .into();
+    if !ok || presented.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid admin bearer token is required",
+        ));
+    }
+    Ok(next.run(req).await)
+}
+
+async fn jwks(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    Json(state.verifier.jwks().public().clone())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    container_id: String,
+    user_id: String,
+    allowed_hosts: Vec<String>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+async fn mint_token(
+    State(state): State<Arc<AdminState>>,
+    JsonBody(req): JsonBody<TokenRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let signer = state.signer.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_signing_key",
+            "this gateway has no signing key configured",
+        )
+    })?;
+    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_S);
+    if ttl == 0 || ttl > state.config.auth.max_ttl_s {
+        return Err(ApiError::bad_request(format!(
+            "ttl_seconds must be between 1 and {}",
+            state.config.auth.max_ttl_s
+        )));
+    }
+    let minted = signer
+        .mint(&MintRequest {
+            container_id: req.container_id,
+            user_id: req.user_id,
+            allowed_hosts: req.allowed_hosts,
+            ttl: Duration::from_secs(ttl),
+        })
+        .map_err(|e| match e {
+            crate::identity::token::MintError::BadRequest(d) => ApiError::bad_request(d),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": minted.token,
+            "jti": minted.claims.jti,
+            "expires_at": minted.claims.exp,
+        })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    source_ip: String,
+    token: String,
+}
+
+async fn register(
+    State(state): State<Arc<AdminState>>,
+    JsonBody(req): JsonBody<RegisterRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let ip: IpAddr = req.source_ip.trim().parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "source_ip {:?} is not an IP address",
+            req.source_ip
+        ))
+    })?;
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(ApiError::bad_request("source_ip must be a unicast address"));
+    }
+    let grant = state
+        .verifier
+        .verify(&req.token)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.deny().as_str(), e.to_string()))?;
+    let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered);
+    let sandbox = state.registry.bind(sandbox).map_err(|e| match e {
+        BindError::AddressTaken(_) => {
+            ApiError::new(StatusCode::CONFLICT, "address_taken", e.to_string())
+        }
+        BindError::ContainerTaken(_) => {
+            ApiError::new(StatusCode::CONFLICT, "container_taken", e.to_string())
+        }
+    })?;
+    tracing::info!(container_id = %sandbox.container_id, source_ip = %ip, "sandbox registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "container_id": sandbox.container_id,
+            "source_ip": sandbox.source_ip,
+            "expires_at": sandbox.grant.claims.exp,
+        })),
+    ))
+}
+
+fn view(s: &Sandbox) -> Value {
+    let c = &s.grant.claims;
+    json!({
+        "container_id": s.container_id,
+        "source_ip": s.source_ip,
+        "user_id": c.user_id,
+        "allowed_hosts": c.allowed_hosts.0,
+        "jti": c.jti,
+        "expires_at": c.exp,
+        "registered_at": s.registered_at,
+        "origin": s.origin,
+        "live_connections": s.live_connections(),
+    })
+}
+
+async fn list(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let all: Vec<Value> = state.registry.list().iter().map(|s| view(s)).collect();
+    Json(json!({ "sandboxes": all }))
+}
+
+async fn show(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state
+        .registry
+        .get_by_id(&id)
+        .map(|s| Json(view(&s)))
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
+}
+
+async fn unregister(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let sandbox = state
+        .registry
+        .unbind(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
+    tracing::info!(container_id = %sandbox.container_id, source_ip = %sandbox.source_ip, "sandbox unregistered");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,279 @@
+//! Wiring: prepares the state directory (keys, admin token), binds every
+//! listener, starts the transparent data plane, the admin API and the
+//! metrics endpoint, and hands back the bound addresses and a handle that
+//! drains them. Tests bind port 0 and drive the whole lifecycle through
+//! [`run`] and [`Running::shutdown`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::identity::Registry;
+use crate::identity::token::{Jwks, KeyError, KeyPair, Signer, Verifier, write_private};
+use crate::metrics::Mode;
+use crate::net::orig_dst::OrigDstSource;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::{Gateway, accept_loop};
+use crate::shutdown::Shutdown;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// How the gateway learns original destinations; tests fix one.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub orig_dst: OrigDstSource,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            orig_dst: OrigDstSource::Socket,
+        }
+    }
+}
+
+/// A running gateway.
+pub struct Running {
+    pub transparent_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_token: String,
+    pub registry: Arc<Registry>,
+    pub verifier: Arc<Verifier>,
+    shutdown: Shutdown,
+    drain: Duration,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, drains live connections up to
+    /// `gateway.drain_timeout_ms`, closes the rest, stops the admin and
+    /// metrics servers. Returns how many connections had to be cut.
+    pub async fn shutdown(self) -> usize {
+        let cut = self.shutdown.drain(self.drain).await;
+        for server in self.servers {
+            server.abort();
+            let _ = server.await;
+        }
+        cut
+    }
+}
+
+/// Starts everything the config describes.
+pub async fn run(config: Config, options: Options) -> Result<Running, AppError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let state = prepare_state(&config)?;
+    let prometheus = crate::metrics::install();
+
+    let bind = |what: &'static str, addr: SocketAddr| {
+        crate::net::bind(addr).map_err(|source| AppError::Bind { what, addr, source })
+    };
+    let g = &config.gateway;
+    let transparent = bind("gateway.transparent_listen", g.transparent_listen)?;
+    let admin_listener = bind("admin.listen", config.admin.listen)?;
+    let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
+    let local = |l: &tokio::net::TcpListener, what: &'static str, addr| {
+        l.local_addr()
+            .map_err(|source| AppError::Bind { what, addr, source })
+    };
+    let transparent_addr = local(
+        &transparent,
+        "gateway.transparent_listen",
+        g.transparent_listen,
+    )?;
+    let admin_addr = local(&admin_listener, "admin.listen", config.admin.listen)?;
+    let metrics_addr = local(&metrics_listener, "metrics.listen", config.metrics.listen)?;
+
+    let verifier = Arc::new(Verifier::new(
+        state.jwks,
+        &config.auth.issuer,
+        &config.auth.audience,
+        config.auth.leeway_s,
+    ));
+    let registry = Arc::new(Registry::new());
+    let shutdown = Shutdown::new();
+    let own = vec![transparent_addr, admin_addr, metrics_addr, g.proxy_listen];
+    let gateway = Arc::new(Gateway {
+        config: Arc::clone(&config),
+        registry: Arc::clone(&registry),
+        verifier: Arc::clone(&verifier),
+        upstream: Upstream::new(g, own),
+        shutdown: shutdown.clone(),
+        orig_dst: options.orig_dst,
+        limit: Arc::new(Semaphore::new(g.max_connections)),
+    });
+
+    let mut servers = Vec::new();
+    servers.push(tokio::spawn(accept_loop(
+        transparent,
+        Arc::clone(&gateway),
+        Mode::Transparent,
+    )));
+
+    let admin_router = admin::router(Arc::new(AdminState {
+        config: Arc::clone(&config),
+        registry: Arc::clone(&registry),
+        verifier: Arc::clone(&verifier),
+        signer: state.signer,
+        admin_token: state.admin_token.clone(),
+    }));
+    servers.push(serve_http(admin_listener, admin_router, shutdown.clone()));
+    let metrics_router = Router::new().route(
+        "/metrics",
+        get(move || {
+            let p = prometheus.clone();
+            async move { p.render() }
+        }),
+    );
+    servers.push(serve_http(
+        metrics_listener,
+        metrics_router,
+        shutdown.clone(),
+    ));
+
+    tracing::info!(
+        transparent = %transparent_addr,
+        admin = %admin_addr,
+        metrics = %metrics_addr,
+        "sluice listening"
+    );
+    Ok(Running {
+        transparent_addr,
+        admin_addr,
+        metrics_addr,
+        admin_token: state.admin_token,
+        registry,
+        verifier,
+        shutdown,
+        drain: Duration::from_millis(g.drain_timeout_ms),
+        servers,
+    })
+}
+
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let stop = async move { shutdown.stopping().await };
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    })
+}
+
+struct State {
+    jwks: Jwks,
+    signer: Option<Signer>,
+    admin_token: String,
+}
+
+/// Creates what a first start needs (state dir 0700, an ES256 key pair,
+/// an admin token, files 0600) and loads it.
+fn prepare_state(config: &Config) -> Result<State, AppError> {
+    let state_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| AppError::State { path, source }
+    };
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(state_err(&config.state_dir))?;
+    }
+    let key_path = config.signing_key_path();
+    let jwks_path = config.jwks_path();
+    let kid = &config.auth.signing_kid;
+    if !key_path.exists() && !jwks_path.exists() {
+        let pair = KeyPair::generate(kid)?;
+        pair.write_to(&key_path, &jwks_path)?;
+        tracing::info!(key = %key_path.display(), jwks = %jwks_path.display(), kid, "generated an ES256 key pair");
+    } else if key_path.exists() && !jwks_path.exists() {
+        let pem = std::fs::read_to_string(&key_path).map_err(state_err(&key_path))?;
+        let pair = KeyPair::from_private_pem(&pem, kid)?;
+        pair.write_jwks(&jwks_path)?;
+    }
+    let jwks = Jwks::load(&jwks_path)?;
+    let signer = if key_path.exists() {
+        Some(Signer::load(
+            &key_path,
+            kid,
+            &config.auth.issuer,
+            &config.auth.audience,
+        )?)
+    } else {
+        tracing::warn!(key = %key_path.display(), "no signing key: POST /v1/tokens is unavailable");
+        None
+    };
+    if signer.is_some()
+        && !jwks.public()["keys"]
+            .as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k["kid"] == kid.as_str()))
+    {
+        tracing::warn!(kid, jwks = %jwks_path.display(), "the signing kid is not in the JWKS: minted tokens will not verify");
+    }
+
+    let token_path = config.admin_token_path();
+    if !token_path.exists() {
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        if let Some(dir) = token_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(state_err(dir))?;
+        }
+        write_private(
+            &token_path,
+            format!("{}\n", URL_SAFE_NO_PAD.encode(raw)).as_bytes(),
+        )?;
+        tracing::info!(path = %token_path.display(), "generated the admin token");
+    }
+    let admin_token = std::fs::read_to_string(&token_path)
+        .map_err(state_err(&token_path))?
+        .trim()
+        .to_owned();
+    if admin_token.len() < 16 {
+        return Err(AppError::State {
+            path: token_path.display().to_string(),
+            source: std::io::Error::other("the admin token must be at least 16 characters"),
+        });
+    }
+    Ok(State {
+        jwks,
+        signer,
+        admin_token,
+    })
+}
