@@ -91,7 +91,12 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(e.status(), "bad_request", format!("cannot read body: {e}"))
+            let error = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "payload_too_large"
+            } else {
+                "bad_request"
+            };
+            ApiError::new(e.status(), error, format!("cannot read body: {e}"))
         })?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)

@@ -42,26 +42,24 @@ pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
 }
 
 /// Reads once into the spare room of `buf`, at most `max` bytes in all;
-/// 0 means EOF (or no room).
+/// 0 means EOF (or no room). Cancellation-safe: `buf` only ever grows by
+/// the bytes actually read, even if the future is dropped mid-wait.
 pub async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-    let room = max.saturating_sub(buf.len());
+    let room = max.saturating_sub(buf.len()).min(16 * 1024);
     if room == 0 {
         return Ok(0);
     }
-    let start = buf.len();
-    buf.resize(start + room.min(16 * 1024), 0);
-    let result = loop {
-        if let Err(e) = stream.readable().await {
-            break Err(e);
-        }
-        match stream.try_read(&mut buf[start..]) {
-            Ok(n) => break Ok(n),
+    loop {
+        stream.readable().await?;
+        let start = buf.len();
+        buf.resize(start + room, 0);
+        let result = stream.try_read(&mut buf[start..]);
+        buf.truncate(start + *result.as_ref().unwrap_or(&0));
+        match result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => break Err(e),
+            other => return other,
         }
-    };
-    buf.truncate(start + *result.as_ref().unwrap_or(&0));
-    result
+    }
 }
 
 /// Closes the write half so the peer sees EOF; a socket already gone is

@@ -1,0 +1,294 @@
+//! The admin API over real HTTP: authentication, every call's success and
+//! its error shapes, and the metrics endpoint.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+async fn gw() -> Gw {
+    start("127.0.0.1:9".parse().unwrap(), |_| {}).await
+}
+
+#[tokio::test]
+async fn health_and_jwks_need_no_token() {
+    let gw = gw().await;
+    let (status, body) = admin_request(gw.running.admin_addr, "GET", "/healthz", None, None).await;
+    assert_eq!((status, body), (200, json!("ok")));
+    let (status, jwks) = admin_request(
+        gw.running.admin_addr,
+        "GET",
+        "/.well-known/jwks.json",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let key = &jwks["keys"][0];
+    assert_eq!(
+        (
+            key["kty"].as_str(),
+            key["crv"].as_str(),
+            key["alg"].as_str(),
+            key["use"].as_str()
+        ),
+        (Some("EC"), Some("P-256"), Some("ES256"), Some("sig"))
+    );
+    assert_eq!(key["kid"], "sluice-1");
+}
+
+#[tokio::test]
+async fn v1_needs_the_admin_token() {
+    let gw = gw().await;
+    for token in [None, Some("wrong"), Some("")] {
+        let (status, body) =
+            admin_request(gw.running.admin_addr, "GET", "/v1/sandboxes", None, token).await;
+        assert_eq!(status, 401, "{token:?}");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    // A prefix of the real token is not the token.
+    let prefix = &gw.running.admin_token[..10];
+    let (status, _) = admin_request(
+        gw.running.admin_addr,
+        "GET",
+        "/v1/sandboxes",
+        None,
+        Some(prefix),
+    )
+    .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn minting_tokens() {
+    let gw = gw().await;
+    let (status, body) = gw
+        .admin("POST", "/v1/tokens", Some(json!({"container_id": "c1", "user_id": "u1", "allowed_hosts": ["api.test", "*.wild.test:8443"], "ttl_seconds": 60})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let grant = gw
+        .running
+        .verifier
+        .verify(body["token"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(grant.claims.jti, body["jti"].as_str().unwrap());
+    assert_eq!(grant.claims.exp, body["expires_at"].as_u64().unwrap());
+
+    for (what, req) in [
+        (
+            "bare wildcard",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["*"]}),
+        ),
+        (
+            "bad host",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["a b"]}),
+        ),
+        (
+            "no hosts",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": []}),
+        ),
+        (
+            "unsafe user",
+            json!({"container_id": "c", "user_id": "../x", "allowed_hosts": ["a.test"]}),
+        ),
+        (
+            "ttl too long",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["a.test"], "ttl_seconds": 99_999_999}),
+        ),
+        (
+            "zero ttl",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["a.test"], "ttl_seconds": 0}),
+        ),
+        (
+            "unknown field",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["a.test"], "admin": true}),
+        ),
+        (
+            "missing field",
+            json!({"user_id": "u", "allowed_hosts": ["a.test"]}),
+        ),
+        (
+            "wrong type",
+            json!({"container_id": 5, "user_id": "u", "allowed_hosts": ["a.test"]}),
+        ),
+    ] {
+        let (status, body) = gw.admin("POST", "/v1/tokens", Some(req)).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(body["error"], "bad_request", "{what}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_bodies_get_json_errors() {
+    let gw = gw().await;
+    let token = gw.running.admin_token.clone();
+    let req = format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: 6\r\nConnection: close\r\n\r\n{{nope}}"
+    );
+    let (status, body) = raw_http(gw.running.admin_addr, &req).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"error\":\"bad_request\""), "{body}");
+    let big = "x".repeat(100 * 1024);
+    let req = format!(
+        "POST /v1/tokens HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+        big.len()
+    );
+    let (status, body) = raw_http(gw.running.admin_addr, &req).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("\"error\":\"payload_too_large\""), "{body}");
+    let (status, body) = gw.admin("GET", "/v1/nothing-here", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_found");
+}
+
+#[tokio::test]
+async fn registering_listing_and_unregistering() {
+    let gw = gw().await;
+    let token = gw.register("c1", "198.18.0.2", &["api.test"], 600).await;
+
+    let (status, body) = gw.admin("GET", "/v1/sandboxes", None).await;
+    assert_eq!(status, 200);
+    let list = body["sandboxes"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["container_id"], "c1");
+    assert_eq!(list[0]["source_ip"], "198.18.0.2");
+    assert_eq!(list[0]["allowed_hosts"], json!(["api.test"]));
+    assert_eq!(list[0]["origin"], "registered");
+    assert_eq!(list[0]["live_connections"], 0);
+
+    // The same address, or the same container, twice: 409.
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"source_ip": "198.18.0.2", "token": token})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("address_taken"))
+    );
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"source_ip": "198.18.0.3", "token": token})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("container_taken"))
+    );
+    // An IPv4-mapped spelling is the same address.
+    let (status, _) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"source_ip": "::ffff:198.18.0.2", "token": token})),
+        )
+        .await;
+    assert_eq!(status, 409);
+
+    let (status, body) = gw.admin("GET", "/v1/sandboxes/c1", None).await;
+    assert_eq!(
+        (status, body["source_ip"].as_str()),
+        (200, Some("198.18.0.2"))
+    );
+    let (status, _) = gw.admin("GET", "/v1/sandboxes/nope", None).await;
+    assert_eq!(status, 404);
+
+    let (status, _) = gw.admin("DELETE", "/v1/sandboxes/c1", None).await;
+    assert_eq!(status, 204);
+    let (status, body) = gw.admin("DELETE", "/v1/sandboxes/c1", None).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    // The address is free again.
+    let (status, _) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"source_ip": "198.18.0.2", "token": token})),
+        )
+        .await;
+    assert_eq!(status, 201);
+}
+
+#[tokio::test]
+async fn registering_bad_tokens_and_addresses_fails_with_the_reason() {
+    let gw = gw().await;
+    let good = {
+        let (_, body) = gw
+            .admin(
+                "POST",
+                "/v1/tokens",
+                Some(json!({"container_id": "c1", "user_id": "u", "allowed_hosts": ["a.test"]})),
+            )
+            .await;
+        body["token"].as_str().unwrap().to_owned()
+    };
+    for (what, ip, token, reason) in [
+        (
+            "garbage token",
+            "198.18.0.2",
+            "not-a-jwt".to_owned(),
+            "token_invalid",
+        ),
+        (
+            "tampered token",
+            "198.18.0.2",
+            format!("{good}x"),
+            "token_invalid",
+        ),
+        ("bad address", "999.1.1.1", good.clone(), "bad_request"),
+        (
+            "unspecified address",
+            "0.0.0.0",
+            good.clone(),
+            "bad_request",
+        ),
+    ] {
+        let (status, body) = gw
+            .admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"source_ip": ip, "token": token})),
+            )
+            .await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(body["error"], reason, "{what}");
+    }
+    let (_, body) = gw.admin("POST", "/v1/tokens", Some(json!({"container_id": "c2", "user_id": "u", "allowed_hosts": ["a.test"], "ttl_seconds": 1}))).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"source_ip": "198.18.0.9", "token": body["token"]})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("token_expired"))
+    );
+    let (_, body) = gw.admin("GET", "/v1/sandboxes", None).await;
+    assert!(body["sandboxes"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn metrics_are_served_with_the_contract_names() {
+    let gw = gw().await;
+    gw.register("c1", "198.18.0.2", &["api.test"], 600).await;
+    let page = gw.metrics().await;
+    for name in [
+        "sluice_registered_sandboxes",
+        "sluice_active_connections",
+        "sluice_claims_cache_misses_total",
+    ] {
+        assert!(page.contains(name), "{name} missing:\n{page}");
+    }
+}

@@ -1,0 +1,366 @@
+//! Shared by the in-process tests: a gateway on 127.0.0.1 port 0 with a
+//! fixed original destination, a raw HTTP/1.1 admin client, and upstream
+//! servers that record what reached them.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice::app::{Options, Running};
+use sluice::config::Config;
+use sluice::net::orig_dst::OrigDstSource;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+pub struct Gw {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+}
+
+/// A config for tests: everything on 127.0.0.1:0, loopback allowed as a
+/// destination, `*.test` names resolved to 127.0.0.1, no leeway.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut c = Config {
+        state_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    c.gateway.transparent_listen = any;
+    c.gateway.proxy_listen = any;
+    c.admin.listen = any;
+    c.metrics.listen = any;
+    c.gateway.allow_destinations = vec!["127.0.0.0/8".parse().unwrap()];
+    c.gateway.upstream_mark = 0;
+    c.auth.leeway_s = 0;
+    for name in ["api.test", "other.test", "secure.test", "api.example.test"] {
+        c.gateway
+            .resolve
+            .insert(name.into(), vec!["127.0.0.1".parse().unwrap()]);
+    }
+    c
+}
+
+pub async fn start(orig: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Gw {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let running = sluice::app::run(
+        config,
+        Options {
+            orig_dst: OrigDstSource::Fixed(orig),
+        },
+    )
+    .await
+    .unwrap();
+    Gw { running, dir }
+}
+
+impl Gw {
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let token = self.running.admin_token.clone();
+        admin_request(self.running.admin_addr, method, path, body, Some(&token)).await
+    }
+
+    /// Mints a token for `container_id` and registers it for `source`.
+    pub async fn register(
+        &self,
+        container_id: &str,
+        source: &str,
+        hosts: &[&str],
+        ttl: u64,
+    ) -> String {
+        let (status, minted) = self
+            .admin(
+                "POST",
+                "/v1/tokens",
+                Some(json!({"container_id": container_id, "user_id": "tester", "allowed_hosts": hosts, "ttl_seconds": ttl})),
+            )
+            .await;
+        assert_eq!(status, 201, "{minted}");
+        let token = minted["token"].as_str().unwrap().to_owned();
+        let (status, body) = self
+            .admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"source_ip": source, "token": token})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        token
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, body) = raw_http(
+            self.running.metrics_addr,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Connects to the transparent listener from `source` (a 127.x address).
+    pub async fn connect_from(&self, source: &str) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(source.parse().unwrap(), 0))
+            .unwrap();
+        socket.connect(self.running.transparent_addr).await.unwrap()
+    }
+}
+
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, text) = raw_http(addr, &req).await;
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Sends a raw request, reads to EOF, returns the status and the body.
+pub async fn raw_http(addr: SocketAddr, req: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    parse_response(&text)
+}
+
+pub fn parse_response(text: &str) -> (u16, String) {
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Reads one HTTP response with a Content-Length body.
+pub async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            return String::from_utf8_lossy(&buf).into_owned();
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads to EOF (bounded in time).
+pub async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// An upstream that records every connection and every byte.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Upstream {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// An HTTP/1.1 upstream that answers every request (keep-alive) with
+/// `upstream <method> <path> host=<Host>`; request bodies are read by
+/// Content-Length or chunked framing.
+pub async fn http_upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = Upstream {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::default(),
+        received: Arc::default(),
+    };
+    let u = up.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            u.accepted.fetch_add(1, Ordering::SeqCst);
+            let received = Arc::clone(&u.received);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 65536];
+                loop {
+                    let Some(end) = find(&buf, b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                received.lock().unwrap().extend_from_slice(&chunk[..n]);
+                                buf.extend_from_slice(&chunk[..n]);
+                                continue;
+                            }
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let mut lines = head.lines();
+                    let first: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+                    let mut host = String::new();
+                    let mut len = 0usize;
+                    let mut chunked = false;
+                    for l in lines {
+                        let lower = l.to_lowercase();
+                        if let Some(v) = lower.strip_prefix("host:") {
+                            host = v.trim().to_owned();
+                        }
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                            chunked = true;
+                        }
+                    }
+                    buf.drain(..end + 4);
+                    let body_end = loop {
+                        let done = if chunked {
+                            find(&buf, b"0\r\n\r\n").map(|i| i + 5)
+                        } else {
+                            (buf.len() >= len).then_some(len)
+                        };
+                        if let Some(e) = done {
+                            break e;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                received.lock().unwrap().extend_from_slice(&chunk[..n]);
+                                buf.extend_from_slice(&chunk[..n]);
+                            }
+                        }
+                    };
+                    let body_len = body_end;
+                    buf.drain(..body_end);
+                    let reply = format!(
+                        "upstream {} {} host={host} body={body_len}",
+                        first.first().unwrap_or(&""),
+                        first.get(1).unwrap_or(&"")
+                    );
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    up
+}
+
+/// A raw upstream: records bytes, writes `greeting` once it has received
+/// `after` bytes, and closes when the client does.
+pub async fn raw_upstream(greeting: &'static [u8], after: usize) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = Upstream {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::default(),
+        received: Arc::default(),
+    };
+    let u = up.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            u.accepted.fetch_add(1, Ordering::SeqCst);
+            let received = Arc::clone(&u.received);
+            tokio::spawn(async move {
+                let mut chunk = vec![0u8; 65536];
+                let mut total = 0;
+                let mut greeted = false;
+                loop {
+                    if !greeted && total >= after {
+                        greeted = true;
+                        if s.write_all(greeting).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            total += n;
+                            received.lock().unwrap().extend_from_slice(&chunk[..n]);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    up
+}
+
+pub fn capture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// The value of one series in a Prometheus text page (0 when absent).
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}

@@ -1,0 +1,476 @@
+//! The transparent path in-process: real sockets on loopback, a fixed
+//! original destination, real upstream servers that count what reaches
+//! them.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ALERT_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+
+fn host_entry(host: &str, up: &Upstream) -> String {
+    format!("{host}:{}", up.addr.port())
+}
+
+#[tokio::test]
+async fn allowed_http_gets_the_upstream_answer() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: API.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.ends_with("upstream GET /hello host=api.test body=0"),
+        "{resp}"
+    );
+    assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_host_not_allowed_is_403_and_never_reaches_upstream() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
+    assert!(
+        resp.contains("\r\nx-deny-reason: host_not_allowed\r\n"),
+        "{resp}"
+    );
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn a_port_not_allowed_is_403() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    // No port in the entry: only allowed_ports (80, 443) apply.
+    gw.register("c1", "127.0.0.1", &["api.test"], 600).await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.contains("x-deny-reason: port_not_allowed"), "{resp}");
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn an_unregistered_source_is_unknown_source() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.2").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.contains("x-deny-reason: unknown_source"), "{resp}");
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn a_registered_token_that_expires_is_token_expired() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.contains("x-deny-reason: token_expired"), "{resp}");
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn an_allowed_client_hello_passes_through_byte_for_byte() {
+    let hello = capture("clienthello-pq.bin");
+    let up = raw_upstream(b"server-hello", hello.len()).await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&host_entry("api.example.test", &up)],
+        600,
+    )
+    .await;
+
+    let mut s = gw.connect_from("127.0.0.1").await;
+    // In three segments with pauses: the gateway must reassemble.
+    for part in [&hello[..3], &hello[3..1100], &hello[1100..]] {
+        s.write_all(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut got = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"server-hello");
+    assert_eq!(up.received(), hello);
+}
+
+#[tokio::test]
+async fn a_denied_client_hello_gets_the_access_denied_alert() {
+    let up = raw_upstream(b"", 0).await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("secure.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
+    assert_eq!(read_all(&mut s).await, ALERT_ACCESS_DENIED);
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn a_second_request_to_another_host_on_a_kept_alive_connection_is_denied() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_response(&mut s)
+            .await
+            .ends_with("upstream GET /one host=api.test body=0")
+    );
+    // A body whose bytes look like a request: framing keeps them a body.
+    let body = "GET /smuggled HTTP/1.1\r\nHost: other.test\r\n\r\n";
+    let req = format!(
+        "POST /two HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(
+        resp.ends_with(&format!(
+            "upstream POST /two host=api.test body={}",
+            body.len()
+        )),
+        "{resp}"
+    );
+    s.write_all(b"POST /three HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut s).await.contains("upstream POST /three"));
+
+    s.write_all(b"GET /four HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("x-deny-reason: host_not_allowed"), "{resp}");
+    let seen = String::from_utf8(up.received()).unwrap();
+    assert!(
+        !seen.contains("/four"),
+        "the denied request reached the upstream: {seen}"
+    );
+    assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_smuggling_shaped_request_is_400() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await.unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("x-deny-reason: bad_request"));
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn half_close_is_passed_on() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    // The answer still comes back after our write half closed.
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(
+        resp.ends_with("upstream GET /x host=api.test body=0"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn silence_and_slow_drips_end_at_the_peek_timeout() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |c| c.gateway.peek_timeout_ms = 300).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+
+    let started = Instant::now();
+    let mut silent = gw.connect_from("127.0.0.1").await;
+    assert!(read_all(&mut silent).await.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // One byte every 100 ms never completes a head: cut at the deadline,
+    // not reset by each byte.
+    let mut drip = gw.connect_from("127.0.0.1").await;
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    for b in b"GET / HTTP/1.1\r\nHost: api.test\r\n".iter() {
+        if drip.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(100), drip.read(&mut buf)).await
+        {
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("x-deny-reason: peek_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn other_protocols_are_closed() {
+    let up = raw_upstream(b"", 0).await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    for first in [
+        &b"SSH-2.0-OpenSSH_9.2\r\n"[..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"\x00\x00\x00",
+    ] {
+        let mut s = gw.connect_from("127.0.0.1").await;
+        s.write_all(first).await.unwrap();
+        assert!(read_all(&mut s).await.is_empty());
+    }
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn private_destinations_are_refused_after_resolution() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |c| {
+        c.gateway
+            .resolve
+            .insert("internal.test".into(), vec![ip("10.1.2.3")]);
+        c.gateway
+            .resolve
+            .insert("meta.test".into(), vec![ip("::ffff:169.254.169.254")]);
+    })
+    .await;
+    let port = up.addr.port();
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[
+            &format!("internal.test:{port}"),
+            &format!("meta.test:{port}"),
+        ],
+        600,
+    )
+    .await;
+    for host in ["internal.test", "meta.test"] {
+        let mut s = gw.connect_from("127.0.0.1").await;
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+        assert!(
+            resp.contains("x-deny-reason: private_destination"),
+            "{host}: {resp}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = start(closed, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.test:{}", closed.port())],
+        600,
+    )
+    .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    assert!(resp.contains("x-deny-reason: upstream_unreachable"));
+}
+
+#[tokio::test]
+async fn unregistering_closes_live_connections() {
+    let hello = capture("clienthello-curl.bin");
+    let up = raw_upstream(b"ok", 1).await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&host_entry("api.example.test", &up)],
+        600,
+    )
+    .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(&hello).await.unwrap();
+    let mut got = [0u8; 2];
+    s.read_exact(&mut got).await.unwrap();
+    let (_, listed) = gw.admin("GET", "/v1/sandboxes/c1", None).await;
+    assert_eq!(listed["live_connections"], 1);
+
+    let (status, _) = gw.admin("DELETE", "/v1/sandboxes/c1", None).await;
+    assert_eq!(status, 204);
+    let started = Instant::now();
+    let rest = read_all(&mut s).await;
+    assert!(rest.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn idle_pairs_are_closed() {
+    let up = raw_upstream(b"hi", 1).await;
+    let gw = start(up.addr, |c| c.gateway.idle_timeout_ms = 300).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&host_entry("api.example.test", &up)],
+        600,
+    )
+    .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
+    let started = Instant::now();
+    let got = read_all(&mut s).await;
+    assert_eq!(got, b"hi");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
+/// A deterministic byte stream and its digest.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfers_arrive_intact_both_ways() {
+    const LEN: usize = 24 * 1024 * 1024;
+    let hello = capture("clienthello-curl.bin");
+    // Upstream: after the hello, sends LEN bytes and reads everything back.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let hello_len = hello.len();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut first = vec![0u8; hello_len];
+        s.read_exact(&mut first).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let sender = tokio::spawn(async move {
+            w.write_all(&pattern(LEN)).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        sender.await.unwrap();
+        Sha256::digest(&got)
+    });
+    let gw = start(up_addr, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.example.test:{}", up_addr.port())],
+        600,
+    )
+    .await;
+    let s = gw.connect_from("127.0.0.1").await;
+    let (mut r, mut w) = s.into_split();
+    w.write_all(&hello).await.unwrap();
+    let uploader = tokio::spawn(async move {
+        w.write_all(&pattern(LEN / 2)).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    uploader.await.unwrap();
+    assert_eq!(got.len(), LEN);
+    assert_eq!(Sha256::digest(&got), Sha256::digest(pattern(LEN)));
+    assert_eq!(server.await.unwrap(), Sha256::digest(pattern(LEN / 2)));
+}
+
+#[tokio::test]
+async fn shutdown_drains_then_cuts() {
+    let up = raw_upstream(b"ok", 1).await;
+    let gw = start(up.addr, |c| c.gateway.drain_timeout_ms = 300).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&host_entry("api.example.test", &up)],
+        600,
+    )
+    .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
+    let mut got = [0u8; 2];
+    s.read_exact(&mut got).await.unwrap();
+    let transparent = gw.running.transparent_addr;
+    let started = Instant::now();
+    let cut = gw.running.shutdown().await;
+    assert_eq!(cut, 1);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(read_all(&mut s).await.is_empty());
+    // New connections are refused once stopped.
+    assert!(tokio::net::TcpStream::connect(transparent).await.is_err());
+}
