@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Makes this network namespace a sluice gateway for the sandboxes behind one
+# interface (or one IPv4 subnet), or undoes it. Idempotent: `apply` twice
+# leaves one set of rules, `remove` on a clean namespace does nothing.
+#
+#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001]
+#   sluice-gateway.sh apply  --subnet 198.18.0.0/24 [--port 15001]
+#   sluice-gateway.sh remove --iface veth-sb0
+#   sluice-gateway.sh status --iface veth-sb0
+#
+# What `apply` does, for traffic from the sandboxes:
+#   - TCP, to any address and port, is REDIRECTed to sluice's transparent
+#     listener (--port), which reads SO_ORIGINAL_DST;
+#   - everything else addressed to this namespace is dropped: UDP (DNS,
+#     QUIC), ICMP, other TCP ports (the admin API, metrics, ssh), ...;
+#   - nothing is forwarded onward (FORWARD drop);
+#   - IPv6 from the interface is dropped entirely (--iface only: an IPv4
+#     subnet cannot name IPv6 sources; use --iface to cover IPv6).
+# Replies to connections sluice accepted pass (conntrack ESTABLISHED).
+# Each interface or subnet gets its own chains, named after it, so several
+# sandboxes' rules live side by side and are removed one by one.
+set -euo pipefail
+
+usage() {
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+[[ $# -ge 1 ]] || usage
+action=$1
+shift
+iface="" subnet="" port=15001
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --iface) iface=${2:?--iface needs a value}; shift 2 ;;
+        --subnet) subnet=${2:?--subnet needs a value}; shift 2 ;;
+        --port) port=${2:?--port needs a value}; shift 2 ;;
+        -h|--help) usage ;;
+        *) echo "unknown argument: $1" >&2; usage ;;
+    esac
+done
+case $action in apply|remove|status) ;; *) usage ;; esac
+if [[ -n $iface && -n $subnet ]] || [[ -z $iface && -z $subnet ]]; then
+    echo "give exactly one of --iface or --subnet" >&2
+    exit 2
+fi
+[[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || { echo "bad --port: $port" >&2; exit 2; }
+if [[ -n $iface ]]; then
+    [[ $iface =~ ^[A-Za-z0-9_.@-]{1,15}$ ]] || { echo "bad interface name: $iface" >&2; exit 2; }
+    match=(-i "$iface")
+    tag=$iface
+else
+    [[ $subnet =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$ ]] || { echo "bad IPv4 subnet: $subnet" >&2; exit 2; }
+    match=(-s "$subnet")
+    # Chain names allow 28 characters: the subnet's digits make the tag.
+    tag=$(echo "$subnet" | tr './' '_-')
+fi
+pre="SL-PRE-$tag"
+in="SL-IN-$tag"
+fwd="SL-FWD-$tag"
+
+# Deletes every copy of a jump rule, then flushes and deletes the chain.
+drop_chain() {
+    local cmd=$1 table=$2 parent=$3 chain=$4
+    shift 4
+    while $cmd -w -t "$table" -C "$parent" "$@" -j "$chain" 2>/dev/null; do
+        $cmd -w -t "$table" -D "$parent" "$@" -j "$chain"
+    done
+    if $cmd -w -t "$table" -n -L "$chain" >/dev/null 2>&1; then
+        $cmd -w -t "$table" -F "$chain"
+        $cmd -w -t "$table" -X "$chain"
+    fi
+}
+
+remove() {
+    drop_chain iptables nat PREROUTING "$pre" "${match[@]}"
+    drop_chain iptables filter INPUT "$in" "${match[@]}"
+    drop_chain iptables filter FORWARD "$fwd" "${match[@]}"
+    if [[ -n $iface ]]; then
+        drop_chain ip6tables filter INPUT "$in" "${match[@]}"
+        drop_chain ip6tables filter FORWARD "$fwd" "${match[@]}"
+    fi
+}
+
+apply() {
+    remove
+    iptables -w -t nat -N "$pre"
+    iptables -w -t nat -A "$pre" -p tcp -j REDIRECT --to-ports "$port"
+    iptables -w -t nat -I PREROUTING 1 "${match[@]}" -j "$pre"
+
+    iptables -w -N "$in"
+    iptables -w -A "$in" -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+    # Only connections that were REDIRECTed reach the listener: a sandbox
+    # that dials the gateway's own address on another port (admin, metrics)
+    # is dropped, and so is one that dials the listener port directly.
+    iptables -w -A "$in" -p tcp --dport "$port" -m conntrack --ctstate DNAT -j ACCEPT
+    iptables -w -A "$in" -j DROP
+    iptables -w -I INPUT 1 "${match[@]}" -j "$in"
+
+    iptables -w -N "$fwd"
+    iptables -w -A "$fwd" -j DROP
+    iptables -w -I FORWARD 1 "${match[@]}" -j "$fwd"
+
+    if [[ -n $iface ]]; then
+        ip6tables -w -N "$in"
+        ip6tables -w -A "$in" -j DROP
+        ip6tables -w -I INPUT 1 "${match[@]}" -j "$in"
+        ip6tables -w -N "$fwd"
+        ip6tables -w -A "$fwd" -j DROP
+        ip6tables -w -I FORWARD 1 "${match[@]}" -j "$fwd"
+    fi
+}
+
+status() {
+    iptables -w -t nat -S "$pre" 2>/dev/null || echo "no $pre chain"
+    iptables -w -S "$in" 2>/dev/null || echo "no $in chain"
+    iptables -w -S "$fwd" 2>/dev/null || echo "no $fwd chain"
+    if [[ -n $iface ]]; then
+        ip6tables -w -S "$in" 2>/dev/null || echo "no IPv6 $in chain"
+    fi
+}
+
+"$action"

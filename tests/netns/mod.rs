@@ -1,0 +1,421 @@
+//! A three-namespace lab for root-only tests: `sb` (the sandbox, 198.18.0.2-4),
+//! `gw` (the gateway: sluice and the `iptables/` rules, 198.18.0.1 and
+//! 198.18.1.1) and `up` (upstream servers, 198.18.1.10-11). Sockets are
+//! bound inside a namespace by a helper thread that `setns`es first; the
+//! sockets keep their namespace. Dropping the lab kills what it started and
+//! deletes the namespaces (and with them the veths and the rules).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::fs::File;
+use std::net::{TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub const BIG: usize = 100 * 1024 * 1024;
+
+/// Root and the tools, or a skip with a reason (a failure under CI=true).
+pub fn require_root(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_owned());
+    }
+    for tool in [
+        "ip",
+        "iptables",
+        "ip6tables",
+        "nsenter",
+        "curl",
+        "openssl",
+        "timeout",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            missing.push(tool.to_owned());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = format!("{test}: needs {}", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{reason} (CI=true: a skip is a failure)");
+    }
+    eprintln!("SKIPPED {reason}");
+    false
+}
+
+pub struct CurlOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for CurlOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub struct Lab {
+    pub id: String,
+    pub gw: String,
+    pub sb: String,
+    pub up: String,
+    pub gw_if: String,
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+    sluice_log: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn bash(script: &str) {
+    run(Command::new("bash").args(["-euo", "pipefail", "-c", script]));
+}
+
+impl Lab {
+    pub fn new(tag: &str) -> Lab {
+        let id = format!("{tag}{}", std::process::id() % 100_000);
+        let lab = Lab {
+            gw: format!("sl-{id}-gw"),
+            sb: format!("sl-{id}-sb"),
+            up: format!("sl-{id}-up"),
+            gw_if: format!("sl{id}gs"),
+            id: id.clone(),
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+            sluice_log: PathBuf::new(),
+        };
+        // From here on a panic drops `lab`, which cleans up.
+        let (gw, sb, up, gs) = (&lab.gw, &lab.sb, &lab.up, &lab.gw_if);
+        let (sg, gu, ug) = (
+            format!("sl{id}sg"),
+            format!("sl{id}gu"),
+            format!("sl{id}ug"),
+        );
+        let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
+        bash(&format!(
+            "ip netns add {gw}; ip netns add {sb}; ip netns add {up}
+             ip link add {gs} type veth peer name {sg}
+             ip link set {gs} netns {gw}; ip link set {sg} netns {sb}
+             ip link add {gu} type veth peer name {ug}
+             ip link set {gu} netns {gw}; ip link set {ug} netns {up}
+             ip -n {gw} addr add 198.18.0.1/24 dev {gs}
+             ip -n {gw} addr add 198.18.1.1/24 dev {gu}
+             for l in lo {gs} {gu}; do ip -n {gw} link set $l up; done
+             for a in 2 3 4; do ip -n {sb} addr add 198.18.0.$a/24 dev {sg}; done
+             ip -n {sb} link set lo up; ip -n {sb} link set {sg} up
+             ip -n {sb} route add default via 198.18.0.1
+             ip -n {up} addr add 198.18.1.10/24 dev {ug}
+             ip -n {up} addr add 198.18.1.11/24 dev {ug}
+             ip -n {up} link set lo up; ip -n {up} link set {ug} up
+             ip -n {up} route add 198.18.0.0/24 via 198.18.1.1
+             nsenter --net=/run/netns/{gw} sysctl -qw net.ipv4.ip_forward=1
+             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs}
+             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs}"
+        ));
+        lab
+    }
+
+    fn ns_path(ns: &str) -> String {
+        format!("/run/netns/{ns}")
+    }
+
+    /// Runs `f` on a thread that has entered namespace `ns`.
+    pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = Self::ns_path(ns);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    pub fn listen_upstream(&self, addr: &str) -> TcpListener {
+        let addr = addr.to_owned();
+        Self::in_ns(&self.up, move || TcpListener::bind(addr).unwrap())
+    }
+
+    pub fn udp_upstream(&self, addr: &str) -> UdpSocket {
+        let addr = addr.to_owned();
+        Self::in_ns(&self.up, move || UdpSocket::bind(addr).unwrap())
+    }
+
+    fn wait_port(&self, ns: &str, addr: &str) {
+        let addr = addr.to_owned();
+        let ok = Self::in_ns(ns, move || {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(&addr).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        });
+        assert!(ok, "nothing listening in {ns}");
+    }
+
+    fn spawn(&mut self, ns: &str, args: &[&str], log: Option<&PathBuf>) {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Self::ns_path(ns)))
+            .args(args)
+            .stdin(Stdio::null());
+        match log {
+            Some(path) => {
+                let f = File::create(path).unwrap();
+                cmd.stdout(f.try_clone().unwrap()).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        self.children.push(cmd.spawn().unwrap());
+    }
+
+    /// `openssl s_server -www` with a self-signed certificate for `name`.
+    pub fn start_tls_server(&mut self, ip: &str, name: &str) {
+        let dir = self.dir.path().to_owned();
+        let (key, cert) = (dir.join("tls.key"), dir.join("tls.crt"));
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                cert.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()));
+        let up = self.up.clone();
+        self.spawn(
+            &up,
+            &[
+                "openssl",
+                "s_server",
+                "-accept",
+                &format!("{ip}:443"),
+                "-cert",
+                cert.to_str().unwrap(),
+                "-key",
+                key.to_str().unwrap(),
+                "-www",
+                "-quiet",
+            ],
+            None,
+        );
+        self.wait_port(&up, &format!("{ip}:443"));
+    }
+
+    /// `sluice serve` in the gateway namespace, with `extra` TOML appended.
+    pub fn start_sluice(&mut self, extra: &str) {
+        let state = self.dir.path().join("state");
+        let config = self.dir.path().join("sluice.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"state_dir = "{}"
+[gateway]
+transparent_listen = "0.0.0.0:15001"
+allow_destinations = ["198.18.0.0/15"]
+peek_timeout_ms = 3000
+[auth]
+leeway_s = 0
+[admin]
+listen = "127.0.0.1:9080"
+[metrics]
+listen = "127.0.0.1:9090"
+{extra}"#,
+                state.display()
+            ),
+        )
+        .unwrap();
+        self.sluice_log = self.dir.path().join("sluice.log");
+        let gw = self.gw.clone();
+        let log = self.sluice_log.clone();
+        self.spawn(
+            &gw,
+            &[
+                env!("CARGO_BIN_EXE_sluice"),
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            Some(&log),
+        );
+        self.wait_port(&gw, "127.0.0.1:9080");
+    }
+
+    pub fn sluice_log(&self) -> String {
+        std::fs::read_to_string(&self.sluice_log).unwrap_or_default()
+    }
+
+    fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// curl inside a namespace; returns its exit code and output.
+    pub fn curl_in(&self, ns: &str, args: &[&str]) -> CurlOut {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", Self::ns_path(ns)))
+            .args(["timeout", "60", "curl", "--max-time", "45"])
+            .args(args)
+            .output()
+            .unwrap();
+        CurlOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// curl from the sandbox.
+    pub fn curl(&self, args: &[&str]) -> CurlOut {
+        self.curl_in(&self.sb, args)
+    }
+
+    pub fn sandbox_sh(&self, script: &str) {
+        run(Command::new("nsenter")
+            .arg(format!("--net={}", Self::ns_path(&self.sb)))
+            .args(["timeout", "20", "bash", "-c", script]));
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let auth = format!("Authorization: Bearer {}", self.admin_token());
+        let url = format!("http://127.0.0.1:9080{path}");
+        let body = body.to_string();
+        let r = self.curl_in(
+            &self.gw,
+            &[
+                "-sS",
+                "-X",
+                method,
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body,
+                &url,
+            ],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        serde_json::from_str(&r.stdout).unwrap_or_else(|_| panic!("{path}: {r:?}"))
+    }
+
+    pub fn mint(&self, container: &str, hosts: &[&str], ttl: u64) -> String {
+        let v = self.admin(
+            "POST",
+            "/v1/tokens",
+            &serde_json::json!({"container_id": container, "user_id": "e2e", "allowed_hosts": hosts, "ttl_seconds": ttl}),
+        );
+        v["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{v}"))
+            .to_owned()
+    }
+
+    pub fn register(&self, token: &str, ip: &str) {
+        let v = self.admin(
+            "POST",
+            "/v1/sandboxes",
+            &serde_json::json!({"source_ip": ip, "token": token}),
+        );
+        assert_eq!(v["source_ip"], ip, "{v}");
+    }
+
+    pub fn metrics(&self) -> String {
+        self.curl_in(&self.gw, &["-sS", "http://127.0.0.1:9090/metrics"])
+            .stdout
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.sb, &self.gw, &self.up] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+pub fn pattern_sha256(len: usize) -> [u8; 32] {
+    sha256(&pattern(len))
+}
+
+/// The value of one series in a Prometheus text page (0 when absent).
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
