@@ -137,6 +137,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         transparent,
         Arc::clone(&gateway),
         Mode::Transparent,
+        crate::proxy::transparent::handle,
     )));
 
     let admin_router = admin::router(Arc::new(AdminState {

@@ -63,6 +63,11 @@ impl Sandbox {
     /// The sandbox's current grant: its token verified again (from the
     /// cache in the common case). Expired → `token_expired`.
     pub fn current_grant(&self, verifier: &Verifier) -> Result<Arc<Grant>, Deny> {
+        // Checked before the cache: once an expired token's cache entry is
+        // gone, every connection would otherwise pay a full ES256 verify.
+        if self.grant.expired_at(token::now_s(), verifier.leeway()) {
+            return Err(Deny::TokenExpired);
+        }
         verifier
             .verify_keyed(&self.token, &self.token_key)
             .map_err(|e| e.deny())

@@ -42,8 +42,13 @@ pub struct Gateway {
     pub limit: Arc<Semaphore>,
 }
 
-/// Accepts connections until shutdown, each on its own tracked task.
-pub async fn accept_loop(listener: TcpListener, gw: Arc<Gateway>, mode: Mode) {
+/// Accepts connections until shutdown, each on its own tracked task
+/// running `handle`.
+pub async fn accept_loop<H, F>(listener: TcpListener, gw: Arc<Gateway>, mode: Mode, handle: H)
+where
+    H: Fn(Arc<Gateway>, TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -68,13 +73,10 @@ pub async fn accept_loop(listener: TcpListener, gw: Arc<Gateway>, mode: Mode) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let gw2 = Arc::clone(&gw);
+        let connection = handle(Arc::clone(&gw), stream, peer);
         gw.shutdown.spawn(async move {
             let _permit = permit;
-            match mode {
-                Mode::Transparent => transparent::handle(gw2, stream, peer).await,
-                Mode::Proxy => {}
-            }
+            connection.await;
         });
     }
 }

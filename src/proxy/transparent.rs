@@ -107,8 +107,12 @@ impl Outcome {
     /// Counts a decision (once per decision, so a connection whose later
     /// request is refused counts an allow and then a deny).
     fn decide(&mut self, protocol: Protocol, decision: Result<(), Deny>, started: Instant) {
-        count(Mode::Transparent, protocol, decision);
         ::metrics::histogram!(m::DECISION_SECONDS).record(started.elapsed().as_secs_f64());
+        self.record(protocol, decision);
+    }
+
+    fn record(&mut self, protocol: Protocol, decision: Result<(), Deny>) {
+        count(Mode::Transparent, protocol, decision);
         self.protocol = protocol;
         self.decision = decision;
     }
@@ -303,8 +307,11 @@ async fn serve(
     };
     if let RelayEnd::Denied(d) = end {
         // A later request on the connection was refused: it is answered and
-        // the connection closed, and the decision counted and audited.
-        out.refuse(&client, protocol, d, started).await;
+        // the connection closed, and the decision counted and audited (not
+        // timed: the time since accept is the connection's, not the
+        // decision's).
+        out.record(protocol, Err(d));
+        refuse(&client, protocol, d).await;
     }
 }
 

@@ -1,0 +1,126 @@
+//! The per-connection decision path, piece by piece: ClientHello and HTTP
+//! head parsing on real captures, host normalisation, allowlist decisions
+//! at 10 / 1,000 / 100,000 entries (exact and wildcard), the identity
+//! lookup among 100,000 sandboxes, and token verification cold and from
+//! the claims cache. `cargo bench --bench decision`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use sluice::identity::token::{Grant, Jwks, KeyPair, MintRequest, Signer, Verifier};
+use sluice::identity::{Origin, Registry, Sandbox};
+use sluice::policy::{Allowlist, Host, HostName, HostPattern};
+use sluice::proxy::sniff::{parse_client_hello, parse_request_head};
+
+fn capture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn parsers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sniff");
+    for name in ["clienthello-curl.bin", "clienthello-pq.bin"] {
+        let hello = capture(name);
+        g.bench_function(
+            BenchmarkId::new("client_hello", format!("{name} ({} B)", hello.len())),
+            |b| b.iter(|| parse_client_hello(black_box(&hello), 16 * 1024)),
+        );
+    }
+    let head = b"GET /v1/models?limit=10 HTTP/1.1\r\nHost: api.example.test\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\nAuthorization: Bearer abcdefghijklmnopqrstuvwxyz\r\n\r\n";
+    g.bench_function("http_head", |b| {
+        b.iter(|| parse_request_head(black_box(head), 64 * 1024))
+    });
+    g.bench_function("host_name", |b| {
+        b.iter(|| HostName::parse(black_box("API.Service.Example.TEST.")))
+    });
+    g.finish();
+}
+
+fn allowlists(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    for n in [10usize, 1_000, 100_000] {
+        let exact = Allowlist::new((0..n).map(|i| {
+            format!("host-{i}.example.test")
+                .parse::<HostPattern>()
+                .unwrap()
+        }));
+        let wild = Allowlist::new((0..n).map(|i| {
+            format!("*.zone-{i}.example.test")
+                .parse::<HostPattern>()
+                .unwrap()
+        }));
+        let hit = Host::Name(HostName::parse(&format!("host-{}.example.test", n / 2)).unwrap());
+        let wild_hit =
+            Host::Name(HostName::parse(&format!("a.b.zone-{}.example.test", n / 2)).unwrap());
+        let miss = Host::Name(HostName::parse("nowhere.elsewhere.test").unwrap());
+        g.bench_with_input(BenchmarkId::new("exact_hit", n), &n, |b, _| {
+            b.iter(|| exact.decide(black_box(&hit), 443, &[80, 443]))
+        });
+        g.bench_with_input(BenchmarkId::new("wildcard_hit", n), &n, |b, _| {
+            b.iter(|| wild.decide(black_box(&wild_hit), 443, &[80, 443]))
+        });
+        g.bench_with_input(BenchmarkId::new("miss", n), &n, |b, _| {
+            b.iter(|| exact.decide(black_box(&miss), 443, &[80, 443]))
+        });
+    }
+    g.finish();
+}
+
+fn identity(c: &mut Criterion) {
+    let pair = KeyPair::generate("bench").unwrap();
+    let signer = Signer::from_pem(pair.private_pem.as_bytes(), "bench", "iss", "aud").unwrap();
+    let verifier = Verifier::new(
+        Jwks::parse(&pair.jwks().to_string()).unwrap(),
+        "iss",
+        "aud",
+        30,
+    );
+    let minted = signer
+        .mint(&MintRequest {
+            container_id: "bench".into(),
+            user_id: "u".into(),
+            allowed_hosts: vec!["api.example.test".into(), "*.github.test".into()],
+            ttl: Duration::from_secs(3600),
+        })
+        .unwrap();
+    let mut g = c.benchmark_group("token");
+    g.bench_function("verify_cold", |b| {
+        b.iter(|| verifier.verify_uncached(black_box(&minted.token)).unwrap())
+    });
+    verifier.verify(&minted.token).unwrap();
+    g.bench_function("verify_cached", |b| {
+        b.iter(|| verifier.verify(black_box(&minted.token)).unwrap())
+    });
+    g.finish();
+
+    let registry = Registry::new();
+    let grant = Arc::new(verifier.verify_uncached(&minted.token).unwrap());
+    for i in 0..100_000u32 {
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        let mut claims = grant.claims.clone();
+        claims.container_id = format!("c{i}");
+        let g = Grant {
+            claims,
+            allowlist: grant.allowlist.clone(),
+        };
+        registry
+            .bind(Sandbox::new(
+                ip,
+                minted.token.clone(),
+                Arc::new(g),
+                Origin::Registered,
+            ))
+            .unwrap();
+    }
+    let probe = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + 54_321));
+    c.bench_function("identity/lookup_100k", |b| {
+        b.iter(|| registry.get(black_box(probe)).unwrap())
+    });
+}
+
+criterion_group!(benches, parsers, allowlists, identity);
+criterion_main!(benches);
