@@ -63,6 +63,7 @@ impl Default for Options {
 /// A running gateway.
 pub struct Running {
     pub transparent_addr: SocketAddr,
+    pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub admin_token: String,
@@ -99,6 +100,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     };
     let g = &config.gateway;
     let transparent = bind("gateway.transparent_listen", g.transparent_listen)?;
+    let proxy = bind("gateway.proxy_listen", g.proxy_listen)?;
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
     let local = |l: &tokio::net::TcpListener, what: &'static str, addr| {
@@ -110,6 +112,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         "gateway.transparent_listen",
         g.transparent_listen,
     )?;
+    let proxy_addr = local(&proxy, "gateway.proxy_listen", g.proxy_listen)?;
     let admin_addr = local(&admin_listener, "admin.listen", config.admin.listen)?;
     let metrics_addr = local(&metrics_listener, "metrics.listen", config.metrics.listen)?;
 
@@ -121,7 +124,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     ));
     let registry = Arc::new(Registry::new());
     let shutdown = Shutdown::new();
-    let own = vec![transparent_addr, admin_addr, metrics_addr, g.proxy_listen];
+    let own = vec![transparent_addr, proxy_addr, admin_addr, metrics_addr];
     let gateway = Arc::new(Gateway {
         config: Arc::clone(&config),
         registry: Arc::clone(&registry),
@@ -138,6 +141,12 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Arc::clone(&gateway),
         Mode::Transparent,
         crate::proxy::transparent::handle,
+    )));
+    servers.push(tokio::spawn(accept_loop(
+        proxy,
+        Arc::clone(&gateway),
+        Mode::Proxy,
+        crate::proxy::explicit::handle,
     )));
 
     let admin_router = admin::router(Arc::new(AdminState {
@@ -163,12 +172,14 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 
     tracing::info!(
         transparent = %transparent_addr,
+        proxy = %proxy_addr,
         admin = %admin_addr,
         metrics = %metrics_addr,
         "sluice listening"
     );
     Ok(Running {
         transparent_addr,
+        proxy_addr,
         admin_addr,
         metrics_addr,
         admin_token: state.admin_token,

@@ -163,8 +163,8 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let running = sluice::app::run(config, sluice::app::Options::default()).await?;
         eprintln!(
-            "sluice: transparent {} admin {} metrics {}",
-            running.transparent_addr, running.admin_addr, running.metrics_addr
+            "sluice: transparent {} proxy {} admin {} metrics {}",
+            running.transparent_addr, running.proxy_addr, running.admin_addr, running.metrics_addr
         );
         wait_for_signal().await?;
         tracing::info!("shutting down: draining live connections");

@@ -5,6 +5,7 @@
 //! every request of an HTTP connection); [`transparent`] is the front door
 //! that strings them together for REDIRECTed connections.
 
+pub mod explicit;
 pub mod http;
 pub mod relay;
 pub mod sniff;
@@ -152,7 +153,7 @@ pub fn deny_response(protocol: Protocol, deny: Deny) -> Option<Cow<'static, [u8]
             }
             _ => Some(Cow::Borrowed(&TLS_ACCESS_DENIED[..])),
         },
-        Protocol::Other => None,
+        Protocol::Connect | Protocol::Other => None,
     }
 }
 
@@ -167,6 +168,13 @@ pub async fn refuse(stream: &TcpStream, protocol: Protocol, deny: Deny) {
         )
         .await;
     }
+    linger_close(stream).await;
+}
+
+/// Shuts down our write half, then waits (briefly, bounded) for the
+/// client's remaining bytes, so the close does not reset the connection
+/// before the answer is read.
+pub async fn linger_close(stream: &TcpStream) {
     crate::net::shutdown_write(stream);
     let linger = async {
         let mut buf = Vec::with_capacity(16 * 1024);

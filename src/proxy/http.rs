@@ -83,7 +83,7 @@ where
     }
 }
 
-async fn send(
+pub(super) async fn send(
     upstream: &TcpStream,
     bytes: &[u8],
     counter: &AtomicU64,
@@ -99,7 +99,7 @@ async fn send(
 }
 
 /// Forwards exactly `len` body bytes. `false` if the client closed first.
-async fn forward_length(
+pub(super) async fn forward_length(
     client: &TcpStream,
     upstream: &TcpStream,
     buf: &mut Vec<u8>,
@@ -123,7 +123,7 @@ async fn forward_length(
 
 /// Forwards a chunked body up to its end. `Some(false)` if the client
 /// closed first, `None` if the chunking is malformed.
-async fn forward_chunked(
+pub(super) async fn forward_chunked(
     client: &TcpStream,
     upstream: &TcpStream,
     buf: &mut Vec<u8>,

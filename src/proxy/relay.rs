@@ -49,6 +49,19 @@ pub enum RelayEnd {
     Error(io::Error),
 }
 
+impl RelayEnd {
+    /// The audit log's `end` field.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RelayEnd::Closed => "closed",
+            RelayEnd::Idle => "idle_timeout",
+            RelayEnd::Cancelled => "cancelled",
+            RelayEnd::Denied(_) => "denied",
+            RelayEnd::Error(_) => "reset",
+        }
+    }
+}
+
 /// Byte counters and the time of the last byte, shared by both directions
 /// and the connection that owns them.
 #[derive(Debug, Default)]
@@ -66,7 +79,8 @@ impl Traffic {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn last(&self) -> tokio::time::Instant {
+    /// When the last byte moved (either way).
+    pub fn last(&self) -> tokio::time::Instant {
         *EPOCH + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 

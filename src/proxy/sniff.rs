@@ -25,6 +25,8 @@ pub enum Parsed<T> {
 pub enum Protocol {
     Tls,
     Http,
+    /// An explicit proxy's `CONNECT` tunnel.
+    Connect,
     Other,
 }
 
@@ -33,6 +35,7 @@ impl Protocol {
         match self {
             Protocol::Tls => "tls",
             Protocol::Http => "http",
+            Protocol::Connect => "connect",
             Protocol::Other => "other",
         }
     }
@@ -238,6 +241,12 @@ pub struct RequestHead {
     pub port: Option<u16>,
     /// `true` for `GET http://host/path` (absolute-form).
     pub absolute_form: bool,
+    /// The absolute-form URI's scheme was `https`.
+    pub https: bool,
+    /// `CONNECT host:port` (authority-form).
+    pub connect: bool,
+    /// The `Proxy-Authorization` value, if one was sent.
+    pub proxy_authorization: Option<String>,
     pub framing: Framing,
     /// `Upgrade` requested (`Connection: upgrade` with an `Upgrade` header):
     /// after this request the connection carries another protocol.
@@ -277,10 +286,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
     if req.version != Some(1) && req.version != Some(0) {
         return Err(Deny::UnsupportedProtocol);
     }
-    if method == "CONNECT" {
-        // Tunnels belong to the explicit proxy listener.
-        return Err(Deny::BadRequest);
-    }
+    let connect = method == "CONNECT";
 
     let mut host_header: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
@@ -288,6 +294,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
     let mut chunked_last = false;
     let mut has_upgrade = false;
     let mut connection_upgrade = false;
+    let mut proxy_authorization: Option<String> = None;
     for h in req.headers.iter() {
         if h.name.is_empty() {
             return Err(Deny::BadRequest);
@@ -326,6 +333,12 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
             let v = std::str::from_utf8(h.value).map_err(|_| Deny::BadRequest)?;
             let last = v.rsplit(',').next().unwrap_or("").trim();
             chunked_last = last.eq_ignore_ascii_case("chunked");
+        } else if name.eq_ignore_ascii_case("proxy-authorization") {
+            if proxy_authorization.is_some() {
+                return Err(Deny::BadRequest);
+            }
+            let v = std::str::from_utf8(h.value).map_err(|_| Deny::BadRequest)?;
+            proxy_authorization = Some(v.trim().to_owned());
         } else if name.eq_ignore_ascii_case("upgrade") {
             has_upgrade = true;
         } else if name.eq_ignore_ascii_case("connection") {
@@ -350,7 +363,31 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         Some(v) => Some(std::str::from_utf8(v).map_err(|_| Deny::BadRequest)?.trim()),
         None => None,
     };
-    let (absolute_form, authority) = if let Some(rest) = strip_scheme(target) {
+    let mut https = false;
+    let (absolute_form, authority) = if connect {
+        // authority-form: host and port, nothing else.
+        if target.contains(['/', '@', '?', '#']) {
+            return Err(Deny::BadRequest);
+        }
+        match split_authority(target) {
+            Ok((host, Some(port))) => {
+                return Ok(RequestHead {
+                    method: method.to_owned(),
+                    host,
+                    port: Some(port),
+                    absolute_form: false,
+                    https: false,
+                    connect: true,
+                    proxy_authorization,
+                    framing,
+                    upgrade: false,
+                    head_len,
+                });
+            }
+            _ => return Err(Deny::BadRequest),
+        }
+    } else if let Some((scheme_https, rest)) = strip_scheme(target) {
+        https = scheme_https;
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         if authority.contains('@') {
             return Err(Deny::BadRequest);
@@ -382,15 +419,101 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         host,
         port,
         absolute_form,
+        https,
+        connect: false,
+        proxy_authorization,
         framing,
         upgrade: has_upgrade && connection_upgrade,
         head_len,
     })
 }
 
-fn strip_scheme(target: &str) -> Option<&str> {
+/// `http://…` or `https://…`: whether it was https, and the rest.
+fn strip_scheme(target: &str) -> Option<(bool, &str)> {
     let (scheme, rest) = target.split_once("://")?;
-    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
+    if scheme.eq_ignore_ascii_case("http") {
+        Some((false, rest))
+    } else if scheme.eq_ignore_ascii_case("https") {
+        Some((true, rest))
+    } else {
+        None
+    }
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), and
+/// the proxy's own.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Rewrites an absolute-form request head (`GET http://h/p HTTP/1.1`) for
+/// the origin: origin-form request line, hop-by-hop headers and those the
+/// `Connection` header lists removed, `Host` kept (or added from the URI).
+/// An upgrade request keeps its `Upgrade` and `Connection: upgrade`.
+pub fn origin_form_head(head: &[u8]) -> Result<Vec<u8>, Deny> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(Deny::BadRequest),
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(Deny::BadRequest);
+    };
+    let Some((_, rest)) = strip_scheme(target) else {
+        return Err(Deny::BadRequest);
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let path = match path {
+        "" => "/".to_owned(),
+        p if p.starts_with('/') => p.split('#').next().unwrap_or("/").to_owned(),
+        p => format!("/{}", p.split('#').next().unwrap_or("")),
+    };
+    let mut listed: Vec<String> = Vec::new();
+    let mut upgrade = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in String::from_utf8_lossy(h.value).split(',') {
+                let token = token.trim().to_ascii_lowercase();
+                upgrade |= token == "upgrade";
+                listed.push(token);
+            }
+        }
+    }
+    let version = if req.version == Some(0) { "1.0" } else { "1.1" };
+    let mut out = Vec::with_capacity(head.len());
+    out.extend_from_slice(format!("{method} {path} HTTP/{version}\r\n").as_bytes());
+    let mut has_host = false;
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        let keep_for_upgrade = upgrade && name == "upgrade";
+        if !keep_for_upgrade && (HOP_BY_HOP.contains(&name.as_str()) || listed.contains(&name)) {
+            continue;
+        }
+        has_host |= name == "host";
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        out.extend_from_slice(format!("Host: {authority}\r\n").as_bytes());
+    }
+    if upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(out)
 }
 
 /// Progress through a chunked body (RFC 9112 §7.1), fed bytes as they come.

@@ -57,12 +57,16 @@ async fn sniff_target(
             Protocol::Http => (
                 max_head,
                 match sniff::parse_request_head(buf, max_head) {
+                    // Tunnels belong to the explicit proxy listener.
+                    Parsed::Found(h) if h.connect => Parsed::Invalid(Deny::BadRequest),
                     Parsed::Found(h) => Parsed::Found((h.host, h.port)),
                     Parsed::NeedMore => Parsed::NeedMore,
                     Parsed::Invalid(d) => Parsed::Invalid(d),
                 },
             ),
-            Protocol::Other => return Ok(Err((protocol, Deny::UnsupportedProtocol))),
+            Protocol::Connect | Protocol::Other => {
+                return Ok(Err((protocol, Deny::UnsupportedProtocol)));
+            }
         };
         match parsed {
             Parsed::Found((host, port)) => {
@@ -298,13 +302,7 @@ async fn serve(
         }
     };
     drop(upstream);
-    out.end = match &end {
-        RelayEnd::Closed => "closed",
-        RelayEnd::Idle => "idle_timeout",
-        RelayEnd::Cancelled => "cancelled",
-        RelayEnd::Denied(_) => "denied",
-        RelayEnd::Error(_) => "reset",
-    };
+    out.end = end.as_str();
     if let RelayEnd::Denied(d) = end {
         // A later request on the connection was refused: it is answered and
         // the connection closed, and the decision counted and audited (not
@@ -343,6 +341,9 @@ fn next_request_check(
     let gw = Arc::clone(gw);
     let sandbox = Arc::clone(sandbox);
     move |head: &RequestHead| {
+        if head.connect {
+            return Err(Deny::BadRequest);
+        }
         let grant = sandbox.current_grant(&gw.verifier)?;
         grant
             .allowlist

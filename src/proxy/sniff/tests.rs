@@ -369,7 +369,9 @@ fn hostile_heads_are_refused() {
         ("space before colon", "GET / HTTP/1.1\r\nHost : a.test\r\n\r\n".into(), Deny::BadRequest),
         ("101 headers", format!("GET / HTTP/1.1\r\nHost: a.test\r\n{many_headers}\r\n"), Deny::BadRequest),
         ("HTTP/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(), Deny::UnsupportedProtocol),
-        ("CONNECT", "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n".into(), Deny::BadRequest),
+        ("CONNECT without a port", "CONNECT a.test HTTP/1.1\r\nHost: a.test\r\n\r\n".into(), Deny::BadRequest),
+        ("CONNECT with a path", "CONNECT a.test:443/x HTTP/1.1\r\n\r\n".into(), Deny::BadRequest),
+        ("two Proxy-Authorization", "GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: a\r\nProxy-Authorization: b\r\n\r\n".into(), Deny::BadRequest),
         ("relative target", "GET a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n".into(), Deny::BadRequest),
         ("NUL in Host", "GET / HTTP/1.1\r\nHost: a.test\0b\r\n\r\n".into(), Deny::BadRequest),
     ];
@@ -437,4 +439,39 @@ fn chunked_bodies_end_where_they_end() {
         ChunkedState::default().feed(long_ext.as_bytes()),
         ChunkProgress::Invalid
     );
+}
+
+#[test]
+fn connect_and_proxy_credentials() {
+    let h = found(
+        "CONNECT Secure.TEST:8443 HTTP/1.1\r\nHost: secure.test:8443\r\nProxy-Authorization: Basic eA==\r\n\r\n",
+    );
+    assert!(h.connect);
+    assert_eq!(
+        (h.host.to_string().as_str(), h.port),
+        ("secure.test", Some(8443))
+    );
+    assert_eq!(h.proxy_authorization.as_deref(), Some("Basic eA=="));
+    let h = found("GET https://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert!(h.https && h.absolute_form);
+}
+
+#[test]
+fn origin_form_rewrite_drops_hop_by_hop_headers() {
+    let head = b"GET http://a.test:8080/p/q?x=1#frag HTTP/1.1\r\nHost: a.test:8080\r\nProxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n";
+    let out = String::from_utf8(origin_form_head(head).unwrap()).unwrap();
+    assert_eq!(
+        out,
+        "GET /p/q?x=1 HTTP/1.1\r\nHost: a.test:8080\r\nAccept: */*\r\n\r\n"
+    );
+    let out = String::from_utf8(origin_form_head(b"GET http://a.test HTTP/1.0\r\n\r\n").unwrap())
+        .unwrap();
+    assert_eq!(out, "GET / HTTP/1.0\r\nHost: a.test\r\n\r\n");
+    let ws = b"GET http://a.test/chat HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let out = String::from_utf8(origin_form_head(ws).unwrap()).unwrap();
+    assert_eq!(
+        out,
+        "GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    );
+    assert!(origin_form_head(b"GET /relative HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
 }

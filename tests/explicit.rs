@@ -1,0 +1,296 @@
+//! The explicit proxy in-process: CONNECT and absolute-form requests with
+//! credentials in `Proxy-Authorization`, over raw sockets on loopback.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn mint(gw: &Gw, container: &str, hosts: &[&str], ttl: u64) -> String {
+    let (status, body) = gw
+        .admin("POST", "/v1/tokens", Some(json!({"container_id": container, "user_id": "u", "allowed_hosts": hosts, "ttl_seconds": ttl})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+fn basic(container: &str, token: &str) -> String {
+    format!(
+        "Basic {}",
+        STANDARD.encode(format!("container_{container}:jwt_{token}"))
+    )
+}
+
+async fn proxy(gw: &Gw) -> TcpStream {
+    TcpStream::connect(gw.running.proxy_addr).await.unwrap()
+}
+
+async fn one_shot(gw: &Gw, req: String) -> String {
+    let mut s = proxy(gw).await;
+    s.write_all(req.as_bytes()).await.unwrap();
+    String::from_utf8_lossy(&read_all(&mut s).await).into_owned()
+}
+
+#[tokio::test]
+async fn absolute_form_is_forwarded_in_origin_form_without_credentials() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(&gw, "sb1", &[&format!("api.test:{port}")], 600).await;
+    let mut s = proxy(&gw).await;
+    s.write_all(
+        format!(
+            "GET http://api.test:{port}/x?y=1 HTTP/1.1\r\nHost: api.test:{port}\r\nProxy-Authorization: {}\r\nProxy-Connection: keep-alive\r\n\r\n",
+            basic("sb1", &token)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.ends_with(&format!("upstream GET /x?y=1 host=api.test:{port} body=0")),
+        "{resp}"
+    );
+    let seen = String::from_utf8(up.received()).unwrap();
+    assert!(seen.starts_with("GET /x?y=1 HTTP/1.1\r\n"), "{seen}");
+    assert!(
+        !seen.to_lowercase().contains("proxy-"),
+        "hop-by-hop headers reached the upstream: {seen}"
+    );
+    assert!(!seen.contains(&token), "the token reached the upstream");
+}
+
+#[tokio::test]
+async fn connect_tunnels_to_the_allowed_host() {
+    let up = raw_upstream(b"tunnel-ok", 5).await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(&gw, "sb1", &[&format!("secure.test:{port}")], 600).await;
+    let mut s = proxy(&gw).await;
+    // The first tunnel bytes arrive right behind the CONNECT head.
+    s.write_all(format!("CONNECT secure.test:{port} HTTP/1.1\r\nHost: secure.test:{port}\r\nProxy-Authorization: Bearer {token}\r\n\r\nhello").as_bytes())
+        .await
+        .unwrap();
+    let mut got = vec![0u8; "HTTP/1.1 200 Connection established\r\n\r\n".len() + 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "HTTP/1.1 200 Connection established\r\n\r\ntunnel-ok"
+    );
+    s.write_all(b" world").await.unwrap();
+    s.shutdown().await.unwrap();
+    read_all(&mut s).await;
+    assert_eq!(up.received(), b"hello world");
+}
+
+#[tokio::test]
+async fn credentials_are_required_and_checked() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let host = format!("api.test:{port}");
+    let token = mint(&gw, "sb1", &[&host], 600).await;
+    let expired = mint(&gw, "sb2", &[&host], 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let req = |auth: Option<String>| {
+        let auth = auth
+            .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n")
+    };
+    for (what, auth, reason) in [
+        ("none", None, "token_invalid"),
+        ("garbage", Some("Basic !!!".to_owned()), "token_invalid"),
+        ("not a token", Some(basic("sb1", "abc")), "token_invalid"),
+        ("expired", Some(basic("sb2", &expired)), "token_expired"),
+        (
+            "another container's name",
+            Some(basic("sb9", &token)),
+            "container_mismatch",
+        ),
+        (
+            "no container name",
+            Some(format!(
+                "Basic {}",
+                STANDARD.encode(format!(":jwt_{token}"))
+            )),
+            "container_mismatch",
+        ),
+    ] {
+        let resp = one_shot(&gw, req(auth)).await;
+        assert!(resp.starts_with("HTTP/1.1 407 "), "{what}: {resp}");
+        assert!(
+            resp.contains("Proxy-Authenticate: Basic realm=\"sluice\""),
+            "{what}: {resp}"
+        );
+        assert!(
+            resp.contains(&format!("x-deny-reason: {reason}")),
+            "{what}: {resp}"
+        );
+    }
+    assert_eq!(up.accepted(), 0);
+    let mut s = proxy(&gw).await;
+    s.write_all(req(Some(format!("Bearer {token}"))).as_bytes())
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+#[tokio::test]
+async fn policy_denies_and_bad_requests() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(&gw, "sb1", &[&format!("api.test:{port}")], 600).await;
+    let auth = basic("sb1", &token);
+    for (what, req, status, reason) in [
+        (
+            "other host",
+            format!(
+                "GET http://other.test:{port}/ HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n"
+            ),
+            403,
+            "host_not_allowed",
+        ),
+        (
+            "other port",
+            format!("GET http://api.test:1/ HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n"),
+            403,
+            "port_not_allowed",
+        ),
+        (
+            "CONNECT other host",
+            format!("CONNECT other.test:{port} HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n"),
+            403,
+            "host_not_allowed",
+        ),
+        (
+            "Host contradicts URI",
+            format!(
+                "GET http://api.test:{port}/ HTTP/1.1\r\nHost: other.test\r\nProxy-Authorization: {auth}\r\n\r\n"
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "origin-form",
+            format!(
+                "GET / HTTP/1.1\r\nHost: api.test:{port}\r\nProxy-Authorization: {auth}\r\n\r\n"
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "https URI",
+            format!("GET https://api.test:{port}/ HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n"),
+            400,
+            "bad_request",
+        ),
+    ] {
+        let resp = one_shot(&gw, req).await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {resp}"
+        );
+        assert!(
+            resp.contains(&format!("x-deny-reason: {reason}")),
+            "{what}: {resp}"
+        );
+    }
+    assert_eq!(up.accepted(), 0);
+}
+
+#[tokio::test]
+async fn every_request_on_a_kept_alive_connection_is_judged_by_its_own_host() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(
+        &gw,
+        "sb1",
+        &[&format!("api.test:{port}"), &format!("secure.test:{port}")],
+        600,
+    )
+    .await;
+    let auth = basic("sb1", &token);
+    let mut s = proxy(&gw).await;
+    for (host, path) in [
+        ("api.test", "/1"),
+        ("api.test", "/2"),
+        ("secure.test", "/3"),
+    ] {
+        s.write_all(
+            format!(
+                "GET http://{host}:{port}{path} HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(
+            resp.ends_with(&format!("upstream GET {path} host={host}:{port} body=0")),
+            "{resp}"
+        );
+    }
+    // Same authority reused, another allowed one dialled anew.
+    assert_eq!(up.accepted(), 2);
+    s.write_all(
+        format!("GET http://other.test:{port}/4 HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let resp = String::from_utf8_lossy(&read_all(&mut s).await).into_owned();
+    assert!(
+        resp.starts_with("HTTP/1.1 403") && resp.contains("x-deny-reason: host_not_allowed"),
+        "{resp}"
+    );
+    assert!(!String::from_utf8(up.received()).unwrap().contains("/4"));
+    assert_eq!(up.accepted(), 2);
+}
+
+#[tokio::test]
+async fn the_connection_limit_is_shared_with_the_transparent_listener() {
+    let up = raw_upstream(b"x", 1).await;
+    let gw = start(up.addr, |c| c.gateway.max_connections = 1).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.example.test:{}", up.addr.port())],
+        600,
+    )
+    .await;
+    let mut held = gw.connect_from("127.0.0.1").await;
+    held.write_all(&capture("clienthello-curl.bin"))
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    // The one slot is taken: the proxy listener refuses at once.
+    let mut s = proxy(&gw).await;
+    let _ = s.write_all(b"GET http://api.test/ HTTP/1.1\r\n\r\n").await;
+    assert!(read_all(&mut s).await.is_empty());
+    let page = gw.metrics().await;
+    assert!(
+        metric(
+            &page,
+            r#"sluice_connections_total{mode="proxy",protocol="other",decision="deny",reason="overloaded"}"#
+        ) >= 1.0,
+        "{page}"
+    );
+}
