@@ -3,7 +3,7 @@
 # interface (or one IPv4 subnet), or undoes it. Idempotent: `apply` twice
 # leaves one set of rules, `remove` on a clean namespace does nothing.
 #
-#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001]
+#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001] [--proxy-port 8443]
 #   sluice-gateway.sh apply  --subnet 198.18.0.0/24 [--port 15001]
 #   sluice-gateway.sh remove --iface veth-sb0
 #   sluice-gateway.sh status --iface veth-sb0
@@ -15,7 +15,10 @@
 #     QUIC), ICMP, other TCP ports (the admin API, metrics, ssh), ...;
 #   - nothing is forwarded onward (FORWARD drop);
 #   - IPv6 from the interface is dropped entirely (--iface only: an IPv4
-#     subnet cannot name IPv6 sources; use --iface to cover IPv6).
+#     subnet cannot name IPv6 sources; use --iface to cover IPv6);
+#   - with --proxy-port, TCP to that port on the gateway's own addresses is
+#     let through unredirected: sluice's explicit proxy, for sandboxes that
+#     use HTTP_PROXY / HTTPS_PROXY.
 # Replies to connections sluice accepted pass (conntrack ESTABLISHED).
 # Each interface or subnet gets its own chains, named after it, so several
 # sandboxes' rules live side by side and are removed one by one.
@@ -29,12 +32,13 @@ usage() {
 [[ $# -ge 1 ]] || usage
 action=$1
 shift
-iface="" subnet="" port=15001
+iface="" subnet="" port=15001 proxy_port=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --iface) iface=${2:?--iface needs a value}; shift 2 ;;
         --subnet) subnet=${2:?--subnet needs a value}; shift 2 ;;
         --port) port=${2:?--port needs a value}; shift 2 ;;
+        --proxy-port) proxy_port=${2:?--proxy-port needs a value}; shift 2 ;;
         -h|--help) usage ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
@@ -44,7 +48,9 @@ if [[ -n $iface && -n $subnet ]] || [[ -z $iface && -z $subnet ]]; then
     echo "give exactly one of --iface or --subnet" >&2
     exit 2
 fi
-[[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || { echo "bad --port: $port" >&2; exit 2; }
+for p in "$port" ${proxy_port:+"$proxy_port"}; do
+    [[ $p =~ ^[0-9]+$ ]] && ((p > 0 && p < 65536)) || { echo "bad port: $p" >&2; exit 2; }
+done
 if [[ -n $iface ]]; then
     [[ $iface =~ ^[A-Za-z0-9_.@-]{1,15}$ ]] || { echo "bad interface name: $iface" >&2; exit 2; }
     match=(-i "$iface")
@@ -85,6 +91,9 @@ remove() {
 apply() {
     remove
     iptables -w -t nat -N "$pre"
+    if [[ -n $proxy_port ]]; then
+        iptables -w -t nat -A "$pre" -p tcp --dport "$proxy_port" -m addrtype --dst-type LOCAL -j RETURN
+    fi
     iptables -w -t nat -A "$pre" -p tcp -j REDIRECT --to-ports "$port"
     iptables -w -t nat -I PREROUTING 1 "${match[@]}" -j "$pre"
 
@@ -94,6 +103,9 @@ apply() {
     # that dials the gateway's own address on another port (admin, metrics)
     # is dropped, and so is one that dials the listener port directly.
     iptables -w -A "$in" -p tcp --dport "$port" -m conntrack --ctstate DNAT -j ACCEPT
+    if [[ -n $proxy_port ]]; then
+        iptables -w -A "$in" -p tcp --dport "$proxy_port" -m addrtype --dst-type LOCAL -j ACCEPT
+    fi
     iptables -w -A "$in" -j DROP
     iptables -w -I INPUT 1 "${match[@]}" -j "$in"
 

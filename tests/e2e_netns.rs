@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use netns::{Lab, pattern_sha256, require_root};
 
-/// Serves HTTP/1.1 on a listener: `/big` is 100 MB of a known pattern,
-/// anything else names the server's address. Counts connections.
+/// Serves HTTP/1.1 (kept alive) on a listener: `/big` is 100 MB of a known
+/// pattern (then close), anything else names the server's address.
+/// Counts connections.
 fn serve_http(listener: TcpListener, count: Arc<AtomicUsize>) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -34,29 +35,39 @@ fn serve_http(listener: TcpListener, count: Arc<AtomicUsize>) {
                     .unwrap_or_default();
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    if path == "/big" {
+                        let body = netns::pattern(netns::BIG);
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(&body);
+                        return;
                     }
-                }
-                let head = String::from_utf8_lossy(&buf);
-                let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
-                if path == "/big" {
-                    let body = netns::pattern(netns::BIG);
-                    let _ = write!(
-                        s,
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = s.write_all(&body);
-                } else {
                     let body = format!("hello from {local} {path}\n");
-                    let _ = write!(
+                    if write!(
                         s,
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
-                    );
+                    )
+                    .is_err()
+                    {
+                        return;
+                    }
                 }
             });
         }
@@ -279,4 +290,245 @@ fn transparent_gateway_end_to_end() {
     let log = lab.sluice_log();
     assert_eq!(log.matches("sluice::audit").count(), 9, "{log}");
     assert!(log.contains("reason=\"token_expired\""));
+}
+
+/// Python's urllib through HTTP_PROXY / HTTPS_PROXY: an HTTP GET and an
+/// HTTPS GET (CONNECT). Prints the status and the body, or the error.
+const URLLIB: &str = r#"
+import ssl, sys, urllib.request, urllib.error
+for url in sys.argv[1:]:
+    try:
+        with urllib.request.urlopen(url, timeout=20, context=ssl._create_unverified_context()) as r:
+            print(url, r.status, r.read().decode(errors="replace").replace("\n", " ")[:200])
+    except urllib.error.HTTPError as e:
+        print(url, e.code, e.headers.get("x-deny-reason"))
+    except Exception as e:
+        print(url, "error", e)
+"#;
+
+#[test]
+fn explicit_proxy_end_to_end() {
+    if !require_root("explicit_proxy_end_to_end") {
+        return;
+    }
+    let mut lab = Lab::with_rules("p", "--proxy-port 8443");
+    let up = "198.18.1.10";
+    let decoy = "198.18.1.11";
+    let http_hits = Arc::new(AtomicUsize::new(0));
+    let decoy_hits = Arc::new(AtomicUsize::new(0));
+    serve_http(
+        lab.listen_upstream(&format!("{up}:80")),
+        Arc::clone(&http_hits),
+    );
+    serve_decoy(
+        lab.listen_upstream(&format!("{decoy}:80")),
+        Arc::clone(&decoy_hits),
+    );
+    serve_decoy(
+        lab.listen_upstream(&format!("{decoy}:443")),
+        Arc::clone(&decoy_hits),
+    );
+    lab.start_tls_server(up, "secure.test");
+    lab.start_sluice(&format!(
+        r#"
+[gateway.resolve]
+"api.test" = ["{up}"]
+"secure.test" = ["{up}"]
+"other.test" = ["{decoy}"]
+"#
+    ));
+    let token_a = lab.mint("sandbox-a", &["api.test", "secure.test"], 600);
+    let expired = lab.mint("sandbox-e", &["api.test"], 1);
+    std::thread::sleep(Duration::from_millis(2100));
+
+    // The environment exactly as the original design sets it.
+    let proxy_url =
+        |id: &str, token: &str| format!("http://container_{id}:jwt_{token}@198.18.0.1:8443");
+    let env_for = |url: &str| -> Vec<(String, String)> {
+        vec![
+            ("HTTP_PROXY".into(), url.to_owned()),
+            ("HTTPS_PROXY".into(), url.to_owned()),
+            ("http_proxy".into(), url.to_owned()),
+            ("https_proxy".into(), url.to_owned()),
+            ("NO_PROXY".into(), "localhost,127.0.0.1".into()),
+            ("no_proxy".into(), "localhost,127.0.0.1".into()),
+        ]
+    };
+    let run = |env: &[(String, String)], args: &[&str]| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        lab.run_in(&lab.sb, &env, args)
+    };
+    let good = env_for(&proxy_url("sandbox-a", &token_a));
+
+    // curl: allowed HTTP (absolute-form) and HTTPS (CONNECT).
+    let r = run(
+        &good,
+        &[
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "30",
+            "http://api.test/hello",
+        ],
+    );
+    assert!(r.stdout.starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("hello from {up} /hello")),
+        "{r:?}"
+    );
+    let r = run(
+        &good,
+        &[
+            "curl",
+            "-sS",
+            "-k",
+            "--max-time",
+            "30",
+            "https://secure.test/",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("s_server"), "{r:?}");
+
+    // A disallowed host: 403 host_not_allowed, over HTTP and over CONNECT.
+    let r = run(
+        &good,
+        &[
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "30",
+            "http://other.test/",
+        ],
+    );
+    assert!(r.stdout.starts_with("HTTP/1.1 403"), "{r:?}");
+    assert!(
+        r.stdout.contains("x-deny-reason: host_not_allowed"),
+        "{r:?}"
+    );
+    let r = run(
+        &good,
+        &[
+            "curl",
+            "-sS",
+            "-k",
+            "-v",
+            "--max-time",
+            "30",
+            "https://other.test/",
+        ],
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("403"), "{r:?}");
+
+    // A kept-alive connection: the first request is served, the second,
+    // to a disallowed host on the same connection, is denied.
+    let r = run(
+        &good,
+        &[
+            "curl",
+            "-sS",
+            "-i",
+            "-v",
+            "--max-time",
+            "30",
+            "http://api.test/first",
+            "http://other.test/second",
+        ],
+    );
+    assert!(
+        r.stdout.contains(&format!("hello from {up} /first")),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("x-deny-reason: host_not_allowed"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("existing connection"),
+        "curl did not reuse the connection: {r:?}"
+    );
+
+    // Credentials: another container's name, none, an expired token.
+    let r = run(
+        &env_for(&proxy_url("sandbox-b", &token_a)),
+        &["curl", "-sS", "-i", "--max-time", "30", "http://api.test/"],
+    );
+    assert!(r.stdout.starts_with("HTTP/1.1 407"), "{r:?}");
+    assert!(
+        r.stdout.contains("x-deny-reason: container_mismatch"),
+        "{r:?}"
+    );
+    let r = run(
+        &env_for("http://198.18.0.1:8443"),
+        &["curl", "-sS", "-i", "--max-time", "30", "http://api.test/"],
+    );
+    assert!(r.stdout.starts_with("HTTP/1.1 407"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("Proxy-Authenticate: Basic realm=\"sluice\""),
+        "{r:?}"
+    );
+    let r = run(
+        &env_for(&proxy_url("sandbox-e", &expired)),
+        &["curl", "-sS", "-i", "--max-time", "30", "http://api.test/"],
+    );
+    assert!(r.stdout.starts_with("HTTP/1.1 407"), "{r:?}");
+    assert!(r.stdout.contains("x-deny-reason: token_expired"), "{r:?}");
+
+    // Python's urllib, a stock client that honours the same variables.
+    let r = run(
+        &good,
+        &[
+            "python3",
+            "-c",
+            URLLIB,
+            "http://api.test/py",
+            "https://secure.test/",
+            "http://other.test/py",
+        ],
+    );
+    assert!(
+        r.stdout
+            .contains(&format!("http://api.test/py 200 hello from {up} /py")),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("https://secure.test/ 200"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("http://other.test/py 403 host_not_allowed"),
+        "{r:?}"
+    );
+    let r = run(
+        &env_for(&proxy_url("sandbox-e", &expired)),
+        &["python3", "-c", URLLIB, "http://api.test/py"],
+    );
+    assert!(
+        r.stdout.contains("http://api.test/py 407 token_expired"),
+        "{r:?}"
+    );
+
+    // Nothing reached the decoy; the HTTP upstream saw hello, first and py.
+    assert_eq!(decoy_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(http_hits.load(Ordering::SeqCst), 3);
+
+    let page = lab.metrics();
+    let series = |protocol: &str, decision: &str, reason: &str| {
+        netns::metric(
+            &page,
+            &format!(
+                r#"sluice_connections_total{{mode="proxy",protocol="{protocol}",decision="{decision}",reason="{reason}"}}"#
+            ),
+        )
+    };
+    assert_eq!(series("http", "allow", "none"), 3.0, "{page}");
+    assert_eq!(series("connect", "allow", "none"), 2.0, "{page}");
+    assert_eq!(series("http", "deny", "host_not_allowed"), 3.0, "{page}");
+    assert_eq!(series("connect", "deny", "host_not_allowed"), 1.0, "{page}");
+    assert_eq!(series("http", "deny", "container_mismatch"), 1.0, "{page}");
+    assert_eq!(series("http", "deny", "token_expired"), 2.0, "{page}");
+    assert_eq!(series("http", "deny", "token_invalid"), 1.0, "{page}");
+    assert!(lab.sluice_log().contains("mode=\"proxy\""));
 }

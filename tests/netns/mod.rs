@@ -98,6 +98,11 @@ fn bash(script: &str) {
 
 impl Lab {
     pub fn new(tag: &str) -> Lab {
+        Self::with_rules(tag, "")
+    }
+
+    /// A lab whose gateway rules get `extra` arguments (e.g. `--proxy-port 8443`).
+    pub fn with_rules(tag: &str, extra: &str) -> Lab {
         let id = format!("{tag}{}", std::process::id() % 100_000);
         let lab = Lab {
             gw: format!("sl-{id}-gw"),
@@ -134,8 +139,8 @@ impl Lab {
              ip -n {up} link set lo up; ip -n {up} link set {ug} up
              ip -n {up} route add 198.18.0.0/24 via 198.18.1.1
              nsenter --net=/run/netns/{gw} sysctl -qw net.ipv4.ip_forward=1
-             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs}
-             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs}"
+             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs} {extra}
+             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs} {extra}"
         ));
         lab
     }
@@ -252,6 +257,7 @@ impl Lab {
                 r#"state_dir = "{}"
 [gateway]
 transparent_listen = "0.0.0.0:15001"
+proxy_listen = "198.18.0.1:8443"
 allow_destinations = ["198.18.0.0/15"]
 peek_timeout_ms = 3000
 [auth]
@@ -294,12 +300,32 @@ listen = "127.0.0.1:9090"
 
     /// curl inside a namespace; returns its exit code and output.
     pub fn curl_in(&self, ns: &str, args: &[&str]) -> CurlOut {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", Self::ns_path(ns)))
-            .args(["timeout", "60", "curl", "--max-time", "45"])
-            .args(args)
-            .output()
-            .unwrap();
+        let mut full = vec!["curl", "--max-time", "45"];
+        full.extend_from_slice(args);
+        self.run_in(ns, &[], &full)
+    }
+
+    /// A command inside a namespace, with extra environment variables (and
+    /// no proxy variables but those given).
+    pub fn run_in(&self, ns: &str, env: &[(&str, &str)], args: &[&str]) -> CurlOut {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Self::ns_path(ns)))
+            .args(["timeout", "60"])
+            .args(args);
+        for var in [
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
         CurlOut {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
