@@ -294,3 +294,33 @@ async fn the_connection_limit_is_shared_with_the_transparent_listener() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn heads_are_bounded_in_size_and_time() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |c| {
+        c.gateway.peek_timeout_ms = 300;
+        c.gateway.max_request_head_bytes = 4096;
+    })
+    .await;
+    // Silence, then a head that never ends: both cut at the deadline.
+    for first in [&b""[..], b"GET http://api.test/ HTTP/1.1\r\nX: "] {
+        let started = std::time::Instant::now();
+        let mut s = proxy(&gw).await;
+        s.write_all(first).await.unwrap();
+        let resp = String::from_utf8_lossy(&read_all(&mut s).await).into_owned();
+        assert!(resp.contains("x-deny-reason: peek_timeout"), "{resp}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    // A head over the limit: 400 before it ends.
+    let big = format!(
+        "GET http://api.test/ HTTP/1.1\r\nX-Big: {}\r\n",
+        "a".repeat(8192)
+    );
+    let resp = one_shot(&gw, big).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 400") && resp.contains("x-deny-reason: bad_request"),
+        "{resp}"
+    );
+    assert_eq!(up.accepted(), 0);
+}
