@@ -125,6 +125,14 @@ pub fn count(mode: Mode, protocol: Protocol, decision: Result<(), Deny>) {
     .increment(1);
 }
 
+/// Adds a finished connection's bytes to the totals; returns them.
+pub fn count_bytes(traffic: &relay::Traffic) -> (u64, u64) {
+    let (up, down) = traffic.totals();
+    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_upstream").increment(up);
+    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "upstream_to_client").increment(down);
+    (up, down)
+}
+
 /// TLS alert record: fatal (2), access_denied (49).
 const TLS_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
 /// TLS alert record: fatal (2), internal_error (80), for upstream failures.

@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod netns;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};

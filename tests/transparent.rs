@@ -389,19 +389,6 @@ async fn idle_pairs_are_closed() {
     );
 }
 
-/// A deterministic byte stream and its digest.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_transfers_arrive_intact_both_ways() {
     const LEN: usize = 24 * 1024 * 1024;

@@ -199,9 +199,7 @@ async fn end_session(conn: &Conn, session: Session, wait: Option<Duration>, end:
         (_, responses) => drop(responses),
     }
     drop(upstream);
-    let (up, down) = traffic.totals();
-    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_upstream").increment(up);
-    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "upstream_to_client").increment(down);
+    let (up, down) = super::count_bytes(&traffic);
     audit::Record {
         container_id: Some(&container_id),
         source: conn.peer,
@@ -532,9 +530,7 @@ async fn tunnel(conn: &Conn, head: RequestHead, container: String, port: u16, mu
         conn.gw.shutdown.hard(),
     )
     .await;
-    let (to_upstream, to_client) = traffic.totals();
-    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_upstream").increment(to_upstream);
-    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "upstream_to_client").increment(to_client);
+    let (to_upstream, to_client) = super::count_bytes(&traffic);
     audit::Record {
         container_id: Some(&container),
         source: conn.peer,

@@ -8,7 +8,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -233,7 +232,11 @@ async fn serve(
     out.host = Some(host.clone());
     out.port = port;
 
-    let sandbox = match decide(gw, out.sandbox.as_ref(), &host, port) {
+    let decided = match &out.sandbox {
+        None => Err(Deny::UnknownSource),
+        Some(s) => authorise(gw, s, &host, port).map(|()| Arc::clone(s)),
+    };
+    let sandbox = match decided {
         Ok(sandbox) => sandbox,
         Err(d) => return out.refuse(&stream, protocol, d, started).await,
     };
@@ -268,39 +271,28 @@ async fn serve(
         Arc::clone(&upstream),
         Arc::clone(&traffic),
     );
-    let end = match protocol {
-        Protocol::Http => {
-            let check = next_request_check(gw, &sandbox, host, port);
-            let max_head = g.max_request_head_bytes;
-            let to_upstream =
-                async move { http::forward_requests(&c, &u, buf, max_head, check, &t).await };
-            relay::run_pair(
-                to_upstream,
-                to_client,
-                &traffic,
-                idle,
-                sandbox.closed(),
-                gw.shutdown.hard(),
-            )
-            .await
-        }
-        _ => {
-            let to_upstream = async move {
-                crate::net::write_all(&u, &buf).await?;
-                t.to_upstream.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    // HTTP is forwarded request by request; anything else (TLS) raw, after
+    // the bytes already read.
+    let check = (protocol == Protocol::Http).then(|| next_request_check(gw, &sandbox, host, port));
+    let max_head = g.max_request_head_bytes;
+    let to_upstream = async move {
+        match check {
+            Some(check) => http::forward_requests(&c, &u, buf, max_head, check, &t).await,
+            None => {
+                http::send(&u, &buf, &t.to_upstream, &t).await?;
                 relay::one_way(&c, &u, &t.to_upstream, &t).await
-            };
-            relay::run_pair(
-                to_upstream,
-                to_client,
-                &traffic,
-                idle,
-                sandbox.closed(),
-                gw.shutdown.hard(),
-            )
-            .await
+            }
         }
     };
+    let end = relay::run_pair(
+        to_upstream,
+        to_client,
+        &traffic,
+        idle,
+        sandbox.closed(),
+        gw.shutdown.hard(),
+    )
+    .await;
     drop(upstream);
     out.end = end.as_str();
     if let RelayEnd::Denied(d) = end {
@@ -313,20 +305,13 @@ async fn serve(
     }
 }
 
-/// The decision for a connection's first target: the sandbox it comes
-/// from, that sandbox's token still good, the host and port allowed.
-fn decide(
-    gw: &Gateway,
-    sandbox: Option<&Arc<Sandbox>>,
-    host: &Host,
-    port: u16,
-) -> Result<Arc<Sandbox>, Deny> {
-    let sandbox = sandbox.ok_or(Deny::UnknownSource)?;
+/// The decision for one target: the sandbox it comes from, that
+/// sandbox's token still good, the host and port allowed.
+fn authorise(gw: &Gateway, sandbox: &Sandbox, host: &Host, port: u16) -> Result<(), Deny> {
     let grant = sandbox.current_grant(&gw.verifier)?;
     grant
         .allowlist
-        .decide(host, port, &gw.config.gateway.allowed_ports)?;
-    Ok(Arc::clone(sandbox))
+        .decide(host, port, &gw.config.gateway.allowed_ports)
 }
 
 /// The check for every request on an HTTP connection: the sandbox's token

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub use crate::support::{metric, pattern};
+
 pub const BIG: usize = 100 * 1024 * 1024;
 
 /// Root and the tools, or a skip with a reason (a failure under CI=true).
@@ -416,32 +418,10 @@ impl Drop for Lab {
     }
 }
 
-pub fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
 pub fn pattern_sha256(len: usize) -> [u8; 32] {
     sha256(&pattern(len))
-}
-
-/// The value of one series in a Prometheus text page (0 when absent).
-pub fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }

@@ -364,3 +364,16 @@ pub fn metric(page: &str, series: &str) -> f64 {
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
+
+/// A deterministic byte stream (xorshift), for transfers checked by digest.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
