@@ -86,42 +86,42 @@ fn serve_decoy(listener: TcpListener, count: Arc<AtomicUsize>) {
     });
 }
 
+const UP: &str = "198.18.1.10";
+const DECOY: &str = "198.18.1.11";
+
+/// A lab with the upstreams every test uses (HTTP on UP:80, TLS for
+/// secure.test on UP:443, a decoy on DECOY:80 and :443) and sluice
+/// resolving api.test and secure.test to UP, other.test to DECOY.
+/// Returns the lab and the HTTP and decoy connection counters.
+fn lab_with_upstreams(tag: &str, rules: &str) -> (Lab, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let mut lab = Lab::with_rules(tag, rules);
+    let http_hits = Arc::new(AtomicUsize::new(0));
+    let decoy_hits = Arc::new(AtomicUsize::new(0));
+    serve_http(
+        lab.listen_upstream(&format!("{UP}:80")),
+        Arc::clone(&http_hits),
+    );
+    for port in [80, 443] {
+        serve_decoy(
+            lab.listen_upstream(&format!("{DECOY}:{port}")),
+            Arc::clone(&decoy_hits),
+        );
+    }
+    lab.start_tls_server(UP, "secure.test");
+    lab.start_sluice(&format!(
+        "[gateway.resolve]\n\"api.test\" = [\"{UP}\"]\n\"secure.test\" = [\"{UP}\"]\n\"other.test\" = [\"{DECOY}\"]\n"
+    ));
+    (lab, http_hits, decoy_hits)
+}
+
 #[test]
 fn transparent_gateway_end_to_end() {
     if !require_root("transparent_gateway_end_to_end") {
         return;
     }
-    let mut lab = Lab::new("t");
-    let up = "198.18.1.10";
-    let decoy = "198.18.1.11";
-
-    // Upstream servers.
-    let http_hits = Arc::new(AtomicUsize::new(0));
-    let decoy_hits = Arc::new(AtomicUsize::new(0));
-    serve_http(
-        lab.listen_upstream(&format!("{up}:80")),
-        Arc::clone(&http_hits),
-    );
-    serve_decoy(
-        lab.listen_upstream(&format!("{decoy}:80")),
-        Arc::clone(&decoy_hits),
-    );
-    serve_decoy(
-        lab.listen_upstream(&format!("{decoy}:443")),
-        Arc::clone(&decoy_hits),
-    );
-    lab.start_tls_server(up, "secure.test");
+    let (lab, http_hits, decoy_hits) = lab_with_upstreams("t", "");
+    let (up, decoy) = (UP, DECOY);
     let udp: UdpSocket = lab.udp_upstream(&format!("{up}:5353"));
-
-    // The gateway.
-    lab.start_sluice(&format!(
-        r#"
-[gateway.resolve]
-"api.test" = ["{up}"]
-"secure.test" = ["{up}"]
-"other.test" = ["{decoy}"]
-"#
-    ));
     let allowed = lab.mint("sandbox-a", &["api.test", "secure.test"], 600);
     lab.register(&allowed, "198.18.0.2");
     let short = lab.mint("sandbox-c", &["api.test"], 1);
@@ -312,32 +312,8 @@ fn explicit_proxy_end_to_end() {
     if !require_root("explicit_proxy_end_to_end") {
         return;
     }
-    let mut lab = Lab::with_rules("p", "--proxy-port 8443");
-    let up = "198.18.1.10";
-    let decoy = "198.18.1.11";
-    let http_hits = Arc::new(AtomicUsize::new(0));
-    let decoy_hits = Arc::new(AtomicUsize::new(0));
-    serve_http(
-        lab.listen_upstream(&format!("{up}:80")),
-        Arc::clone(&http_hits),
-    );
-    serve_decoy(
-        lab.listen_upstream(&format!("{decoy}:80")),
-        Arc::clone(&decoy_hits),
-    );
-    serve_decoy(
-        lab.listen_upstream(&format!("{decoy}:443")),
-        Arc::clone(&decoy_hits),
-    );
-    lab.start_tls_server(up, "secure.test");
-    lab.start_sluice(&format!(
-        r#"
-[gateway.resolve]
-"api.test" = ["{up}"]
-"secure.test" = ["{up}"]
-"other.test" = ["{decoy}"]
-"#
-    ));
+    let (lab, http_hits, decoy_hits) = lab_with_upstreams("p", "--proxy-port 8443");
+    let up = UP;
     let token_a = lab.mint("sandbox-a", &["api.test", "secure.test"], 600);
     let expired = lab.mint("sandbox-e", &["api.test"], 1);
     std::thread::sleep(Duration::from_millis(2100));

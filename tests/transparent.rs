@@ -45,11 +45,9 @@ async fn a_host_not_allowed_is_403_and_never_reaches_upstream() {
     gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
         .await;
 
-    let mut s = gw.connect_from("127.0.0.1").await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await;
     assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
     assert!(
         resp.contains("\r\nx-deny-reason: host_not_allowed\r\n"),
@@ -64,11 +62,9 @@ async fn a_port_not_allowed_is_403() {
     let gw = start(up.addr, |_| {}).await;
     // No port in the entry: only allowed_ports (80, 443) apply.
     gw.register("c1", "127.0.0.1", &["api.test"], 600).await;
-    let mut s = gw.connect_from("127.0.0.1").await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
     assert!(resp.contains("x-deny-reason: port_not_allowed"), "{resp}");
     assert_eq!(up.accepted(), 0);
 }
@@ -79,11 +75,9 @@ async fn an_unregistered_source_is_unknown_source() {
     let gw = start(up.addr, |_| {}).await;
     gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
         .await;
-    let mut s = gw.connect_from("127.0.0.2").await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    let resp = gw
+        .request_from("127.0.0.2", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
     assert!(resp.contains("x-deny-reason: unknown_source"), "{resp}");
     assert_eq!(up.accepted(), 0);
 }
@@ -95,11 +89,9 @@ async fn a_registered_token_that_expires_is_token_expired() {
     gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 1)
         .await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let mut s = gw.connect_from("127.0.0.1").await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
     assert!(resp.contains("x-deny-reason: token_expired"), "{resp}");
     assert_eq!(up.accepted(), 0);
 }
@@ -198,9 +190,7 @@ async fn a_smuggling_shaped_request_is_400() {
     let gw = start(up.addr, |_| {}).await;
     gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
         .await;
-    let mut s = gw.connect_from("127.0.0.1").await;
-    s.write_all(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await.unwrap();
-    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    let resp = gw.request_from("127.0.0.1", b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert!(resp.contains("x-deny-reason: bad_request"));
     assert_eq!(up.accepted(), 0);
@@ -304,11 +294,12 @@ async fn private_destinations_are_refused_after_resolution() {
     )
     .await;
     for host in ["internal.test", "meta.test"] {
-        let mut s = gw.connect_from("127.0.0.1").await;
-        s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+        let resp = gw
+            .request_from(
+                "127.0.0.1",
+                format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+            )
+            .await;
         assert!(
             resp.contains("x-deny-reason: private_destination"),
             "{host}: {resp}"
@@ -330,11 +321,9 @@ async fn an_unreachable_upstream_is_502() {
         600,
     )
     .await;
-    let mut s = gw.connect_from("127.0.0.1").await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_all(&mut s).await).unwrap();
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
     assert!(resp.contains("x-deny-reason: upstream_unreachable"));
 }

@@ -102,6 +102,14 @@ impl Gw {
         body
     }
 
+    /// Sends `bytes` to the transparent listener from `source` and reads
+    /// the answer to EOF.
+    pub async fn request_from(&self, source: &str, bytes: &[u8]) -> String {
+        let mut s = self.connect_from(source).await;
+        s.write_all(bytes).await.unwrap();
+        String::from_utf8_lossy(&read_all(&mut s).await).into_owned()
+    }
+
     /// Connects to the transparent listener from `source` (a 127.x address).
     pub async fn connect_from(&self, source: &str) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
