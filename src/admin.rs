@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
+use crate::identity::store::Store;
 use crate::identity::token::{MintRequest, Signer, Verifier};
 use crate::identity::{BindError, Origin, Registry, Sandbox};
 
@@ -36,6 +37,23 @@ pub struct AdminState {
     pub verifier: Arc<Verifier>,
     pub signer: Option<Signer>,
     pub admin_token: String,
+    pub store: Arc<Store>,
+}
+
+impl AdminState {
+    /// Writes the registry before a change is acknowledged.
+    fn persist(&self) -> Result<(), ApiError> {
+        self.store
+            .save(&self.registry, &self.verifier)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot persist the registry");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "persist_failed",
+                    e.to_string(),
+                )
+            })
+    }
 }
 
 /// An API error: a status, a stable reason and a human detail.
@@ -109,6 +127,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/tokens", post(mint_token))
         .route("/sandboxes", post(register).get(list))
         .route("/sandboxes/{id}", get(show).delete(unregister))
+        .route("/revocations", post(revoke))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -239,6 +258,11 @@ async fn register(
             ApiError::new(StatusCode::CONFLICT, "container_taken", e.to_string())
         }
     })?;
+    if let Err(e) = state.persist() {
+        // Not on disk, so not acknowledged: undo it.
+        state.registry.unbind(&sandbox.container_id);
+        return Err(e);
+    }
     tracing::info!(container_id = %sandbox.container_id, source_ip = %ip, "sandbox registered");
     Ok((
         StatusCode::CREATED,
@@ -290,5 +314,44 @@ async fn unregister(
         .unbind(&id)
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
     tracing::info!(container_id = %sandbox.container_id, source_ip = %sandbox.source_ip, "sandbox unregistered");
+    state.persist()?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    jti: String,
+}
+
+/// Refuses a token from now on and closes its live connections.
+async fn revoke(
+    State(state): State<Arc<AdminState>>,
+    JsonBody(req): JsonBody<RevokeRequest>,
+) -> Result<StatusCode, ApiError> {
+    let jti = req.jti.trim();
+    if jti.is_empty()
+        || jti.len() > 128
+        || !jti
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ApiError::bad_request(
+            "jti must be 1-128 letters, digits, '-' or '_'",
+        ));
+    }
+    // Kept until the token would have expired anyway: its own exp when a
+    // registered sandbox holds it, else the longest lifetime sluice mints.
+    let exp = state
+        .registry
+        .list()
+        .iter()
+        .find(|s| s.grant.claims.jti == jti)
+        .map(|s| s.grant.claims.exp)
+        .unwrap_or_else(|| crate::identity::token::now_s() + state.config.auth.max_ttl_s);
+    state.verifier.revoke(jti, exp);
+    let closed = state.registry.close_token(jti);
+    state.persist()?;
+    tracing::info!(jti, sandboxes = closed, "token revoked");
     Ok(StatusCode::NO_CONTENT)
 }

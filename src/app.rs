@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
 use crate::identity::Registry;
+use crate::identity::store::{Store, StoreError};
 use crate::identity::token::{Jwks, KeyError, KeyPair, Signer, Verifier, write_private};
 use crate::metrics::Mode;
 use crate::net::orig_dst::OrigDstSource;
@@ -33,6 +34,8 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
+    #[error("registry: {0}")]
+    Store(#[from] StoreError),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -123,6 +126,16 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         config.auth.leeway_s,
     ));
     let registry = Arc::new(Registry::new());
+    let store = Arc::new(Store::new(&config.state_dir));
+    let dropped = store.restore(&registry, &verifier)?;
+    if !registry.is_empty() || !dropped.is_empty() {
+        tracing::info!(
+            restored = registry.len(),
+            dropped = dropped.len(),
+            "registry restored"
+        );
+    }
+    store.save(&registry, &verifier)?;
     let shutdown = Shutdown::new();
     let own = vec![transparent_addr, proxy_addr, admin_addr, metrics_addr];
     let gateway = Arc::new(Gateway {
@@ -155,7 +168,15 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         verifier: Arc::clone(&verifier),
         signer: state.signer,
         admin_token: state.admin_token.clone(),
+        store: Arc::clone(&store),
     }));
+    servers.push(tokio::spawn(reaper(
+        Arc::clone(&registry),
+        Arc::clone(&verifier),
+        Arc::clone(&store),
+        config.sandbox.reap_after_s,
+        shutdown.clone(),
+    )));
     servers.push(serve_http(admin_listener, admin_router, shutdown.clone()));
     let metrics_router = Router::new().route(
         "/metrics",
@@ -189,6 +210,37 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         drain: Duration::from_millis(g.drain_timeout_ms),
         servers,
     })
+}
+
+/// Once a second: closes the connections of expired sandboxes, removes
+/// those expired past `reap_after_s`, forgets revocations of tokens that
+/// expired anyway, and writes the registry when any of that changed it.
+async fn reaper(
+    registry: Arc<Registry>,
+    verifier: Arc<Verifier>,
+    store: Arc<Store>,
+    reap_after_s: u64,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        let now = crate::identity::token::now_s();
+        let removed = registry.reap(now, verifier.leeway(), reap_after_s);
+        for s in &removed {
+            tracing::info!(container_id = %s.container_id, source_ip = %s.source_ip, "expired sandbox unregistered");
+        }
+        let purged = verifier.purge_expired(now);
+        if (!removed.is_empty() || purged)
+            && let Err(e) = store.save(&registry, &verifier)
+        {
+            tracing::error!(error = %e, "cannot persist the registry");
+        }
+    }
 }
 
 fn serve_http(

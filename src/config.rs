@@ -103,6 +103,9 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SandboxConfig {
+    /// How long a sandbox whose token expired stays registered (its
+    /// connections denied `token_expired`) before the reaper removes it.
+    pub reap_after_s: u64,
     pub runtime: String,
     pub runtime_args: Vec<String>,
     pub rootfs: PathBuf,
@@ -182,6 +185,7 @@ impl Default for MetricsConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
+            reap_after_s: 60,
             runtime: "runsc".into(),
             runtime_args: Vec::new(),
             rootfs: PathBuf::from("/srv/sandbox/rootfs"),

@@ -4,6 +4,7 @@
 //! `Arc<Sandbox>` through [`Registry::bind`], [`Registry::get`] and
 //! [`Registry::unbind`], so no map guard is ever held across an `.await`.
 
+pub mod store;
 pub mod token;
 
 use std::net::IpAddr;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -19,7 +20,7 @@ use crate::policy::Deny;
 use token::{Grant, Verifier, token_key};
 
 /// How a sandbox came to be registered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// `POST /v1/sandboxes`: started elsewhere, registered here.
@@ -153,6 +154,39 @@ impl Registry {
         drop(_w);
         sandbox.closed.cancel();
         Some(sandbox)
+    }
+
+    /// Closes the live connections of every sandbox holding the token with
+    /// this `jti` (revoked: new ones are refused by the verifier). Returns
+    /// how many sandboxes hold it.
+    pub fn close_token(&self, jti: &str) -> usize {
+        let mut n = 0;
+        for s in self.by_ip.iter().filter(|s| s.grant.claims.jti == jti) {
+            s.closed.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    /// The reaper's pass: closes the live connections of every sandbox
+    /// whose token has expired (new ones are denied `token_expired`), and
+    /// removes those expired for longer than `retention` seconds. Returns
+    /// the removed sandboxes.
+    pub fn reap(&self, now: u64, leeway: u64, retention: u64) -> Vec<Arc<Sandbox>> {
+        let mut removed = Vec::new();
+        for s in self.list() {
+            let exp = s.grant.claims.exp.saturating_add(leeway);
+            if now <= exp {
+                continue;
+            }
+            s.closed.cancel();
+            if now > exp.saturating_add(retention)
+                && let Some(gone) = self.unbind(&s.container_id)
+            {
+                removed.push(gone);
+            }
+        }
+        removed
     }
 
     pub fn list(&self) -> Vec<Arc<Sandbox>> {

@@ -13,12 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand::RngCore;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 use crate::policy::{Allowlist, Deny, HostPattern};
@@ -44,6 +46,8 @@ pub enum TokenError {
     BadSignature,
     #[error("token expired")]
     Expired,
+    #[error("token revoked")]
+    Revoked,
     #[error("token not valid yet (nbf)")]
     NotYetValid,
     #[error("token issued in the future (iat)")]
@@ -64,6 +68,7 @@ impl TokenError {
     pub fn deny(&self) -> Deny {
         match self {
             TokenError::Expired => Deny::TokenExpired,
+            TokenError::Revoked => Deny::TokenRevoked,
             _ => Deny::TokenInvalid,
         }
     }
@@ -366,12 +371,18 @@ impl Jwks {
     }
 }
 
-/// Checks tokens against a JWKS and caches what passed.
+/// Checks tokens against a JWKS and caches what passed. Owns the
+/// revocation list too, so no path can verify a token and miss it.
 pub struct Verifier {
     jwks: RwLock<Arc<Jwks>>,
     validation: Validation,
     leeway: u64,
     cache: moka::sync::Cache<[u8; 32], Arc<Grant>>,
+    /// Revoked `jti` → its `exp` (kept until then, plus leeway).
+    revoked: DashMap<String, u64>,
+    /// `jti` → cancelled when that token is revoked: live connections
+    /// holding it close.
+    watchers: DashMap<String, (u64, CancellationToken)>,
 }
 
 struct UntilExpiry {
@@ -412,7 +423,66 @@ impl Verifier {
                 .max_capacity(CACHE_CAPACITY)
                 .expire_after(UntilExpiry { leeway })
                 .build(),
+            revoked: DashMap::new(),
+            watchers: DashMap::new(),
         }
+    }
+
+    /// Refuses the token with this `jti` from now on (until `exp`), and
+    /// closes the live connections that watch it. `true` if it was new.
+    pub fn revoke(&self, jti: &str, exp: u64) -> bool {
+        let new = self.revoked.insert(jti.to_owned(), exp).is_none();
+        if let Some((_, (_, token))) = self.watchers.remove(jti) {
+            token.cancel();
+        }
+        new
+    }
+
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        self.revoked.contains_key(jti)
+    }
+
+    /// Revoked tokens not yet expired, as `(jti, exp)`.
+    pub fn revoked(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<_> = self
+            .revoked
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// A token cancelled when this grant's token is revoked.
+    pub fn watch(&self, grant: &Grant) -> CancellationToken {
+        let jti = &grant.claims.jti;
+        if self.is_revoked(jti) {
+            let t = CancellationToken::new();
+            t.cancel();
+            return t;
+        }
+        self.watchers
+            .entry(jti.clone())
+            .or_insert_with(|| (grant.claims.exp, CancellationToken::new()))
+            .1
+            .clone()
+    }
+
+    /// Forgets revocations of tokens that have expired anyway, and closes
+    /// the watchers of expired tokens. `true` if a revocation was dropped.
+    pub fn purge_expired(&self, now: u64) -> bool {
+        let before = self.revoked.len();
+        self.revoked
+            .retain(|_, exp| exp.saturating_add(self.leeway) >= now);
+        // An expired token's live proxy connections close too.
+        self.watchers.retain(|_, (exp, token)| {
+            let live = exp.saturating_add(self.leeway) >= now;
+            if !live {
+                token.cancel();
+            }
+            live
+        });
+        self.revoked.len() != before
     }
 
     pub fn jwks(&self) -> Arc<Jwks> {
@@ -440,17 +510,25 @@ impl Verifier {
 
     /// As [`verify`](Self::verify), with the cache key already computed.
     pub fn verify_keyed(&self, token: &str, key: &[u8; 32]) -> Result<Arc<Grant>, TokenError> {
-        if let Some(grant) = self.cache.get(key) {
-            ::metrics::counter!(m::CLAIMS_CACHE_HITS).increment(1);
-            if grant.expired_at(now_s(), self.leeway) {
-                self.cache.invalidate(key);
-                return Err(TokenError::Expired);
+        let grant = match self.cache.get(key) {
+            Some(grant) => {
+                ::metrics::counter!(m::CLAIMS_CACHE_HITS).increment(1);
+                if grant.expired_at(now_s(), self.leeway) {
+                    self.cache.invalidate(key);
+                    return Err(TokenError::Expired);
+                }
+                grant
             }
-            return Ok(grant);
+            None => {
+                ::metrics::counter!(m::CLAIMS_CACHE_MISSES).increment(1);
+                let grant = Arc::new(self.verify_uncached(token)?);
+                self.cache.insert(*key, Arc::clone(&grant));
+                grant
+            }
+        };
+        if !self.revoked.is_empty() && self.revoked.contains_key(&grant.claims.jti) {
+            return Err(TokenError::Revoked);
         }
-        ::metrics::counter!(m::CLAIMS_CACHE_MISSES).increment(1);
-        let grant = Arc::new(self.verify_uncached(token)?);
-        self.cache.insert(*key, Arc::clone(&grant));
         Ok(grant)
     }
 

@@ -220,6 +220,8 @@ async fn end_session(conn: &Conn, session: Session, wait: Option<Duration>, end:
 enum NextHead {
     Head(RequestHead),
     Eof,
+    /// The token of the previous request was revoked meanwhile.
+    Revoked,
     Invalid(Deny),
     TimedOut,
 }
@@ -271,9 +273,22 @@ async fn serve(conn: &Conn) {
     let mut session: Option<Session> = None;
     let mut deadline = tokio::time::Instant::now() + Duration::from_millis(g.peek_timeout_ms);
     let mut first = true;
+    // Cancelled when the token of the last request is revoked: the
+    // connection (and the response it may be streaming) closes.
+    let mut revoked = tokio_util::sync::CancellationToken::new();
     loop {
-        let head = match next_head(&conn.client, &mut buf, max_head, deadline).await {
+        let next = tokio::select! {
+            next = next_head(&conn.client, &mut buf, max_head, deadline) => next,
+            _ = revoked.cancelled() => NextHead::Revoked,
+        };
+        let head = match next {
             NextHead::Head(h) => h,
+            NextHead::Revoked => {
+                if let Some(s) = session.take() {
+                    end_session(conn, s, None, "revoked").await;
+                }
+                return;
+            }
             NextHead::Eof => {
                 if let Some(s) = session.take() {
                     end_session(conn, s, Some(idle), "closed").await;
@@ -325,6 +340,7 @@ async fn serve(conn: &Conn) {
             }
         };
         let container = grant.claims.container_id.clone();
+        revoked = conn.gw.verifier.watch(&grant);
         let port = match (head.connect, head.absolute_form && !head.https) {
             (true, _) => head.port.unwrap_or(443),
             (false, true) => head.port.unwrap_or(80),
@@ -352,7 +368,7 @@ async fn serve(conn: &Conn) {
             if let Some(s) = session.take() {
                 end_session(conn, s, None, "closed").await;
             }
-            return tunnel(conn, head, container, port, buf).await;
+            return tunnel(conn, head, grant, port, buf).await;
         }
 
         // Absolute-form: reuse the session for the same authority, else
@@ -467,9 +483,15 @@ async fn serve(conn: &Conn) {
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             };
-            let never = tokio_util::sync::CancellationToken::new();
-            let end =
-                relay::run_pair(up, down, &s.traffic, idle, &never, conn.gw.shutdown.hard()).await;
+            let end = relay::run_pair(
+                up,
+                down,
+                &s.traffic,
+                idle,
+                &revoked,
+                conn.gw.shutdown.hard(),
+            )
+            .await;
             end_session(conn, s, None, end.as_str()).await;
             return;
         }
@@ -479,7 +501,8 @@ async fn serve(conn: &Conn) {
 
 /// `CONNECT`: dial, answer 200, then relay raw both ways (bytes the client
 /// sent after the CONNECT head go first).
-async fn tunnel(conn: &Conn, head: RequestHead, container: String, port: u16, mut buf: Vec<u8>) {
+async fn tunnel(conn: &Conn, head: RequestHead, grant: Arc<Grant>, port: u16, mut buf: Vec<u8>) {
+    let container = grant.claims.container_id.clone();
     let started = Instant::now();
     let (upstream, addr) = match conn.dial(&head.host, port).await {
         Ok(u) => u,
@@ -520,13 +543,14 @@ async fn tunnel(conn: &Conn, head: RequestHead, container: String, port: u16, mu
         );
         async move { relay::one_way(&u, &c, &t.to_client, &t).await }
     };
-    let never = tokio_util::sync::CancellationToken::new();
+    // Revoking the token closes the tunnel.
+    let revoked = conn.gw.verifier.watch(&grant);
     let end = relay::run_pair(
         up,
         down,
         &traffic,
         Duration::from_millis(g.idle_timeout_ms),
-        &never,
+        &revoked,
         conn.gw.shutdown.hard(),
     )
     .await;

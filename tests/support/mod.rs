@@ -44,7 +44,15 @@ pub fn test_config(dir: &std::path::Path) -> Config {
 }
 
 pub async fn start(orig: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Gw {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), orig, tweak).await
+}
+
+/// A gateway on an existing state directory (a restart).
+pub async fn start_in(
+    dir: tempfile::TempDir,
+    orig: SocketAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> Gw {
     let mut config = test_config(dir.path());
     tweak(&mut config);
     let running = sluice::app::run(

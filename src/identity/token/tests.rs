@@ -371,3 +371,32 @@ fn key_pairs_round_trip_through_files() {
     // Writing again does not overwrite a private key.
     assert!(pair.write(dir.path()).is_err());
 }
+
+#[test]
+fn revoked_tokens_are_refused_and_their_watchers_cancelled() {
+    let f = fixture();
+    let minted = f.signer.mint(&request(&["a.test"])).unwrap();
+    let grant = f.verifier.verify(&minted.token).unwrap();
+    let watch = f.verifier.watch(&grant);
+    assert!(!watch.is_cancelled());
+    assert!(f.verifier.revoke(&minted.claims.jti, minted.claims.exp));
+    assert!(
+        !f.verifier.revoke(&minted.claims.jti, minted.claims.exp),
+        "twice is not new"
+    );
+    assert!(watch.is_cancelled());
+    // From the cache and uncached alike.
+    assert!(matches!(
+        f.verifier.verify(&minted.token),
+        Err(TokenError::Revoked)
+    ));
+    assert_eq!(TokenError::Revoked.deny(), Deny::TokenRevoked);
+    assert!(f.verifier.watch(&grant).is_cancelled());
+    // Another token is untouched.
+    let other = f.signer.mint(&request(&["a.test"])).unwrap();
+    assert!(f.verifier.verify(&other.token).is_ok());
+    // Once the token has expired anyway, the revocation is forgotten.
+    assert!(!f.verifier.purge_expired(now_s()));
+    assert!(f.verifier.purge_expired(minted.claims.exp + 1));
+    assert!(f.verifier.revoked().is_empty());
+}

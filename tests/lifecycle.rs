@@ -1,0 +1,262 @@
+//! Registrations over time: revocation, expiry and the reaper, and a
+//! registry that survives restarts (clean, and kill -9 of the binary).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn revocation_refuses_the_token_and_closes_its_connections() {
+    let up = raw_upstream(b"ok", 1).await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[
+            &format!("api.example.test:{port}"),
+            &format!("api.test:{port}"),
+        ],
+        600,
+    )
+    .await;
+    let (_, listed) = gw.admin("GET", "/v1/sandboxes/c1", None).await;
+    let jti = listed["jti"].as_str().unwrap().to_owned();
+
+    let mut live = gw.connect_from("127.0.0.1").await;
+    live.write_all(&capture("clienthello-curl.bin"))
+        .await
+        .unwrap();
+    let mut b = [0u8; 2];
+    live.read_exact(&mut b).await.unwrap();
+
+    for bad in [
+        json!({}),
+        json!({"jti": ""}),
+        json!({"jti": "a/b"}),
+        json!({"jti": "x", "more": 1}),
+    ] {
+        let (status, _) = gw.admin("POST", "/v1/revocations", Some(bad)).await;
+        assert_eq!(status, 400);
+    }
+    let (status, _) = gw
+        .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
+        .await;
+    assert_eq!(status, 204);
+    let started = Instant::now();
+    assert!(read_all(&mut live).await.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
+    assert!(resp.contains("x-deny-reason: token_revoked"), "{resp}");
+}
+
+#[tokio::test]
+async fn revoked_proxy_tokens_are_407_and_their_tunnels_close() {
+    let up = raw_upstream(b"ok", 1).await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let (_, minted) = gw
+        .admin("POST", "/v1/tokens", Some(json!({"container_id": "p1", "user_id": "u", "allowed_hosts": [format!("secure.test:{port}")]})))
+        .await;
+    let token = minted["token"].as_str().unwrap();
+    let mut tunnel = tokio::net::TcpStream::connect(gw.running.proxy_addr)
+        .await
+        .unwrap();
+    tunnel
+        .write_all(format!("CONNECT secure.test:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\nx").as_bytes())
+        .await
+        .unwrap();
+    let mut got = vec![0u8; "HTTP/1.1 200 Connection established\r\n\r\nok".len()];
+    tunnel.read_exact(&mut got).await.unwrap();
+
+    let (status, _) = gw
+        .admin(
+            "POST",
+            "/v1/revocations",
+            Some(json!({"jti": minted["jti"]})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert!(read_all(&mut tunnel).await.is_empty());
+
+    let mut s = tokio::net::TcpStream::connect(gw.running.proxy_addr)
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "CONNECT secure.test:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let resp = String::from_utf8_lossy(&read_all(&mut s).await).into_owned();
+    assert!(
+        resp.starts_with("HTTP/1.1 407") && resp.contains("x-deny-reason: token_revoked"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn expiry_closes_connections_then_the_reaper_unregisters() {
+    let up = raw_upstream(b"ok", 1).await;
+    let gw = start(up.addr, |c| c.sandbox.reap_after_s = 2).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.example.test:{}", up.addr.port())],
+        2,
+    )
+    .await;
+    let mut live = gw.connect_from("127.0.0.1").await;
+    live.write_all(&capture("clienthello-curl.bin"))
+        .await
+        .unwrap();
+    let mut b = [0u8; 2];
+    live.read_exact(&mut b).await.unwrap();
+    // Closed within a couple of seconds of expiry.
+    let started = Instant::now();
+    assert!(read_all(&mut live).await.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // Still listed (denied token_expired) until reap_after_s has passed.
+    let (_, body) = gw.admin("GET", "/v1/sandboxes", None).await;
+    assert_eq!(body["sandboxes"].as_array().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, body) = gw.admin("GET", "/v1/sandboxes", None).await;
+    assert!(body["sandboxes"].as_array().unwrap().is_empty(), "{body}");
+}
+
+#[tokio::test]
+async fn registrations_and_revocations_survive_a_restart() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let host = format!("api.test:{}", up.addr.port());
+    gw.register("keep", "127.0.0.1", &[&host], 600).await;
+    gw.register("gone", "127.0.0.3", &[&host], 600).await;
+    gw.register("revoked", "127.0.0.4", &[&host], 600).await;
+    let (status, _) = gw.admin("DELETE", "/v1/sandboxes/gone", None).await;
+    assert_eq!(status, 204);
+    let (_, r) = gw.admin("GET", "/v1/sandboxes/revoked", None).await;
+    let (status, _) = gw
+        .admin("POST", "/v1/revocations", Some(json!({"jti": r["jti"]})))
+        .await;
+    assert_eq!(status, 204);
+
+    let Gw { running, dir } = gw;
+    running.shutdown().await;
+    let gw = start_in(dir, up.addr, |_| {}).await;
+    let (_, body) = gw.admin("GET", "/v1/sandboxes", None).await;
+    let ids: Vec<&str> = body["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["container_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["keep", "revoked"]);
+    let resp = gw
+        .request_from("127.0.0.4", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
+    assert!(resp.contains("x-deny-reason: token_revoked"), "{resp}");
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+}
+
+/// `sluice serve` as a process: what the API acknowledged is there after
+/// SIGKILL and a restart.
+#[test]
+fn a_kill_minus_nine_loses_no_acknowledged_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    let admin_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let serve = || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let wait_up = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "sluice did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let token = || {
+        std::fs::read_to_string(dir.path().join("state/admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+
+    let mut child = serve();
+    wait_up();
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        let t = token();
+        let (status, minted) = rt.block_on(admin_request(addr, "POST", "/v1/tokens", Some(json!({"container_id": format!("c{i}"), "user_id": "u", "allowed_hosts": ["a.test"]})), Some(&t)));
+        assert_eq!(status, 201);
+        let (status, _) = rt.block_on(admin_request(
+            addr,
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"source_ip": format!("198.18.0.{}", i + 2), "token": minted["token"]})),
+            Some(&t),
+        ));
+        assert_eq!(status, 201);
+        acknowledged.push(format!("c{i}"));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let mut child = serve();
+    wait_up();
+    let (_, body) = rt.block_on(admin_request(
+        addr,
+        "GET",
+        "/v1/sandboxes",
+        None,
+        Some(&token()),
+    ));
+    let mut ids: Vec<String> = body["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["container_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    acknowledged.sort();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(ids, acknowledged);
+}
