@@ -3,7 +3,7 @@
 # interface (or one IPv4 subnet), or undoes it. Idempotent: `apply` twice
 # leaves one set of rules, `remove` on a clean namespace does nothing.
 #
-#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001] [--proxy-port 8443]
+#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001] [--proxy-port 8443] [--source IP]
 #   sluice-gateway.sh apply  --subnet 198.18.0.0/24 [--port 15001]
 #   sluice-gateway.sh remove --iface veth-sb0
 #   sluice-gateway.sh status --iface veth-sb0
@@ -18,7 +18,10 @@
 #     subnet cannot name IPv6 sources; use --iface to cover IPv6);
 #   - with --proxy-port, TCP to that port on the gateway's own addresses is
 #     let through unredirected: sluice's explicit proxy, for sandboxes that
-#     use HTTP_PROXY / HTTPS_PROXY.
+#     use HTTP_PROXY / HTTPS_PROXY;
+#   - with --source (--iface only), anything from the interface whose
+#     source is not that one address is dropped before conntrack or NAT
+#     see it: a sandbox cannot borrow a neighbour's identity.
 # Replies to connections sluice accepted pass (conntrack ESTABLISHED).
 # Each interface or subnet gets its own chains, named after it, so several
 # sandboxes' rules live side by side and are removed one by one.
@@ -32,13 +35,14 @@ usage() {
 [[ $# -ge 1 ]] || usage
 action=$1
 shift
-iface="" subnet="" port=15001 proxy_port=""
+iface="" subnet="" port=15001 proxy_port="" source=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --iface) iface=${2:?--iface needs a value}; shift 2 ;;
         --subnet) subnet=${2:?--subnet needs a value}; shift 2 ;;
         --port) port=${2:?--port needs a value}; shift 2 ;;
         --proxy-port) proxy_port=${2:?--proxy-port needs a value}; shift 2 ;;
+        --source) source=${2:?--source needs a value}; shift 2 ;;
         -h|--help) usage ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
@@ -51,6 +55,10 @@ fi
 for p in "$port" ${proxy_port:+"$proxy_port"}; do
     [[ $p =~ ^[0-9]+$ ]] && ((p > 0 && p < 65536)) || { echo "bad port: $p" >&2; exit 2; }
 done
+if [[ -n $source ]]; then
+    [[ -n $iface ]] || { echo "--source goes with --iface" >&2; exit 2; }
+    [[ $source =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || { echo "bad --source: $source" >&2; exit 2; }
+fi
 if [[ -n $iface ]]; then
     [[ $iface =~ ^[A-Za-z0-9_.@-]{1,15}$ ]] || { echo "bad interface name: $iface" >&2; exit 2; }
     match=(-i "$iface")
@@ -61,6 +69,7 @@ else
     # Chain names allow 28 characters: the subnet's digits make the tag.
     tag=$(echo "$subnet" | tr './' '_-')
 fi
+raw="SL-RAW-$tag"
 pre="SL-PRE-$tag"
 in="SL-IN-$tag"
 fwd="SL-FWD-$tag"
@@ -79,6 +88,7 @@ drop_chain() {
 }
 
 remove() {
+    drop_chain iptables raw PREROUTING "$raw" "${match[@]}"
     drop_chain iptables nat PREROUTING "$pre" "${match[@]}"
     drop_chain iptables filter INPUT "$in" "${match[@]}"
     drop_chain iptables filter FORWARD "$fwd" "${match[@]}"
@@ -90,6 +100,11 @@ remove() {
 
 apply() {
     remove
+    if [[ -n $source ]]; then
+        iptables -w -t raw -N "$raw"
+        iptables -w -t raw -A "$raw" ! -s "$source" -j DROP
+        iptables -w -t raw -I PREROUTING 1 "${match[@]}" -j "$raw"
+    fi
     iptables -w -t nat -N "$pre"
     if [[ -n $proxy_port ]]; then
         iptables -w -t nat -A "$pre" -p tcp --dport "$proxy_port" -m addrtype --dst-type LOCAL -j RETURN
@@ -124,6 +139,7 @@ apply() {
 }
 
 status() {
+    iptables -w -t raw -S "$raw" 2>/dev/null || echo "no $raw chain"
     iptables -w -t nat -S "$pre" 2>/dev/null || echo "no $pre chain"
     iptables -w -S "$in" 2>/dev/null || echo "no $in chain"
     iptables -w -S "$fwd" 2>/dev/null || echo "no $fwd chain"

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::identity::store::Store;
 use crate::identity::token::{MintRequest, Signer, Verifier};
 use crate::identity::{BindError, Origin, Registry, Sandbox};
+use crate::sandbox::{LaunchError, LaunchRequest, Sandboxes};
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -35,9 +36,10 @@ pub struct AdminState {
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
     pub verifier: Arc<Verifier>,
-    pub signer: Option<Signer>,
+    pub signer: Option<Arc<Signer>>,
     pub admin_token: String,
     pub store: Arc<Store>,
+    pub sandboxes: Arc<Sandboxes>,
 }
 
 impl AdminState {
@@ -126,7 +128,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/tokens", post(mint_token))
         .route("/sandboxes", post(register).get(list))
+        .route("/sandboxes/launch", post(launch))
         .route("/sandboxes/{id}", get(show).delete(unregister))
+        .route("/sandboxes/{id}/exec", post(exec))
         .route("/revocations", post(revoke))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -305,17 +309,74 @@ async fn show(
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
 }
 
+impl From<LaunchError> for ApiError {
+    fn from(e: LaunchError) -> ApiError {
+        let status = match &e {
+            LaunchError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            LaunchError::NotFound => StatusCode::NOT_FOUND,
+            LaunchError::NotLaunched(_) => StatusCode::CONFLICT,
+            LaunchError::Unavailable(_) | LaunchError::Exhausted(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            LaunchError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            LaunchError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.reason(), e.to_string())
+    }
+}
+
+/// Unregisters a sandbox (and stops it, if sluice launched it); its live
+/// connections close.
 async fn unregister(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let sandbox = state
-        .registry
-        .unbind(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
-    tracing::info!(container_id = %sandbox.container_id, source_ip = %sandbox.source_ip, "sandbox unregistered");
-    state.persist()?;
+    state.sandboxes.destroy(&id).await.map_err(|e| match e {
+        LaunchError::NotFound => ApiError::not_found(format!("no sandbox {id:?}")),
+        other => other.into(),
+    })?;
+    tracing::info!(container_id = %id, "sandbox unregistered");
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn launch(
+    State(state): State<Arc<AdminState>>,
+    JsonBody(req): JsonBody<LaunchRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let launched = state.sandboxes.launch(req).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "container_id": launched.container_id,
+            "source_ip": launched.source_ip,
+            "token": launched.token,
+            "expires_at": launched.expires_at,
+        })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecRequest {
+    command: Vec<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn exec(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ExecRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let out = state
+        .sandboxes
+        .exec(&id, req.command, req.timeout_ms)
+        .await?;
+    Ok(Json(json!({
+        "exit_code": out.exit_code,
+        "stdout": out.stdout,
+        "stderr": out.stderr,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -26,6 +26,7 @@ use crate::metrics::Mode;
 use crate::net::orig_dst::OrigDstSource;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::{Gateway, accept_loop};
+use crate::sandbox::{Runsc, Sandboxes};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,22 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         limit: Arc::new(Semaphore::new(g.max_connections)),
     });
 
+    let signer = state.signer.map(Arc::new);
+    let sandboxes = Arc::new(Sandboxes::new(
+        Arc::clone(&config),
+        Arc::clone(&registry),
+        Arc::clone(&verifier),
+        signer.clone(),
+        Arc::clone(&store),
+        Arc::new(Runsc::new(
+            Arc::clone(&config),
+            transparent_addr.port(),
+            proxy_addr.port(),
+        )),
+        proxy_addr.port(),
+    ));
+    sandboxes.reconcile(&dropped).await;
+
     let mut servers = Vec::new();
     servers.push(tokio::spawn(accept_loop(
         transparent,
@@ -166,11 +183,13 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         config: Arc::clone(&config),
         registry: Arc::clone(&registry),
         verifier: Arc::clone(&verifier),
-        signer: state.signer,
+        signer,
         admin_token: state.admin_token.clone(),
         store: Arc::clone(&store),
+        sandboxes: Arc::clone(&sandboxes),
     }));
     servers.push(tokio::spawn(reaper(
+        Arc::clone(&sandboxes),
         Arc::clone(&registry),
         Arc::clone(&verifier),
         Arc::clone(&store),
@@ -216,6 +235,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 /// those expired past `reap_after_s`, forgets revocations of tokens that
 /// expired anyway, and writes the registry when any of that changed it.
 async fn reaper(
+    sandboxes: Arc<Sandboxes>,
     registry: Arc<Registry>,
     verifier: Arc<Verifier>,
     store: Arc<Store>,
@@ -230,12 +250,9 @@ async fn reaper(
             _ = shutdown.stopping() => return,
         }
         let now = crate::identity::token::now_s();
-        let removed = registry.reap(now, verifier.leeway(), reap_after_s);
-        for s in &removed {
-            tracing::info!(container_id = %s.container_id, source_ip = %s.source_ip, "expired sandbox unregistered");
-        }
+        let removed = sandboxes.reap(now, reap_after_s).await;
         let purged = verifier.purge_expired(now);
-        if (!removed.is_empty() || purged)
+        if (removed || purged)
             && let Err(e) = store.save(&registry, &verifier)
         {
             tracing::error!(error = %e, "cannot persist the registry");

@@ -110,6 +110,23 @@ pub struct SandboxConfig {
     pub runtime_args: Vec<String>,
     pub rootfs: PathBuf,
     pub subnet: IpNet,
+    /// The rules script applied to each launched sandbox's veth.
+    pub rules_script: PathBuf,
+    /// Per-user bind mounts: `<user_data_dir>/<user_id>/uploads` (read-only)
+    /// and `.../outputs` (read-write), when set.
+    pub user_data_dir: Option<PathBuf>,
+    /// Capabilities kept in launched sandboxes (all others are dropped).
+    pub capabilities: Vec<String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub tmp_size_bytes: u64,
+    pub default_memory_bytes: u64,
+    pub max_memory_bytes: u64,
+    pub default_cpu_millis: u64,
+    pub max_cpu_millis: u64,
+    pub default_pids_limit: i64,
+    pub max_pids_limit: i64,
+    pub max_ttl_s: u64,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -192,6 +209,19 @@ impl Default for SandboxConfig {
             subnet: "10.213.0.0/16"
                 .parse()
                 .unwrap_or_else(|_| unreachable!("embedded default subnet")),
+            rules_script: PathBuf::from("/usr/local/lib/sluice/sluice-gateway.sh"),
+            user_data_dir: None,
+            capabilities: Vec::new(),
+            uid: 65534,
+            gid: 65534,
+            tmp_size_bytes: 64 << 20,
+            default_memory_bytes: 512 << 20,
+            max_memory_bytes: 8 << 30,
+            default_cpu_millis: 1000,
+            max_cpu_millis: 8000,
+            default_pids_limit: 256,
+            max_pids_limit: 8192,
+            max_ttl_s: 24 * 3600,
         }
     }
 }
@@ -294,8 +324,49 @@ impl Config {
         if self.auth.max_ttl_s == 0 {
             err("auth.max_ttl_s", "must be greater than 0".into());
         }
-        if self.sandbox.runtime.is_empty() {
+        let sb = &self.sandbox;
+        if sb.runtime.is_empty() {
             err("sandbox.runtime", "must not be empty".into());
+        }
+        match sb.subnet {
+            IpNet::V4(n) if n.prefix_len() <= 30 => {}
+            _ => err(
+                "sandbox.subnet",
+                "must be an IPv4 subnet of /30 or larger".into(),
+            ),
+        }
+        for (key, default, max) in [
+            (
+                "sandbox.default_memory_bytes",
+                sb.default_memory_bytes,
+                sb.max_memory_bytes,
+            ),
+            (
+                "sandbox.default_cpu_millis",
+                sb.default_cpu_millis,
+                sb.max_cpu_millis,
+            ),
+            (
+                "sandbox.default_pids_limit",
+                u64::try_from(sb.default_pids_limit).unwrap_or(0),
+                u64::try_from(sb.max_pids_limit).unwrap_or(0),
+            ),
+        ] {
+            if default == 0 || default > max {
+                err(key, "must be positive and not above its maximum".into());
+            }
+        }
+        for cap in &sb.capabilities {
+            if !cap.starts_with("CAP_")
+                || !cap[4..]
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'_')
+            {
+                err(
+                    "sandbox.capabilities",
+                    format!("{cap:?} is not a capability name (CAP_...)"),
+                );
+            }
         }
         if errors.is_empty() {
             Ok(())

@@ -29,12 +29,25 @@ pub enum Origin {
     Launched,
 }
 
+/// Where a launched sandbox's pieces are, so they can be found again
+/// (after a restart too) and removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRecord {
+    pub netns: String,
+    pub host_veth: String,
+    pub bundle: std::path::PathBuf,
+    pub gateway_ip: std::net::Ipv4Addr,
+}
+
 /// One registered sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
     pub container_id: String,
     pub source_ip: IpAddr,
     pub origin: Origin,
+    /// Set for sandboxes sluice launched.
+    pub launch: Option<LaunchRecord>,
     pub token: String,
     token_key: [u8; 32],
     /// The grant verified at registration; connections re-check it through
@@ -52,6 +65,7 @@ impl Sandbox {
             container_id: grant.claims.container_id.clone(),
             source_ip: source_ip.to_canonical(),
             origin,
+            launch: None,
             token_key: token_key(&token),
             token,
             grant,
@@ -59,6 +73,13 @@ impl Sandbox {
             live: AtomicUsize::new(0),
             closed: CancellationToken::new(),
         }
+    }
+
+    /// A launched sandbox, with where its pieces are.
+    pub fn launched(mut self, record: LaunchRecord) -> Sandbox {
+        self.origin = Origin::Launched;
+        self.launch = Some(record);
+        self
     }
 
     /// The sandbox's current grant: its token verified again (from the

@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod sandbox;
 pub mod shutdown;

@@ -262,7 +262,7 @@ fn transparent_gateway_end_to_end() {
     // The counters match what the test did.
     let page = lab.metrics();
     let series = |protocol: &str, decision: &str, reason: &str| {
-        netns::metric(
+        support::metric(
             &page,
             &format!(
                 r#"sluice_connections_total{{mode="transparent",protocol="{protocol}",decision="{decision}",reason="{reason}"}}"#
@@ -276,12 +276,12 @@ fn transparent_gateway_end_to_end() {
     assert_eq!(series("http", "deny", "unknown_source"), 1.0, "{page}");
     assert_eq!(series("http", "deny", "token_expired"), 1.0, "{page}");
     assert_eq!(
-        netns::metric(&page, "sluice_registered_sandboxes"),
+        support::metric(&page, "sluice_registered_sandboxes"),
         2.0,
         "{page}"
     );
     assert!(
-        netns::metric(
+        support::metric(
             &page,
             r#"sluice_bytes_total{direction="upstream_to_client"}"#
         ) >= netns::BIG as f64
@@ -493,7 +493,7 @@ fn explicit_proxy_end_to_end() {
 
     let page = lab.metrics();
     let series = |protocol: &str, decision: &str, reason: &str| {
-        netns::metric(
+        support::metric(
             &page,
             &format!(
                 r#"sluice_connections_total{{mode="proxy",protocol="{protocol}",decision="{decision}",reason="{reason}"}}"#

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::token::{Verifier, now_s};
-use super::{Origin, Registry, Sandbox};
+use super::{LaunchRecord, Origin, Registry, Sandbox};
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -25,6 +25,8 @@ pub struct SandboxRecord {
     pub source_ip: IpAddr,
     pub token: String,
     pub origin: Origin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +116,7 @@ impl Store {
                     source_ip: s.source_ip,
                     token: s.token.clone(),
                     origin: s.origin,
+                    launch: s.launch.clone(),
                 })
                 .collect(),
             revoked: verifier
@@ -160,8 +163,11 @@ impl Store {
                     continue;
                 }
             };
-            let sandbox =
+            let mut sandbox =
                 Sandbox::new(record.source_ip, record.token.clone(), grant, record.origin);
+            if let Some(launch) = &record.launch {
+                sandbox = sandbox.launched(launch.clone());
+            }
             if let Err(e) = registry.bind(sandbox) {
                 tracing::warn!(container_id = %record.container_id, error = %e, "not restoring a registration");
                 dropped.push(record);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-pub use crate::support::{metric, pattern};
+pub use crate::support::pattern;
 
 pub const BIG: usize = 100 * 1024 * 1024;
 
@@ -78,6 +78,8 @@ pub struct Lab {
     pub gw_if: String,
     pub dir: tempfile::TempDir,
     children: Vec<Child>,
+    sluice: Option<Child>,
+    sluice_config: PathBuf,
     sluice_log: PathBuf,
 }
 
@@ -114,6 +116,8 @@ impl Lab {
             id: id.clone(),
             dir: tempfile::tempdir().unwrap(),
             children: Vec::new(),
+            sluice: None,
+            sluice_config: PathBuf::new(),
             sluice_log: PathBuf::new(),
         };
         // From here on a panic drops `lab`, which cleans up.
@@ -259,7 +263,7 @@ impl Lab {
                 r#"state_dir = "{}"
 [gateway]
 transparent_listen = "0.0.0.0:15001"
-proxy_listen = "198.18.0.1:8443"
+proxy_listen = "0.0.0.0:8443"
 allow_destinations = ["198.18.0.0/15"]
 peek_timeout_ms = 3000
 [auth]
@@ -274,19 +278,53 @@ listen = "127.0.0.1:9090"
         )
         .unwrap();
         self.sluice_log = self.dir.path().join("sluice.log");
-        let gw = self.gw.clone();
-        let log = self.sluice_log.clone();
-        self.spawn(
-            &gw,
-            &[
+        self.sluice_config = config;
+        self.restart_sluice();
+    }
+
+    /// Starts (again) `sluice serve` on the same config and state.
+    pub fn restart_sluice(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.sluice_log)
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", Self::ns_path(&self.gw)))
+            .args([
                 env!("CARGO_BIN_EXE_sluice"),
                 "serve",
                 "--config",
-                config.to_str().unwrap(),
-            ],
-            Some(&log),
-        );
+                self.sluice_config.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.sluice = Some(child);
+        let gw = self.gw.clone();
         self.wait_port(&gw, "127.0.0.1:9080");
+    }
+
+    /// SIGKILLs sluice (nsenter execs it, so the child is sluice itself).
+    pub fn kill_sluice(&mut self) {
+        if let Some(mut child) = self.sluice.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let gw = self.gw.clone();
+        let gone = Self::in_ns(&gw, || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect("127.0.0.1:9080").is_ok() {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            true
+        });
+        assert!(gone, "sluice did not die");
     }
 
     pub fn sluice_log(&self) -> String {
@@ -347,6 +385,16 @@ listen = "127.0.0.1:9090"
     }
 
     pub fn admin(&self, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        self.admin_status(method, path, body).1
+    }
+
+    /// An admin call: its status and its JSON answer (null when empty).
+    pub fn admin_status(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
         let auth = format!("Authorization: Bearer {}", self.admin_token());
         let url = format!("http://127.0.0.1:9080{path}");
         let body = body.to_string();
@@ -362,11 +410,19 @@ listen = "127.0.0.1:9090"
                 "Content-Type: application/json",
                 "-d",
                 &body,
+                "-w",
+                "\n%{http_code}",
                 &url,
             ],
         );
         assert_eq!(r.code, 0, "{r:?}");
-        serde_json::from_str(&r.stdout).unwrap_or_else(|_| panic!("{path}: {r:?}"))
+        let (json, code) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+        let value = if json.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(json).unwrap_or_else(|_| panic!("{path}: {r:?}"))
+        };
+        (code.trim().parse().unwrap_or(0), value)
     }
 
     pub fn mint(&self, container: &str, hosts: &[&str], ttl: u64) -> String {
@@ -398,6 +454,62 @@ listen = "127.0.0.1:9090"
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some(mut child) = self.sluice.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Containers sluice launched, and their namespaces, even if the test
+        // failed before destroying them. runsc is reached from inside each
+        // sandbox's namespace (its control socket is namespaced).
+        let root = self.dir.path().join("state/runsc");
+        let registry = std::fs::read_to_string(self.dir.path().join("state/registry.json"))
+            .unwrap_or_default();
+        let registry: serde_json::Value = serde_json::from_str(&registry).unwrap_or_default();
+        for s in registry["sandboxes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let (Some(id), Some(ns)) = (s["container_id"].as_str(), s["launch"]["netns"].as_str())
+            else {
+                continue;
+            };
+            for args in [vec!["kill", id, "KILL"], vec!["delete", "--force", id]] {
+                let _ = Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .arg("runsc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        // Any sandbox namespace the registry no longer names (a launch cut
+        // short): sl- and ten hex digits is the launcher's pattern.
+        if root.exists() {
+            for entry in std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.len() == 13
+                    && name.starts_with("sl-")
+                    && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    let _ = Command::new("ip")
+                        .args(["netns", "del", &name])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
         for child in &mut self.children {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
