@@ -292,3 +292,74 @@ async fn metrics_are_served_with_the_contract_names() {
         assert!(page.contains(name), "{name} missing:\n{page}");
     }
 }
+
+#[tokio::test]
+async fn launching_without_a_runtime_or_rootfs_is_503_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
+    for (what, runtime, root) in [
+        ("runtime", "/nonexistent/runsc", rootfs.clone()),
+        ("rootfs", "sh", dir.path().join("no-such-rootfs")),
+    ] {
+        let (runtime, root) = (runtime.to_owned(), root.clone());
+        let gw = start("127.0.0.1:9".parse().unwrap(), move |c| {
+            c.sandbox.runtime = runtime;
+            c.sandbox.rootfs = root;
+            c.sandbox.rules_script = script.into();
+            c.sandbox.subnet = "198.18.9.0/30".parse().unwrap();
+        })
+        .await;
+        let req = json!({"user_id": "u", "allowed_hosts": ["a.test"], "command": ["sleep", "1"]});
+        for _ in 0..3 {
+            // Three tries on a /30 (one sandbox address): the address is
+            // released each time, or the second would be subnet_exhausted.
+            let (status, body) = gw
+                .admin("POST", "/v1/sandboxes/launch", Some(req.clone()))
+                .await;
+            assert_eq!(status, 503, "{what}: {body}");
+            assert_eq!(body["error"], "runtime_unavailable", "{what}: {body}");
+        }
+        let (_, body) = gw.admin("GET", "/v1/sandboxes", None).await;
+        assert!(
+            body["sandboxes"].as_array().unwrap().is_empty(),
+            "{what}: {body}"
+        );
+        let saved = std::fs::read_to_string(gw.dir.path().join("registry.json")).unwrap();
+        assert!(!saved.contains("sb-"), "{what}: {saved}");
+    }
+}
+
+#[tokio::test]
+async fn exec_needs_a_launched_sandbox() {
+    let gw = gw().await;
+    gw.register("reg", "198.18.0.2", &["api.test"], 600).await;
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes/reg/exec",
+            Some(json!({"command": ["id"]})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("not_launched"))
+    );
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes/nope/exec",
+            Some(json!({"command": ["id"]})),
+        )
+        .await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    let (status, _) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes/reg/exec",
+            Some(json!({"command": ["id"], "shell": true})),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
