@@ -12,6 +12,7 @@ pub mod app;
 pub mod audit;
 pub mod config;
 pub mod identity;
+pub mod invariants;
 pub mod metrics;
 pub mod net;
 pub mod policy;

@@ -1,0 +1,63 @@
+//! The properties every parser of untrusted bytes must keep, as functions
+//! that panic when one is broken. The fuzz targets (`fuzz/`) and the corpus
+//! replay in the test suite (`tests/fuzz_corpus.rs`) both call these, so
+//! the fuzzer and CI check the same things.
+
+use crate::policy::{Allowlist, Host, HostPattern, split_authority};
+use crate::proxy::sniff::{
+    ChunkProgress, ChunkedState, Parsed, classify, parse_client_hello, parse_request_head,
+};
+
+/// A ClientHello parse never panics and names only normalised hosts.
+pub fn client_hello(data: &[u8]) {
+    if let Parsed::Found(hello) = parse_client_hello(data, 16 * 1024) {
+        let name = hello.sni.as_str();
+        assert_eq!(name, name.to_ascii_lowercase());
+        assert!(!name.ends_with('.'));
+    }
+}
+
+/// A head parse never panics or claims bytes it was not given.
+pub fn http_head(data: &[u8]) {
+    let _ = classify(data);
+    if let Parsed::Found(head) = parse_request_head(data, 64 * 1024) {
+        assert!(head.head_len <= data.len());
+    }
+}
+
+/// A chunked body ends at the same byte whether fed whole or in two.
+pub fn chunked_body(data: &[u8]) {
+    let whole = ChunkedState::default().feed(data);
+    let cut = data.len() / 2;
+    let mut st = ChunkedState::default();
+    let split = match st.feed(&data[..cut]) {
+        ChunkProgress::Consumed => match st.feed(&data[cut..]) {
+            ChunkProgress::Done(n) => ChunkProgress::Done(n + cut),
+            other => other,
+        },
+        other => other,
+    };
+    assert_eq!(whole, split);
+}
+
+/// An allowlist entry prints back to itself; a name matches its own entry.
+pub fn host_pattern(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(p) = s.parse::<HostPattern>() {
+        let again: Result<HostPattern, _> = p.to_string().parse();
+        assert_eq!(again.as_ref(), Ok(&p));
+    }
+    if let Ok((ref host @ Host::Name(ref name), _)) = split_authority(s) {
+        let list = Allowlist::new([HostPattern::Exact(name.clone(), None)]);
+        assert!(list.decide(host, 443, &[443]).is_ok());
+    }
+}
+
+/// Any text as a config: an error or a config, never a panic.
+pub fn config(data: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = crate::config::Config::parse(s);
+    }
+}
