@@ -324,3 +324,83 @@ async fn heads_are_bounded_in_size_and_time() {
     );
     assert_eq!(up.accepted(), 0);
 }
+
+#[tokio::test]
+async fn a_client_hello_in_a_tunnel_must_name_the_connect_host() {
+    let hello = capture("clienthello-curl.bin"); // SNI api.example.test
+    let up = raw_upstream(b"", usize::MAX).await;
+    let gw = start(up.addr, |c| c.gateway.peek_timeout_ms = 2000).await;
+    let port = up.addr.port();
+    let token = mint(
+        &gw,
+        "sb1",
+        &[
+            &format!("secure.test:{port}"),
+            &format!("api.example.test:{port}"),
+        ],
+        600,
+    )
+    .await;
+    let connect = |host: &str| {
+        format!("CONNECT {host}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+    };
+    const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+    // Tunnel to secure.test, hello for api.example.test: the alert.
+    let mut s = proxy(&gw).await;
+    s.write_all(connect("secure.test").as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&hello).await.unwrap();
+    let got = read_all(&mut s).await;
+    assert!(got.starts_with(ESTABLISHED), "{got:?}");
+    assert_eq!(
+        &got[ESTABLISHED.len()..],
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49]
+    );
+    assert!(up.received().is_empty(), "the hello reached the upstream");
+
+    // The same hello through a tunnel to its own name passes untouched.
+    let mut s = proxy(&gw).await;
+    s.write_all(connect("api.example.test").as_bytes())
+        .await
+        .unwrap();
+    let mut established = vec![0u8; ESTABLISHED.len()];
+    s.read_exact(&mut established).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    for _ in 0..50 {
+        if up.received().len() >= hello.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.received(), hello);
+}
+
+#[tokio::test]
+async fn server_first_protocols_are_not_held_up_by_the_tunnel_check() {
+    let up = raw_upstream(b"SSH-2.0-OpenSSH_9.2\r\n", 0).await;
+    let gw = start(up.addr, |c| c.gateway.peek_timeout_ms = 5000).await;
+    let port = up.addr.port();
+    let token = mint(&gw, "sb1", &[&format!("ssh.test:{port}")], 600).await;
+    let mut s = proxy(&gw).await;
+    let started = std::time::Instant::now();
+    s.write_all(
+        format!("CONNECT ssh.test:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let want = b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-OpenSSH_9.2\r\n";
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..], &want[..]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -522,6 +522,46 @@ async fn tunnel(conn: &Conn, head: RequestHead, grant: Arc<Grant>, port: u16, mu
     }
     buf.drain(..head.head_len);
     let g = &conn.gw.config.gateway;
+    // A TLS ClientHello in the tunnel must name the host the CONNECT named:
+    // a client cannot reach one allowed name and speak to another.
+    if let Host::Name(connect_name) = &head.host {
+        let peek = Duration::from_millis(g.peek_timeout_ms);
+        let refused = match tunnel_hello(
+            &conn.client,
+            &upstream,
+            &mut buf,
+            g.max_client_hello_bytes,
+            peek,
+        )
+        .await
+        {
+            Some(Parsed::Found(hello)) if hello.sni != *connect_name => Some(Deny::HostNotAllowed),
+            Some(Parsed::Found(_)) | None => None,
+            Some(Parsed::Invalid(d)) => Some(d),
+            Some(Parsed::NeedMore) => Some(Deny::PeekTimeout),
+        };
+        if let Some(d) = refused {
+            count(Mode::Proxy, Protocol::Tls, Err(d));
+            audit::Record {
+                container_id: Some(&container),
+                source: conn.peer,
+                mode: Mode::Proxy,
+                protocol: Protocol::Tls.as_str(),
+                host: Some(&head.host),
+                port,
+                upstream: Some(addr),
+                decision: Err(d),
+                bytes_to_upstream: 0,
+                bytes_to_client: 0,
+                duration: started.elapsed(),
+                end: "denied",
+            }
+            .emit();
+            drop(upstream);
+            super::refuse(&conn.client, Protocol::Tls, d).await;
+            return;
+        }
+    }
     let upstream = Arc::new(upstream);
     let traffic = Arc::new(Traffic::default());
     let up = {
@@ -570,6 +610,44 @@ async fn tunnel(conn: &Conn, head: RequestHead, grant: Arc<Grant>, port: u16, mu
         end: end.as_str(),
     }
     .emit();
+}
+
+/// The tunnel's first ClientHello, if the client speaks TLS first: reads
+/// the client's first bytes into `buf` until a hello is parsed, or returns
+/// `None` when they are not TLS, when the upstream speaks first (SSH and
+/// other server-first protocols), or when the client sends nothing before
+/// the deadline. `NeedMore` means a hello was cut off by the deadline.
+async fn tunnel_hello(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    buf: &mut Vec<u8>,
+    max_hello: usize,
+    peek: Duration,
+) -> Option<Parsed<sniff::ClientHello>> {
+    let deadline = tokio::time::Instant::now() + peek;
+    let cap = max_hello * 2 + 64;
+    loop {
+        if let Some(&first) = buf.first() {
+            if first != 0x16 {
+                return None;
+            }
+            match sniff::parse_client_hello(buf, max_hello) {
+                Parsed::NeedMore if buf.len() >= cap => return Some(Parsed::Invalid(Deny::NoHost)),
+                Parsed::NeedMore => {}
+                done => return Some(done),
+            }
+        }
+        let server_first = buf.is_empty();
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, read_some(client, buf, cap)) => match r {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return None,
+                Err(_) if buf.is_empty() => return None,
+                Err(_) => return Some(Parsed::NeedMore),
+            },
+            _ = upstream.readable(), if server_first => return None,
+        }
+    }
 }
 
 #[cfg(test)]

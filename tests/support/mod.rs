@@ -35,7 +35,13 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.gateway.allow_destinations = vec!["127.0.0.0/8".parse().unwrap()];
     c.gateway.upstream_mark = 0;
     c.auth.leeway_s = 0;
-    for name in ["api.test", "other.test", "secure.test", "api.example.test"] {
+    for name in [
+        "api.test",
+        "other.test",
+        "secure.test",
+        "api.example.test",
+        "ssh.test",
+    ] {
         c.gateway
             .resolve
             .insert(name.into(), vec!["127.0.0.1".parse().unwrap()]);
