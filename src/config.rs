@@ -58,6 +58,8 @@ pub struct GatewayConfig {
     pub idle_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub max_connections: usize,
+    /// Concurrent relayed connections one sandbox may hold.
+    pub max_connections_per_sandbox: usize,
     pub deny_private_destinations: bool,
     pub allow_destinations: Vec<IpNet>,
     /// Static name → addresses, checked before DNS.
@@ -158,6 +160,7 @@ impl Default for GatewayConfig {
             idle_timeout_ms: 300_000,
             drain_timeout_ms: 30_000,
             max_connections: 65_536,
+            max_connections_per_sandbox: 4096,
             deny_private_destinations: true,
             allow_destinations: Vec::new(),
             resolve: BTreeMap::new(),
@@ -276,6 +279,12 @@ impl Config {
         }
         if g.max_connections == 0 {
             err("gateway.max_connections", "must be greater than 0".into());
+        }
+        if g.max_connections_per_sandbox == 0 {
+            err(
+                "gateway.max_connections_per_sandbox",
+                "must be greater than 0".into(),
+            );
         }
         if !(512..=1 << 20).contains(&g.max_client_hello_bytes) {
             err(

@@ -104,10 +104,15 @@ impl Sandbox {
         &self.closed
     }
 
-    /// Counts a connection as live until the guard drops.
-    pub fn track(self: &Arc<Self>) -> LiveGuard {
-        self.live.fetch_add(1, Ordering::Relaxed);
-        LiveGuard(Arc::clone(self))
+    /// Counts a connection as live until the guard drops, unless `cap`
+    /// are live already.
+    pub fn try_track(self: &Arc<Self>, cap: usize) -> Option<LiveGuard> {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(LiveGuard(Arc::clone(self)))
     }
 }
 

@@ -450,3 +450,38 @@ async fn shutdown_drains_then_cuts() {
     // New connections are refused once stopped.
     assert!(tokio::net::TcpStream::connect(transparent).await.is_err());
 }
+
+#[tokio::test]
+async fn one_sandbox_cannot_take_more_than_its_share() {
+    let up = raw_upstream(b"ok", 1).await;
+    let gw = start(up.addr, |c| c.gateway.max_connections_per_sandbox = 2).await;
+    let hosts = [
+        format!("api.example.test:{}", up.addr.port()),
+        format!("api.test:{}", up.addr.port()),
+    ];
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    gw.register("greedy", "127.0.0.1", &hosts, 600).await;
+    gw.register("other", "127.0.0.2", &hosts, 600).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = gw.connect_from("127.0.0.1").await;
+        s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.unwrap();
+        held.push(s);
+    }
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await;
+    assert!(resp.contains("x-deny-reason: overloaded"), "{resp}");
+    // Another sandbox is not affected; and a freed slot is usable again.
+    let mut s = gw.connect_from("127.0.0.2").await;
+    s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+}

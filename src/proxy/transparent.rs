@@ -240,6 +240,12 @@ async fn serve(
         Ok(sandbox) => sandbox,
         Err(d) => return out.refuse(&stream, protocol, d, started).await,
     };
+    // The sandbox's own cap, taken before dialling and held to the end.
+    let Some(_live) = sandbox.try_track(g.max_connections_per_sandbox) else {
+        return out
+            .refuse(&stream, protocol, Deny::Overloaded, started)
+            .await;
+    };
     let connected = match gw.upstream.resolve(&host, port).await {
         Ok(addrs) => gw.upstream.connect(&addrs).await,
         Err(d) => Err(d),
@@ -251,7 +257,6 @@ async fn serve(
     out.decide(protocol, Ok(()), started);
     out.upstream = Some(addr);
 
-    let _live = sandbox.track();
     let traffic = Arc::new(Traffic::default());
     out.traffic = Some(Arc::clone(&traffic));
     let client = Arc::new(stream);
