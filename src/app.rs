@@ -66,6 +66,7 @@ impl Default for Options {
 
 /// A running gateway.
 pub struct Running {
+    jwks_path: std::path::PathBuf,
     pub transparent_addr: SocketAddr,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -79,6 +80,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Reloads the JWKS now (SIGHUP). A broken file keeps the current set.
+    pub fn reload(&self) -> Result<usize, KeyError> {
+        reload_jwks(&self.verifier, &self.jwks_path)
+    }
+
     /// Stops accepting, drains live connections up to
     /// `gateway.drain_timeout_ms`, closes the rest, stops the admin and
     /// metrics servers. Returns how many connections had to be cut.
@@ -217,7 +223,13 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         metrics = %metrics_addr,
         "sluice listening"
     );
+    servers.push(tokio::spawn(jwks_watcher(
+        Arc::clone(&verifier),
+        config.jwks_path(),
+        shutdown.clone(),
+    )));
     Ok(Running {
+        jwks_path: config.jwks_path(),
         transparent_addr,
         proxy_addr,
         admin_addr,
@@ -256,6 +268,45 @@ async fn reaper(
             && let Err(e) = store.save(&registry, &verifier)
         {
             tracing::error!(error = %e, "cannot persist the registry");
+        }
+    }
+}
+
+fn reload_jwks(verifier: &Verifier, path: &Path) -> Result<usize, KeyError> {
+    match Jwks::load(path) {
+        Ok(jwks) => {
+            let keys = jwks.len();
+            verifier.set_jwks(jwks);
+            tracing::info!(path = %path.display(), keys, "JWKS reloaded");
+            Ok(keys)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "JWKS not reloaded; keeping the last good set");
+            Err(e)
+        }
+    }
+}
+
+/// Reloads the JWKS when its file changes (size or mtime), so keys rotate
+/// without a restart.
+async fn jwks_watcher(verifier: Arc<Verifier>, path: std::path::PathBuf, shutdown: Shutdown) {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        let now = stamp(&path);
+        if now != seen {
+            seen = now;
+            let _ = reload_jwks(&verifier, &path);
         }
     }
 }

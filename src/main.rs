@@ -166,7 +166,7 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             "sluice: transparent {} proxy {} admin {} metrics {}",
             running.transparent_addr, running.proxy_addr, running.admin_addr, running.metrics_addr
         );
-        wait_for_signal().await?;
+        wait_for_stop(&running).await?;
         tracing::info!("shutting down: draining live connections");
         let cut = running.shutdown().await;
         tracing::info!(cut, "stopped");
@@ -174,15 +174,21 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP on the way reloads the JWKS.
+async fn wait_for_stop(running: &sluice::app::Running) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let _ = running.reload();
+            }
+        }
     }
-    Ok(())
 }
 
 fn keygen(out: &Path, kid: &str) -> anyhow::Result<ExitCode> {

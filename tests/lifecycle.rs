@@ -260,3 +260,80 @@ fn a_kill_minus_nine_loses_no_acknowledged_registration() {
     child.wait().unwrap();
     assert_eq!(ids, acknowledged);
 }
+
+#[tokio::test]
+async fn the_jwks_is_reloaded_when_it_changes_and_a_broken_one_is_ignored() {
+    use sluice::identity::token::{KeyPair, MintRequest, Signer};
+    let gw = start("127.0.0.1:9".parse().unwrap(), |_| {}).await;
+    let jwks_path = gw.dir.path().join("keys/jwks.json");
+    let mint = |signer: &Signer, id: &str| {
+        signer
+            .mint(&MintRequest {
+                container_id: id.into(),
+                user_id: "u".into(),
+                allowed_hosts: vec!["a.test".into()],
+                ttl: Duration::from_secs(600),
+            })
+            .unwrap()
+            .token
+    };
+    let old = Signer::load(
+        &gw.dir.path().join("keys/private-key.pem"),
+        "sluice-1",
+        "secure-egress-control",
+        "egress-proxy",
+    )
+    .unwrap();
+    let rotated = KeyPair::generate("sluice-2").unwrap();
+    let new = Signer::from_pem(
+        rotated.private_pem.as_bytes(),
+        "sluice-2",
+        "secure-egress-control",
+        "egress-proxy",
+    )
+    .unwrap();
+    let register = |token: String, ip: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"source_ip": ip, "token": token})),
+            )
+            .await
+        }
+    };
+    // Before: the old key verifies, the new one is unknown.
+    assert_eq!(register(mint(&old, "o1"), "127.0.0.1").await.0, 201);
+    assert_eq!(register(mint(&new, "n1"), "198.18.0.3").await.0, 400);
+
+    // Rotate: the JWKS now holds only the new key.
+    std::fs::write(&jwks_path, rotated.jwks().to_string()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = register(mint(&new, "n2"), "198.18.0.4").await;
+        if status == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new key was never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = register(mint(&old, "o2"), "198.18.0.5").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("token_invalid")),
+        "{body}"
+    );
+    // The sandbox registered under the old key is refused at its next
+    // connection too (its grant is re-verified against the new set).
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
+    assert!(resp.contains("x-deny-reason: token_invalid"), "{resp}");
+
+    // A broken file keeps the last good set.
+    std::fs::write(&jwks_path, "{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(gw.running.reload().is_err());
+    assert_eq!(register(mint(&new, "n3"), "198.18.0.6").await.0, 201);
+}
