@@ -133,18 +133,27 @@ fn init_tracing() {
         .init();
 }
 
-/// Lifts the soft descriptor limit to the hard one: every relayed
-/// connection holds two sockets and, while bytes flow, two pipes.
+/// Raises the descriptor limit as far as this process may: to the
+/// kernel's `nr_open` where it can raise the hard limit (CAP_SYS_RESOURCE),
+/// else the soft limit to the hard one. Every relayed connection holds two
+/// sockets and, while bytes flow, two pipes.
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(error = %e, soft, hard, "cannot raise RLIMIT_NOFILE");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => return tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
+    };
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(hard);
+    if nr_open > hard && setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
+        return;
+    }
+    if soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise RLIMIT_NOFILE");
     }
 }
 

@@ -242,7 +242,12 @@ impl Upstream {
 /// `upstream <method> <path> host=<Host>`; request bodies are read by
 /// Content-Length or chunked framing.
 pub async fn http_upstream() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_upstream_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`http_upstream`] on a given address.
+pub async fn http_upstream_on(addr: SocketAddr) -> Upstream {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let up = Upstream {
         addr: listener.local_addr().unwrap(),
         accepted: Arc::default(),
