@@ -14,7 +14,6 @@ use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
@@ -24,7 +23,6 @@ use crate::identity::store::{Store, StoreError};
 use crate::identity::token::{Jwks, KeyError, KeyPair, Signer, Verifier, write_private};
 use crate::metrics::Mode;
 use crate::net::orig_dst::OrigDstSource;
-use crate::proxy::upstream::Upstream;
 use crate::proxy::{Gateway, accept_loop};
 use crate::sandbox::{Runsc, Sandboxes};
 use crate::shutdown::Shutdown;
@@ -67,6 +65,8 @@ impl Default for Options {
 /// A running gateway.
 pub struct Running {
     jwks_path: std::path::PathBuf,
+    gateway: Arc<Gateway>,
+    started_with: Arc<Config>,
     pub transparent_addr: SocketAddr,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -83,6 +83,42 @@ impl Running {
     /// Reloads the JWKS now (SIGHUP). A broken file keeps the current set.
     pub fn reload(&self) -> Result<usize, KeyError> {
         reload_jwks(&self.verifier, &self.jwks_path)
+    }
+
+    /// Applies a new configuration's `[gateway]` policy (SIGHUP) to
+    /// connections from now on; live ones keep theirs. What is fixed at
+    /// start (listeners, `max_connections`, `[auth]`, `[admin]`,
+    /// `[metrics]`, `[sandbox]`, `state_dir`) is left as it was, with a
+    /// warning naming what differs.
+    pub fn reload_config(&self, new: &Config) -> Result<(), ConfigError> {
+        new.validate()?;
+        let old = &self.started_with;
+        let g = &old.gateway;
+        let mut fixed = Vec::new();
+        if new.gateway.transparent_listen != g.transparent_listen {
+            fixed.push("gateway.transparent_listen");
+        }
+        if new.gateway.proxy_listen != g.proxy_listen {
+            fixed.push("gateway.proxy_listen");
+        }
+        if new.gateway.max_connections != g.max_connections {
+            fixed.push("gateway.max_connections");
+        }
+        if new.auth != old.auth {
+            fixed.push("[auth]");
+        }
+        if new.admin != old.admin || new.metrics != old.metrics {
+            fixed.push("[admin]/[metrics]");
+        }
+        if new.sandbox != old.sandbox || new.state_dir != old.state_dir {
+            fixed.push("[sandbox]/state_dir");
+        }
+        if !fixed.is_empty() {
+            tracing::warn!(keys = ?fixed, "these settings change only with a restart");
+        }
+        self.gateway.set_policy(&new.gateway);
+        tracing::info!("gateway policy reloaded");
+        Ok(())
     }
 
     /// Stops accepting, drains live connections up to
@@ -145,15 +181,14 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     store.save(&registry, &verifier)?;
     let shutdown = Shutdown::new();
     let own = vec![transparent_addr, proxy_addr, admin_addr, metrics_addr];
-    let gateway = Arc::new(Gateway {
-        config: Arc::clone(&config),
-        registry: Arc::clone(&registry),
-        verifier: Arc::clone(&verifier),
-        upstream: Upstream::new(g, own),
-        shutdown: shutdown.clone(),
-        orig_dst: options.orig_dst,
-        limit: Arc::new(Semaphore::new(g.max_connections)),
-    });
+    let gateway = Arc::new(Gateway::new(
+        Arc::clone(&config),
+        Arc::clone(&registry),
+        Arc::clone(&verifier),
+        shutdown.clone(),
+        options.orig_dst,
+        own,
+    ));
 
     let signer = state.signer.map(Arc::new);
     let sandboxes = Arc::new(Sandboxes::new(
@@ -230,6 +265,8 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     )));
     Ok(Running {
         jwks_path: config.jwks_path(),
+        gateway: Arc::clone(&gateway),
+        started_with: Arc::clone(&config),
         transparent_addr,
         proxy_addr,
         admin_addr,

@@ -175,7 +175,7 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             "sluice: transparent {} proxy {} admin {} metrics {}",
             running.transparent_addr, running.proxy_addr, running.admin_addr, running.metrics_addr
         );
-        wait_for_stop(&running).await?;
+        wait_for_stop(&running, config_path).await?;
         tracing::info!("shutting down: draining live connections");
         let cut = running.shutdown().await;
         tracing::info!(cut, "stopped");
@@ -183,8 +183,13 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP on the way reloads the JWKS.
-async fn wait_for_stop(running: &sluice::app::Running) -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT. SIGHUP on the way reloads the JWKS and,
+/// with a config file, its `[gateway]` policy; a broken file changes
+/// nothing.
+async fn wait_for_stop(
+    running: &sluice::app::Running,
+    config_path: Option<&Path>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -195,6 +200,12 @@ async fn wait_for_stop(running: &sluice::app::Running) -> anyhow::Result<()> {
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 let _ = running.reload();
+                if let Some(path) = config_path {
+                    match Config::load(path).map(|c| running.reload_config(&c)) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "config not reloaded"),
+                    }
+                }
             }
         }
     }

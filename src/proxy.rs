@@ -15,13 +15,13 @@ pub mod upstream;
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use crate::config::{Config, GatewayConfig};
 use crate::identity::Registry;
 use crate::identity::token::Verifier;
 use crate::metrics::{self as m, Mode};
@@ -31,16 +31,68 @@ use crate::shutdown::Shutdown;
 use sniff::Protocol;
 use upstream::Upstream;
 
+/// The part of the configuration SIGHUP can change (`[gateway]`: ports,
+/// resolution, the destination guard, timeouts, caps), with the upstream
+/// built from it. Swapped whole; each connection keeps the one it started
+/// with.
+pub struct Policy {
+    pub gateway: GatewayConfig,
+    pub upstream: Upstream,
+}
+
 /// Everything a connection task needs, shared.
 pub struct Gateway {
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
     pub verifier: Arc<Verifier>,
-    pub upstream: Upstream,
     pub shutdown: Shutdown,
     pub orig_dst: OrigDstSource,
     /// `max_connections`, shared by every listener.
     pub limit: Arc<Semaphore>,
+    policy: RwLock<Arc<Policy>>,
+    /// sluice's own listeners, never a destination.
+    own: Vec<SocketAddr>,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        verifier: Arc<Verifier>,
+        shutdown: Shutdown,
+        orig_dst: OrigDstSource,
+        own: Vec<SocketAddr>,
+    ) -> Gateway {
+        let policy = Arc::new(Policy {
+            upstream: Upstream::new(&config.gateway, own.clone()),
+            gateway: config.gateway.clone(),
+        });
+        Gateway {
+            limit: Arc::new(Semaphore::new(config.gateway.max_connections)),
+            config,
+            registry,
+            verifier,
+            shutdown,
+            orig_dst,
+            policy: RwLock::new(policy),
+            own,
+        }
+    }
+
+    /// The current policy (a connection takes it once, at its start).
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the policy for connections from now on. Listener addresses
+    /// and `max_connections` are fixed at start and not changed here.
+    pub fn set_policy(&self, gateway: &GatewayConfig) {
+        let policy = Arc::new(Policy {
+            upstream: Upstream::new(gateway, self.own.clone()),
+            gateway: gateway.clone(),
+        });
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
 }
 
 /// Accepts connections until shutdown, each on its own tracked task

@@ -19,7 +19,10 @@ fn replay(target: &str, check: fn(&[u8])) {
     paths.sort();
     assert!(!paths.is_empty(), "no corpus for {target}");
     for path in paths {
-        let data = std::fs::read(&path).unwrap();
+        // A running fuzzer may replace an input with a smaller one.
+        let Ok(data) = std::fs::read(&path) else {
+            continue;
+        };
         if std::panic::catch_unwind(|| check(&data)).is_err() {
             panic!("{target}: {} breaks an invariant", path.display());
         }

@@ -337,3 +337,82 @@ async fn the_jwks_is_reloaded_when_it_changes_and_a_broken_one_is_ignored() {
     assert!(gw.running.reload().is_err());
     assert_eq!(register(mint(&new, "n3"), "198.18.0.6").await.0, 201);
 }
+
+#[tokio::test]
+async fn a_policy_reload_changes_new_connections_and_drops_none() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let gw = start(up.addr, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.test:{port}"), "other.test"],
+        600,
+    )
+    .await;
+
+    // A kept-alive connection, open across the reload.
+    let mut live = gw.connect_from("127.0.0.1").await;
+    live.write_all(b"GET /before HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_response(&mut live)
+            .await
+            .ends_with("GET /before host=api.test body=0")
+    );
+    // other.test names no port: only allowed_ports apply, which lack this one.
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await;
+    assert!(resp.contains("x-deny-reason: port_not_allowed"), "{resp}");
+
+    let mut config = test_config(gw.dir.path());
+    config.gateway.allowed_ports = vec![80, 443, port];
+    gw.running.reload_config(&config).unwrap();
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_response(&mut s)
+            .await
+            .ends_with("GET /after host=other.test body=0")
+    );
+    live.write_all(b"GET /still HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_response(&mut live)
+            .await
+            .ends_with("GET /still host=api.test body=0")
+    );
+
+    // A config that does not validate changes nothing.
+    let mut broken = config.clone();
+    broken.gateway.peek_timeout_ms = 0;
+    assert!(gw.running.reload_config(&broken).is_err());
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_response(&mut s)
+            .await
+            .ends_with("GET /again host=other.test body=0")
+    );
+
+    // Resolution is policy too: other.test now points at a private address.
+    config
+        .gateway
+        .resolve
+        .insert("other.test".into(), vec![ip("10.9.9.9")]);
+    gw.running.reload_config(&config).unwrap();
+    let resp = gw
+        .request_from("127.0.0.1", b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await;
+    assert!(
+        resp.contains("x-deny-reason: private_destination"),
+        "{resp}"
+    );
+}

@@ -134,6 +134,8 @@ struct Session {
 
 struct Conn {
     gw: Arc<Gateway>,
+    /// The policy this connection started with.
+    policy: Arc<super::Policy>,
     client: Arc<TcpStream>,
     peer: SocketAddr,
     accepted: Instant,
@@ -172,8 +174,8 @@ impl Conn {
 
     /// Connects to an allowed target, or says why not.
     async fn dial(&self, host: &Host, port: u16) -> Result<(TcpStream, SocketAddr), Deny> {
-        let addrs = self.gw.upstream.resolve(host, port).await?;
-        self.gw.upstream.connect(&addrs).await
+        let addrs = self.policy.upstream.resolve(host, port).await?;
+        self.policy.upstream.connect(&addrs).await
     }
 }
 
@@ -254,6 +256,7 @@ pub async fn handle(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
     let _active = ActiveGuard::new(Mode::Proxy);
     let hard = gw.shutdown.hard().clone();
     let conn = Conn {
+        policy: gw.policy(),
         gw,
         client: Arc::new(stream),
         peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
@@ -266,7 +269,7 @@ pub async fn handle(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
 }
 
 async fn serve(conn: &Conn) {
-    let g = &conn.gw.config.gateway;
+    let g = &conn.policy.gateway;
     let max_head = g.max_request_head_bytes;
     let idle = Duration::from_millis(g.idle_timeout_ms);
     let mut buf = Vec::with_capacity(2048);
@@ -521,7 +524,7 @@ async fn tunnel(conn: &Conn, head: RequestHead, grant: Arc<Grant>, port: u16, mu
         return;
     }
     buf.drain(..head.head_len);
-    let g = &conn.gw.config.gateway;
+    let g = &conn.policy.gateway;
     // A TLS ClientHello in the tunnel must name the host the CONNECT named:
     // a client cannot reach one allowed name and speak to another.
     if let Host::Name(connect_name) = &head.host {

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::relay::{self, RelayEnd, Traffic};
 use super::sniff::{self, Parsed, Protocol, RequestHead};
-use super::{Gateway, count, http, refuse};
+use super::{Gateway, Policy, count, http, refuse};
 use crate::audit;
 use crate::identity::Sandbox;
 use crate::metrics::{self as m, ActiveGuard, Mode};
@@ -192,7 +192,8 @@ async fn serve(
 
     // The first bytes, under one deadline for all of them: a slow drip is
     // cut at the peek timeout, not reset by every byte.
-    let g = &gw.config.gateway;
+    let policy = gw.policy();
+    let g = &policy.gateway;
     let mut buf = Vec::with_capacity(2048);
     let peek = Duration::from_millis(g.peek_timeout_ms);
     let sniffed = tokio::time::timeout(
@@ -234,7 +235,7 @@ async fn serve(
 
     let decided = match &out.sandbox {
         None => Err(Deny::UnknownSource),
-        Some(s) => authorise(gw, s, &host, port).map(|()| Arc::clone(s)),
+        Some(s) => authorise(gw, s, &host, port, &g.allowed_ports).map(|()| Arc::clone(s)),
     };
     let sandbox = match decided {
         Ok(sandbox) => sandbox,
@@ -246,8 +247,8 @@ async fn serve(
             .refuse(&stream, protocol, Deny::Overloaded, started)
             .await;
     };
-    let connected = match gw.upstream.resolve(&host, port).await {
-        Ok(addrs) => gw.upstream.connect(&addrs).await,
+    let connected = match policy.upstream.resolve(&host, port).await {
+        Ok(addrs) => policy.upstream.connect(&addrs).await,
         Err(d) => Err(d),
     };
     let (upstream, addr) = match connected {
@@ -278,7 +279,8 @@ async fn serve(
     );
     // HTTP is forwarded request by request; anything else (TLS) raw, after
     // the bytes already read.
-    let check = (protocol == Protocol::Http).then(|| next_request_check(gw, &sandbox, host, port));
+    let check =
+        (protocol == Protocol::Http).then(|| next_request_check(gw, &policy, &sandbox, host, port));
     let max_head = g.max_request_head_bytes;
     let to_upstream = async move {
         match check {
@@ -312,11 +314,15 @@ async fn serve(
 
 /// The decision for one target: the sandbox it comes from, that
 /// sandbox's token still good, the host and port allowed.
-fn authorise(gw: &Gateway, sandbox: &Sandbox, host: &Host, port: u16) -> Result<(), Deny> {
+fn authorise(
+    gw: &Gateway,
+    sandbox: &Sandbox,
+    host: &Host,
+    port: u16,
+    allowed_ports: &[u16],
+) -> Result<(), Deny> {
     let grant = sandbox.current_grant(&gw.verifier)?;
-    grant
-        .allowlist
-        .decide(host, port, &gw.config.gateway.allowed_ports)
+    grant.allowlist.decide(host, port, allowed_ports)
 }
 
 /// The check for every request on an HTTP connection: the sandbox's token
@@ -324,20 +330,23 @@ fn authorise(gw: &Gateway, sandbox: &Sandbox, host: &Host, port: u16) -> Result<
 /// was opened to (the upstream it is bound to).
 fn next_request_check(
     gw: &Arc<Gateway>,
+    policy: &Arc<Policy>,
     sandbox: &Arc<Sandbox>,
     first: Host,
     port: u16,
 ) -> impl Fn(&RequestHead) -> Result<(), Deny> + Send + 'static {
-    let gw = Arc::clone(gw);
-    let sandbox = Arc::clone(sandbox);
+    let (gw, policy, sandbox) = (Arc::clone(gw), Arc::clone(policy), Arc::clone(sandbox));
     move |head: &RequestHead| {
         if head.connect {
             return Err(Deny::BadRequest);
         }
-        let grant = sandbox.current_grant(&gw.verifier)?;
-        grant
-            .allowlist
-            .decide(&head.host, port, &gw.config.gateway.allowed_ports)?;
+        authorise(
+            &gw,
+            &sandbox,
+            &head.host,
+            port,
+            &policy.gateway.allowed_ports,
+        )?;
         if head.host != first {
             return Err(Deny::HostNotAllowed);
         }
