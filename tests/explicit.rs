@@ -404,3 +404,37 @@ async fn server_first_protocols_are_not_held_up_by_the_tunnel_check() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn proxied_websocket_upgrades_are_relayed_raw() {
+    let up = upgrade_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(&gw, "sb1", &[&format!("api.test:{port}")], 600).await;
+    let mut s = proxy(&gw).await;
+    s.write_all(
+        format!("GET http://api.test:{port}/chat HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let mut got = vec![0u8; head.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got[..], &head[..]);
+    s.write_all(b"\x82\x02hi").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"\x82\x02hi");
+    let seen = String::from_utf8(up.received()).unwrap();
+    assert!(
+        seen.starts_with("GET /chat HTTP/1.1\r\n")
+            && seen.contains("Upgrade: websocket")
+            && !seen.contains(&token),
+        "{seen}"
+    );
+}

@@ -485,3 +485,37 @@ async fn one_sandbox_cannot_take_more_than_its_share() {
     s.write_all(&capture("clienthello-curl.bin")).await.unwrap();
     s.read_exact(&mut b).await.unwrap();
 }
+
+#[tokio::test]
+async fn websocket_upgrades_are_checked_then_relayed_raw() {
+    let up = upgrade_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let head =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let mut got = vec![0u8; head.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got[..], &head[..]);
+    // Binary frames, and bytes that would be a request head to another
+    // host if they were still parsed as HTTP: all relayed as they are.
+    let frames = b"\x82\x05hello\x81\x03GET /x HTTP/1.1\r\nHost: other.test\r\n\r\n";
+    s.write_all(frames).await.unwrap();
+    let mut echo = vec![0u8; frames.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo[..], &frames[..]);
+
+    // The upgrade request itself is still checked.
+    let resp = gw
+        .request_from("127.0.0.1", b"GET /chat HTTP/1.1\r\nHost: other.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    assert!(resp.contains("x-deny-reason: host_not_allowed"), "{resp}");
+    assert_eq!(up.accepted(), 1);
+}

@@ -404,3 +404,53 @@ pub fn pattern(len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// An upstream that answers one upgrade request with `101 Switching
+/// Protocols` and then echoes every byte (a websocket stand-in).
+pub async fn upgrade_upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = Upstream {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::default(),
+        received: Arc::default(),
+    };
+    let u = up.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            u.accepted.fetch_add(1, Ordering::SeqCst);
+            let received = Arc::clone(&u.received);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = find(&buf, b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                received.lock().unwrap().extend_from_slice(&buf[..end]);
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&buf[end..]).await;
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&chunk[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    up
+}
