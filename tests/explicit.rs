@@ -438,3 +438,32 @@ async fn proxied_websocket_upgrades_are_relayed_raw() {
         "{seen}"
     );
 }
+
+#[tokio::test]
+async fn pipelined_requests_get_every_answer_before_a_refusal() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(
+        &gw,
+        "sb1",
+        &[&format!("api.test:{port}"), &format!("secure.test:{port}")],
+        600,
+    )
+    .await;
+    let auth = format!("Proxy-Authorization: Bearer {token}\r\n");
+    // Three requests in one write: two authorities, then a refused one.
+    let burst = format!(
+        "GET http://api.test:{port}/1 HTTP/1.1\r\n{auth}\r\nGET http://secure.test:{port}/2 HTTP/1.1\r\n{auth}\r\nGET http://other.test:{port}/3 HTTP/1.1\r\n{auth}\r\n"
+    );
+    let answer = one_shot(&gw, burst).await;
+    let first = answer.find("upstream GET /1 host=api.test").expect(&answer);
+    let second = answer
+        .find("upstream GET /2 host=secure.test")
+        .expect(&answer);
+    let refused = answer
+        .find("x-deny-reason: host_not_allowed")
+        .expect(&answer);
+    assert!(first < second && second < refused, "{answer}");
+    assert!(!String::from_utf8(up.received()).unwrap().contains("/3"));
+}

@@ -219,6 +219,22 @@ async fn end_session(conn: &Conn, session: Session, wait: Option<Duration>, end:
     .emit();
 }
 
+/// Ends a session while the client connection goes on (to be refused, to
+/// another authority, or into a tunnel): the upstream gets no more, the
+/// answers to earlier requests still reach the client, in order and
+/// bounded in time, and the client's side stays open.
+async fn let_answers_finish(
+    conn: &Conn,
+    session: Option<Session>,
+    idle: Duration,
+    end: &'static str,
+) {
+    if let Some(s) = session {
+        s.traffic.hold_for_refusal();
+        end_session(conn, s, Some(idle.min(Duration::from_secs(5))), end).await;
+    }
+}
+
 enum NextHead {
     Head(RequestHead),
     Eof,
@@ -299,9 +315,7 @@ async fn serve(conn: &Conn) {
                 return;
             }
             NextHead::Invalid(d) => {
-                if let Some(s) = session.take() {
-                    end_session(conn, s, None, "denied").await;
-                }
+                let_answers_finish(conn, session.take(), idle, "denied").await;
                 return conn.refuse(Protocol::Http, None, None, d).await;
             }
             NextHead::TimedOut => {
@@ -336,9 +350,7 @@ async fn serve(conn: &Conn) {
         let grant = match authenticate(&conn.gw, head.proxy_authorization.as_deref()) {
             Ok(grant) => grant,
             Err(d) => {
-                if let Some(s) = session.take() {
-                    end_session(conn, s, None, "denied").await;
-                }
+                let_answers_finish(conn, session.take(), idle, "denied").await;
                 return conn.refuse(protocol, Some(&head), None, d).await;
             }
         };
@@ -350,40 +362,32 @@ async fn serve(conn: &Conn) {
             // origin-form (not a proxy request) or https:// (sluice does
             // not originate TLS): refused.
             (false, false) => {
-                if let Some(s) = session.take() {
-                    end_session(conn, s, None, "denied").await;
-                }
+                let_answers_finish(conn, session.take(), idle, "denied").await;
                 return conn
                     .refuse(protocol, Some(&head), Some(&container), Deny::BadRequest)
                     .await;
             }
         };
         if let Err(d) = grant.allowlist.decide(&head.host, port, &g.allowed_ports) {
-            if let Some(s) = session.take() {
-                end_session(conn, s, None, "denied").await;
-            }
+            let_answers_finish(conn, session.take(), idle, "denied").await;
             return conn
                 .refuse(protocol, Some(&head), Some(&container), d)
                 .await;
         }
 
         if head.connect {
-            if let Some(s) = session.take() {
-                end_session(conn, s, None, "closed").await;
-            }
+            let_answers_finish(conn, session.take(), idle, "closed").await;
             return tunnel(conn, head, grant, port, buf).await;
         }
 
         // Absolute-form: reuse the session for the same authority, else
-        // replace it. Between requests the previous response has been read
-        // by the client (HTTP/1.1 without pipelining), so nothing is cut.
+        // replace it, once the previous authority's answers are through (so
+        // a pipelining client gets them whole and in order).
         let same = session
             .as_ref()
             .is_some_and(|s| s.host == head.host && s.port == port);
         if !same {
-            if let Some(s) = session.take() {
-                end_session(conn, s, None, "closed").await;
-            }
+            let_answers_finish(conn, session.take(), idle, "closed").await;
             let (upstream, addr) = match conn.dial(&head.host, port).await {
                 Ok(u) => u,
                 Err(d) => {
@@ -423,9 +427,7 @@ async fn serve(conn: &Conn) {
         let rewritten = match sniff::origin_form_head(&buf[..head.head_len]) {
             Ok(h) => h,
             Err(d) => {
-                if let Some(s) = session.take() {
-                    end_session(conn, s, None, "denied").await;
-                }
+                let_answers_finish(conn, session.take(), idle, "denied").await;
                 return conn
                     .refuse(protocol, Some(&head), Some(&container), d)
                     .await;
@@ -456,9 +458,7 @@ async fn serve(conn: &Conn) {
                 return;
             }
             Ok(None) => {
-                if let Some(s) = session.take() {
-                    end_session(conn, s, None, "denied").await;
-                }
+                let_answers_finish(conn, session.take(), idle, "denied").await;
                 return conn
                     .refuse(protocol, Some(&head), Some(&container), Deny::BadRequest)
                     .await;

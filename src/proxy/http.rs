@@ -40,7 +40,7 @@ where
             if !buf.is_empty() {
                 match parse_request_head(&buf, max_head) {
                     Parsed::Found(head) => break head,
-                    Parsed::Invalid(deny) => return Ok(Flow::Denied(deny)),
+                    Parsed::Invalid(deny) => return Ok(refuse_later(upstream, traffic, deny)),
                     Parsed::NeedMore => {}
                 }
             }
@@ -54,7 +54,7 @@ where
             traffic.touch();
         };
         if let Err(deny) = check(&head) {
-            return Ok(Flow::Denied(deny));
+            return Ok(refuse_later(upstream, traffic, deny));
         }
         send(upstream, &buf[..head.head_len], counter, traffic).await?;
         buf.drain(..head.head_len);
@@ -67,7 +67,7 @@ where
             Framing::Chunked => {
                 match forward_chunked(client, upstream, &mut buf, counter, traffic).await? {
                     Some(done) => done,
-                    None => return Ok(Flow::Denied(Deny::BadRequest)),
+                    None => return Ok(refuse_later(upstream, traffic, Deny::BadRequest)),
                 }
             }
         };
@@ -81,6 +81,15 @@ where
             return one_way(client, upstream, counter, traffic).await;
         }
     }
+}
+
+/// A request on an open connection is refused: nothing more goes
+/// upstream, whose answers to earlier requests may still come back, and
+/// the client's side stays open for the refusal.
+fn refuse_later(upstream: &TcpStream, traffic: &Traffic, deny: Deny) -> Flow {
+    traffic.hold_for_refusal();
+    shutdown_write(upstream);
+    Flow::Denied(deny)
 }
 
 pub(super) async fn send(

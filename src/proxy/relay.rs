@@ -69,6 +69,9 @@ pub struct Traffic {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
     last_ms: AtomicU64,
+    /// A later request was refused: the responses already asked for still
+    /// reach the client, whose write half stays open for the refusal.
+    deny_pending: std::sync::atomic::AtomicBool,
 }
 
 static EPOCH: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
@@ -82,6 +85,15 @@ impl Traffic {
     /// When the last byte moved (either way).
     pub fn last(&self) -> tokio::time::Instant {
         *EPOCH + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Marks a refusal pending (see `deny_pending`).
+    pub fn hold_for_refusal(&self) {
+        self.deny_pending.store(true, Ordering::Release);
+    }
+
+    fn refusal_pending(&self) -> bool {
+        self.deny_pending.load(Ordering::Acquire)
     }
 
     pub fn totals(&self) -> (u64, u64) {
@@ -112,30 +124,42 @@ where
     let mut up = tokio::spawn(to_upstream);
     let mut down = tokio::spawn(to_client);
     let (mut up_done, mut down_done) = (false, false);
+    // A refused later request: the answers to earlier ones may still be on
+    // their way; they get this long to finish before the refusal is sent.
+    let mut refused: Option<(Deny, tokio::time::Instant)> = None;
+    let grace = idle.min(Duration::from_secs(5));
     let end = loop {
-        let idle_at = traffic.last() + idle;
+        let idle_at = match refused {
+            Some((_, until)) => until,
+            None => traffic.last() + idle,
+        };
         tokio::select! {
             r = &mut up, if !up_done => {
                 up_done = true;
                 match flatten(r) {
                     Ok(Flow::Eof) if down_done => break RelayEnd::Closed,
                     Ok(Flow::Eof) => {}
-                    Ok(Flow::Denied(d)) => break RelayEnd::Denied(d),
+                    Ok(Flow::Denied(d)) if down_done => break RelayEnd::Denied(d),
+                    Ok(Flow::Denied(d)) => refused = Some((d, tokio::time::Instant::now() + grace)),
                     Err(e) => break RelayEnd::Error(e),
                 }
             }
             r = &mut down, if !down_done => {
                 down_done = true;
-                match flatten(r) {
-                    Ok(Flow::Eof) if up_done => break RelayEnd::Closed,
-                    Ok(Flow::Eof) => {}
-                    Ok(Flow::Denied(d)) => break RelayEnd::Denied(d),
-                    Err(e) => break RelayEnd::Error(e),
+                match (flatten(r), refused) {
+                    (Ok(_), Some((d, _))) => break RelayEnd::Denied(d),
+                    (Ok(Flow::Eof), None) if up_done => break RelayEnd::Closed,
+                    (Ok(Flow::Eof), None) => {}
+                    (Ok(Flow::Denied(d)), None) => break RelayEnd::Denied(d),
+                    (Err(e), _) => break RelayEnd::Error(e),
                 }
             }
             _ = closed.cancelled() => break RelayEnd::Cancelled,
             _ = hard_stop.cancelled() => break RelayEnd::Cancelled,
             _ = tokio::time::sleep_until(idle_at) => {
+                if let Some((d, _)) = refused {
+                    break RelayEnd::Denied(d);
+                }
                 if traffic.last() + idle <= tokio::time::Instant::now() {
                     break RelayEnd::Idle;
                 }
@@ -219,8 +243,15 @@ pub async fn one_way(
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
     }
-    shutdown_write(dst);
+    finish(dst, traffic);
     Ok(Flow::Eof)
+}
+
+/// Passes EOF on, unless a refusal is still to be written to `dst`.
+fn finish(dst: &TcpStream, traffic: &Traffic) {
+    if !traffic.refusal_pending() {
+        shutdown_write(dst);
+    }
 }
 
 fn splice_unsupported(e: &io::Error) -> bool {
@@ -250,6 +281,6 @@ pub async fn copy_one_way(
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
     }
-    shutdown_write(dst);
+    finish(dst, traffic);
     Ok(Flow::Eof)
 }

@@ -119,9 +119,16 @@ impl Gw {
     /// Sends `bytes` to the transparent listener from `source` and reads
     /// the answer to EOF.
     pub async fn request_from(&self, source: &str, bytes: &[u8]) -> String {
+        String::from_utf8_lossy(&self.request_from_bytes(source, bytes).await).into_owned()
+    }
+
+    /// As [`request_from`](Self::request_from), the answer as bytes. A
+    /// write the gateway cuts short (it refused before reading it all) is
+    /// not an error here.
+    pub async fn request_from_bytes(&self, source: &str, bytes: &[u8]) -> Vec<u8> {
         let mut s = self.connect_from(source).await;
-        s.write_all(bytes).await.unwrap();
-        String::from_utf8_lossy(&read_all(&mut s).await).into_owned()
+        let _ = s.write_all(bytes).await;
+        read_all(&mut s).await
     }
 
     /// Connects to the transparent listener from `source` (a 127.x address).
@@ -453,4 +460,94 @@ pub async fn upgrade_upstream() -> Upstream {
         }
     });
     up
+}
+
+/// How a refused connection must be refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// An HTTP answer with this status and `x-deny-reason`.
+    Http(u16),
+    /// The TLS alert `access_denied`.
+    TlsAlert,
+    /// A close without a byte.
+    Closed,
+}
+
+/// One hostile input and how it must be refused.
+pub struct Case {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub send: Vec<u8>,
+    pub refusal: Refusal,
+    pub protocol: &'static str,
+    pub reason: &'static str,
+}
+
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Runs each case on its own connection to the transparent listener and
+/// checks, for each: the form of the refusal, the reason (in the answer
+/// where the protocol carries one, and in the counters always), that no
+/// upstream saw a connection, and that the process's descriptors are back
+/// at their baseline. Call it from the only test in its binary: counters
+/// and descriptors are process-wide.
+pub async fn run_cases(gw: &Gw, upstreams: &[&Upstream], cases: Vec<Case>) {
+    const ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+    let accepted = |ups: &[&Upstream]| ups.iter().map(|u| u.accepted()).sum::<usize>();
+    let before_all = accepted(upstreams);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = open_fds();
+    for case in cases {
+        let series = format!(
+            r#"sluice_connections_total{{mode="transparent",protocol="{}",decision="deny",reason="{}"}}"#,
+            case.protocol, case.reason
+        );
+        let counted_before = metric(&gw.metrics().await, &series);
+        let answer = gw.request_from_bytes(case.source, &case.send).await;
+        let text = String::from_utf8_lossy(&answer);
+        match case.refusal {
+            Refusal::Http(status) => {
+                assert!(
+                    text.starts_with(&format!("HTTP/1.1 {status} ")),
+                    "{}: {text}",
+                    case.name
+                );
+                assert!(
+                    text.contains(&format!("\r\nx-deny-reason: {}\r\n", case.reason)),
+                    "{}: {text}",
+                    case.name
+                );
+            }
+            Refusal::TlsAlert => assert_eq!(answer, ALERT, "{}", case.name),
+            Refusal::Closed => assert!(answer.is_empty(), "{}: {text}", case.name),
+        }
+        let counted = metric(&gw.metrics().await, &series);
+        assert_eq!(
+            counted,
+            counted_before + 1.0,
+            "{}: {series} did not count it",
+            case.name
+        );
+        assert_eq!(
+            accepted(upstreams),
+            before_all,
+            "{}: an upstream saw a connection",
+            case.name
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut now = open_fds();
+        while now > baseline && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            now = open_fds();
+        }
+        assert!(
+            now <= baseline,
+            "{}: descriptors {baseline} before, {now} after",
+            case.name
+        );
+    }
 }
