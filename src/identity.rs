@@ -229,3 +229,45 @@ impl Registry {
         self.by_ip.is_empty()
     }
 }
+
+/// Live connections per container, for clients that are not registered
+/// (the explicit proxy): capped like a registered sandbox's.
+#[derive(Default)]
+pub struct ConnectionCounts {
+    counts: DashMap<String, usize>,
+}
+
+impl ConnectionCounts {
+    /// A slot for `container`, unless it holds `cap` already.
+    pub fn try_acquire(self: &Arc<Self>, container: &str, cap: usize) -> Option<CountGuard> {
+        let mut entry = self.counts.entry(container.to_owned()).or_insert(0);
+        if *entry >= cap {
+            return None;
+        }
+        *entry += 1;
+        drop(entry);
+        Some(CountGuard {
+            counts: Arc::clone(self),
+            container: container.to_owned(),
+        })
+    }
+
+    pub fn get(&self, container: &str) -> usize {
+        self.counts.get(container).map(|n| *n).unwrap_or(0)
+    }
+}
+
+/// Gives its slot back on drop.
+pub struct CountGuard {
+    counts: Arc<ConnectionCounts>,
+    container: String,
+}
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.counts.counts.remove_if_mut(&self.container, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}

@@ -22,8 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, GatewayConfig};
-use crate::identity::Registry;
 use crate::identity::token::Verifier;
+use crate::identity::{ConnectionCounts, Registry};
 use crate::metrics::{self as m, Mode};
 use crate::net::orig_dst::OrigDstSource;
 use crate::policy::Deny;
@@ -52,6 +52,9 @@ pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     /// sluice's own listeners, never a destination.
     own: Vec<SocketAddr>,
+    /// Live explicit-proxy connections per container (the transparent
+    /// path counts on the registered sandbox).
+    pub proxy_counts: Arc<ConnectionCounts>,
 }
 
 impl Gateway {
@@ -76,6 +79,7 @@ impl Gateway {
             orig_dst,
             policy: RwLock::new(policy),
             own,
+            proxy_counts: Arc::default(),
         }
     }
 

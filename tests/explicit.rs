@@ -467,3 +467,41 @@ async fn pipelined_requests_get_every_answer_before_a_refusal() {
     assert!(first < second && second < refused, "{answer}");
     assert!(!String::from_utf8(up.received()).unwrap().contains("/3"));
 }
+
+#[tokio::test]
+async fn one_container_cannot_take_more_than_its_share_through_the_proxy() {
+    let up = raw_upstream(b"", usize::MAX).await;
+    let gw = start(up.addr, |c| c.gateway.max_connections_per_sandbox = 2).await;
+    let port = up.addr.port();
+    let greedy = mint(&gw, "greedy", &[&format!("ssh.test:{port}")], 600).await;
+    let other = mint(&gw, "other", &[&format!("ssh.test:{port}")], 600).await;
+    let tunnel = |token: String| {
+        let gw = &gw;
+        async move {
+            let mut s = proxy(gw).await;
+            s.write_all(format!("CONNECT ssh.test:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut got = vec![0u8; "HTTP/1.1 200 Connection established\r\n\r\n".len()];
+            let ok = s.read_exact(&mut got).await.is_ok() && got.starts_with(b"HTTP/1.1 200");
+            (s, ok, String::from_utf8_lossy(&got).into_owned())
+        }
+    };
+    let (a, ok_a, _) = tunnel(greedy.clone()).await;
+    let (_b, ok_b, _) = tunnel(greedy.clone()).await;
+    assert!(ok_a && ok_b);
+    let (mut c, ok_c, head) = tunnel(greedy.clone()).await;
+    assert!(!ok_c, "{head}");
+    let rest = String::from_utf8_lossy(&read_all(&mut c).await).into_owned();
+    assert!(
+        format!("{head}{rest}").contains("x-deny-reason: overloaded"),
+        "{head}{rest}"
+    );
+    let (_d, ok_d, _) = tunnel(other).await;
+    assert!(ok_d, "another container was refused");
+    // A freed slot is usable again.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_e, ok_e, _) = tunnel(greedy).await;
+    assert!(ok_e);
+}

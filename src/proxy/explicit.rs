@@ -295,6 +295,9 @@ async fn serve(conn: &Conn) {
     // Cancelled when the token of the last request is revoked: the
     // connection (and the response it may be streaming) closes.
     let mut revoked = tokio_util::sync::CancellationToken::new();
+    // The container's share of connections, taken at its first request and
+    // held for the connection's life.
+    let mut _slot: Option<crate::identity::CountGuard> = None;
     loop {
         let next = tokio::select! {
             next = next_head(&conn.client, &mut buf, max_head, deadline) => next,
@@ -356,6 +359,21 @@ async fn serve(conn: &Conn) {
         };
         let container = grant.claims.container_id.clone();
         revoked = conn.gw.verifier.watch(&grant);
+        if _slot.is_none() {
+            match conn
+                .gw
+                .proxy_counts
+                .try_acquire(&container, g.max_connections_per_sandbox)
+            {
+                Some(slot) => _slot = Some(slot),
+                None => {
+                    let_answers_finish(conn, session.take(), idle, "denied").await;
+                    return conn
+                        .refuse(protocol, Some(&head), Some(&container), Deny::Overloaded)
+                        .await;
+                }
+            }
+        }
         let port = match (head.connect, head.absolute_form && !head.https) {
             (true, _) => head.port.unwrap_or(443),
             (false, true) => head.port.unwrap_or(80),
