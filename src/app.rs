@@ -293,11 +293,7 @@ async fn reaper(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.stopping() => return,
-        }
+    while shutdown.tick(&mut tick).await {
         let now = crate::identity::token::now_s();
         let removed = sandboxes.reap(now, reap_after_s).await;
         let purged = verifier.purge_expired(now);
@@ -335,11 +331,7 @@ async fn jwks_watcher(verifier: Arc<Verifier>, path: std::path::PathBuf, shutdow
     let mut seen = stamp(&path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.stopping() => return,
-        }
+    while shutdown.tick(&mut tick).await {
         let now = stamp(&path);
         if now != seen {
             seen = now;

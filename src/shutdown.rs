@@ -30,6 +30,15 @@ impl Shutdown {
         self.stop.is_cancelled()
     }
 
+    /// Waits for the next tick of `interval`; `false` once stopping, so a
+    /// periodic task is `while shutdown.tick(&mut interval).await { … }`.
+    pub async fn tick(&self, interval: &mut tokio::time::Interval) -> bool {
+        tokio::select! {
+            _ = interval.tick() => true,
+            _ = self.stop.cancelled() => false,
+        }
+    }
+
     /// Cancelled when live connections must close now.
     pub fn hard(&self) -> &CancellationToken {
         &self.hard
