@@ -177,7 +177,7 @@ async fn jwks(State(state): State<Arc<AdminState>>) -> Json<Value> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TokenRequest {
+pub(crate) struct TokenRequest {
     container_id: String,
     user_id: String,
     allowed_hosts: Vec<String>,
@@ -230,7 +230,7 @@ async fn mint_token(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RegisterRequest {
+pub(crate) struct RegisterRequest {
     source_ip: String,
     token: String,
 }
@@ -357,7 +357,7 @@ async fn launch(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ExecRequest {
+pub(crate) struct ExecRequest {
     command: Vec<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
@@ -381,7 +381,7 @@ async fn exec(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RevokeRequest {
+pub(crate) struct RevokeRequest {
     jti: String,
 }
 

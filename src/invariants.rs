@@ -55,6 +55,37 @@ pub fn host_pattern(data: &[u8]) {
     }
 }
 
+/// Any bytes as a token: refused (a signature cannot be guessed), never a
+/// panic, whether it reaches verification or stops at the header.
+pub fn token(data: &[u8]) {
+    use crate::identity::token::{Jwks, KeyPair, Verifier};
+    use std::sync::OnceLock;
+    static VERIFIER: OnceLock<Verifier> = OnceLock::new();
+    let verifier = VERIFIER.get_or_init(|| {
+        let pair = KeyPair::generate("fuzz").unwrap_or_else(|e| panic!("keygen: {e}"));
+        let jwks = Jwks::parse(&pair.jwks().to_string()).unwrap_or_else(|e| panic!("jwks: {e}"));
+        Verifier::new(jwks, "secure-egress-control", "egress-proxy", 30)
+    });
+    if let Ok(s) = std::str::from_utf8(data) {
+        assert!(verifier.verify_uncached(s).is_err());
+        let _ = serde_json::from_str::<crate::identity::token::Claims>(s);
+    }
+    let _ = serde_json::from_slice::<crate::identity::token::Claims>(data);
+}
+
+/// Any bytes as an admin request body: an error or a request, never a
+/// panic; launch requests go through their validation too.
+pub fn admin_bodies(data: &[u8]) {
+    use crate::admin::{ExecRequest, RegisterRequest, RevokeRequest, TokenRequest};
+    let _ = serde_json::from_slice::<TokenRequest>(data);
+    let _ = serde_json::from_slice::<RegisterRequest>(data);
+    let _ = serde_json::from_slice::<ExecRequest>(data);
+    let _ = serde_json::from_slice::<RevokeRequest>(data);
+    if let Ok(req) = serde_json::from_slice::<crate::sandbox::LaunchRequest>(data) {
+        let _ = crate::sandbox::validate_launch(&crate::config::Config::default(), &req);
+    }
+}
+
 /// Any text as a config: an error or a config, never a panic.
 pub fn config(data: &[u8]) {
     if let Ok(s) = std::str::from_utf8(data) {

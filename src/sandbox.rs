@@ -190,63 +190,6 @@ impl Sandboxes {
         }
     }
 
-    fn validate(&self, req: &LaunchRequest) -> Result<(u64, u64, u64, i64), LaunchError> {
-        let sb = &self.config.sandbox;
-        let bad = |m: String| Err(LaunchError::BadRequest(m));
-        if !is_safe_id(&req.user_id) {
-            return bad(
-                "user_id must be 1-128 letters, digits, '_', '-' or '.' (a safe path component)"
-                    .into(),
-            );
-        }
-        if req.command.is_empty() || req.command[0].is_empty() {
-            return bad("command must name a program".into());
-        }
-        if req.command.len() > MAX_ARGS {
-            return bad(format!("command has more than {MAX_ARGS} arguments"));
-        }
-        if req
-            .command
-            .iter()
-            .any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0'))
-        {
-            return bad(format!(
-                "command arguments are at most {MAX_ARG_BYTES} bytes, without NUL"
-            ));
-        }
-        if req.command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
-            return bad(format!("command is longer than {MAX_COMMAND_BYTES} bytes"));
-        }
-        let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_S.min(sb.max_ttl_s));
-        let max_ttl = sb.max_ttl_s.min(self.config.auth.max_ttl_s);
-        if ttl == 0 || ttl > max_ttl {
-            return bad(format!("ttl_seconds must be between 1 and {max_ttl}"));
-        }
-        let memory = req.memory_bytes.unwrap_or(sb.default_memory_bytes);
-        if !(16 << 20..=sb.max_memory_bytes).contains(&memory) {
-            return bad(format!(
-                "memory_bytes must be between {} and {}",
-                16 << 20,
-                sb.max_memory_bytes
-            ));
-        }
-        let cpu = req.cpu_millis.unwrap_or(sb.default_cpu_millis);
-        if !(10..=sb.max_cpu_millis).contains(&cpu) {
-            return bad(format!(
-                "cpu_millis must be between 10 and {}",
-                sb.max_cpu_millis
-            ));
-        }
-        let pids = req.pids_limit.unwrap_or(sb.default_pids_limit);
-        if !(1..=sb.max_pids_limit).contains(&pids) {
-            return bad(format!(
-                "pids_limit must be between 1 and {}",
-                sb.max_pids_limit
-            ));
-        }
-        Ok((ttl, memory, cpu, pids))
-    }
-
     /// The first free address of the subnet, reserved until released.
     fn allocate(&self) -> Result<Ipv4Addr, LaunchError> {
         let IpNet::V4(net) = self.config.sandbox.subnet else {
@@ -283,7 +226,7 @@ impl Sandboxes {
     /// Launches a sandbox: validated, addressed, its token minted and
     /// registered (on disk) before it starts; all undone on failure.
     pub async fn launch(&self, req: LaunchRequest) -> Result<Launched, LaunchError> {
-        let (ttl, memory_bytes, cpu_millis, pids_limit) = self.validate(&req)?;
+        let (ttl, memory_bytes, cpu_millis, pids_limit) = validate_launch(&self.config, &req)?;
         let signer = self
             .signer
             .as_ref()
@@ -472,6 +415,67 @@ impl Sandboxes {
             }
         }
     }
+}
+
+/// Checks a launch request against `[sandbox]` and `[auth]`: the TTL,
+/// memory, CPU and pids limits it resolves to, or why it is refused.
+pub fn validate_launch(
+    config: &Config,
+    req: &LaunchRequest,
+) -> Result<(u64, u64, u64, i64), LaunchError> {
+    let sb = &config.sandbox;
+    let bad = |m: String| Err(LaunchError::BadRequest(m));
+    if !is_safe_id(&req.user_id) {
+        return bad(
+            "user_id must be 1-128 letters, digits, '_', '-' or '.' (a safe path component)".into(),
+        );
+    }
+    if req.command.is_empty() || req.command[0].is_empty() {
+        return bad("command must name a program".into());
+    }
+    if req.command.len() > MAX_ARGS {
+        return bad(format!("command has more than {MAX_ARGS} arguments"));
+    }
+    if req
+        .command
+        .iter()
+        .any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0'))
+    {
+        return bad(format!(
+            "command arguments are at most {MAX_ARG_BYTES} bytes, without NUL"
+        ));
+    }
+    if req.command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
+        return bad(format!("command is longer than {MAX_COMMAND_BYTES} bytes"));
+    }
+    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_S.min(sb.max_ttl_s));
+    let max_ttl = sb.max_ttl_s.min(config.auth.max_ttl_s);
+    if ttl == 0 || ttl > max_ttl {
+        return bad(format!("ttl_seconds must be between 1 and {max_ttl}"));
+    }
+    let memory = req.memory_bytes.unwrap_or(sb.default_memory_bytes);
+    if !(16 << 20..=sb.max_memory_bytes).contains(&memory) {
+        return bad(format!(
+            "memory_bytes must be between {} and {}",
+            16 << 20,
+            sb.max_memory_bytes
+        ));
+    }
+    let cpu = req.cpu_millis.unwrap_or(sb.default_cpu_millis);
+    if !(10..=sb.max_cpu_millis).contains(&cpu) {
+        return bad(format!(
+            "cpu_millis must be between 10 and {}",
+            sb.max_cpu_millis
+        ));
+    }
+    let pids = req.pids_limit.unwrap_or(sb.default_pids_limit);
+    if !(1..=sb.max_pids_limit).contains(&pids) {
+        return bad(format!(
+            "pids_limit must be between 1 and {}",
+            sb.max_pids_limit
+        ));
+    }
+    Ok((ttl, memory, cpu, pids))
 }
 
 /// The environment a launched sandbox runs with (and its execs): the

@@ -53,3 +53,13 @@ fn host_pattern_corpus() {
 fn config_corpus() {
     replay("config", sluice::invariants::config);
 }
+
+#[test]
+fn token_corpus() {
+    replay("token", sluice::invariants::token);
+}
+
+#[test]
+fn admin_bodies_corpus() {
+    replay("admin_bodies", sluice::invariants::admin_bodies);
+}
