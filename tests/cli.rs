@@ -415,6 +415,7 @@ fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     let cpu_ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     // utime+stime in clock ticks (100/s): a spinning accept loop would
     // have burned about a second.
+    eprintln!("gateway CPU: {cpu_ticks} ticks");
     assert!(
         cpu_ticks < 80,
         "the accept loop spun: {cpu_ticks} ticks of CPU"
