@@ -251,10 +251,6 @@ impl ConnectionCounts {
             container: container.to_owned(),
         })
     }
-
-    pub fn get(&self, container: &str) -> usize {
-        self.counts.get(container).map(|n| *n).unwrap_or(0)
-    }
 }
 
 /// Gives its slot back on drop.

@@ -519,3 +519,30 @@ async fn websocket_upgrades_are_checked_then_relayed_raw() {
     assert!(resp.contains("x-deny-reason: host_not_allowed"), "{resp}");
     assert_eq!(up.accepted(), 1);
 }
+
+#[tokio::test]
+async fn a_head_dribbled_in_hundreds_of_segments_is_refused() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n")
+        .await
+        .unwrap();
+    // 90 headers (under the 100 limit), each in two segments read on their
+    // own: a valid head, but 180 reads of a growing buffer.
+    for _ in 0..90 {
+        for piece in [&b"X-a: "[..], b"b\r\n"] {
+            if s.write_all(piece).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let _ = s.write_all(b"\r\n").await;
+    let answer = String::from_utf8_lossy(&read_all(&mut s).await).into_owned();
+    assert!(answer.contains("x-deny-reason: bad_request"), "{answer}");
+    assert_eq!(up.accepted(), 0);
+}

@@ -251,6 +251,7 @@ async fn next_head(
     max_head: usize,
     deadline: tokio::time::Instant,
 ) -> NextHead {
+    let mut reads = 0;
     loop {
         if !buf.is_empty() {
             match sniff::parse_request_head(buf, max_head) {
@@ -259,6 +260,10 @@ async fn next_head(
                 Parsed::NeedMore => {}
             }
         }
+        if reads >= sniff::MAX_SNIFF_READS {
+            return NextHead::Invalid(Deny::BadRequest);
+        }
+        reads += 1;
         match tokio::time::timeout_at(deadline, read_some(client, buf, max_head)).await {
             Err(_) => return NextHead::TimedOut,
             Ok(Ok(0)) | Ok(Err(_)) => return NextHead::Eof,
@@ -647,6 +652,7 @@ async fn tunnel_hello(
 ) -> Option<Parsed<sniff::ClientHello>> {
     let deadline = tokio::time::Instant::now() + peek;
     let cap = max_hello * 2 + 64;
+    let mut reads = 0;
     loop {
         if let Some(&first) = buf.first() {
             if first != 0x16 {
@@ -658,6 +664,10 @@ async fn tunnel_hello(
                 done => return Some(done),
             }
         }
+        if reads >= sniff::MAX_SNIFF_READS {
+            return Some(Parsed::Invalid(Deny::NoHost));
+        }
+        reads += 1;
         let server_first = buf.is_empty();
         tokio::select! {
             r = tokio::time::timeout_at(deadline, read_some(client, buf, cap)) => match r {

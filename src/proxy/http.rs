@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
 
 use super::relay::{Flow, Traffic, one_way};
-use super::sniff::{ChunkProgress, ChunkedState, Framing, Parsed, RequestHead, parse_request_head};
+use super::sniff::{
+    ChunkProgress, ChunkedState, Framing, MAX_SNIFF_READS, Parsed, RequestHead, parse_request_head,
+};
 use crate::net::{read_some, shutdown_write, write_all};
 use crate::policy::Deny;
 
@@ -36,6 +38,7 @@ where
 {
     let counter = &traffic.to_upstream;
     loop {
+        let mut reads = 0;
         let head = loop {
             if !buf.is_empty() {
                 match parse_request_head(&buf, max_head) {
@@ -44,6 +47,10 @@ where
                     Parsed::NeedMore => {}
                 }
             }
+            if reads >= MAX_SNIFF_READS {
+                return Ok(refuse_later(upstream, traffic, Deny::BadRequest));
+            }
+            reads += 1;
             let n = read_some(client, &mut buf, max_head).await?;
             if n == 0 {
                 // EOF between requests is the normal end; inside a head it

@@ -223,6 +223,12 @@ fn server_name(data: &[u8]) -> Result<HostName, Deny> {
 /// caller's buffer.
 pub const MAX_HEADERS: usize = 100;
 
+/// Reads allowed before a ClientHello or request head must be complete.
+/// The parsers start over on every read, so a client that dribbles a 64 KiB
+/// head a few bytes per segment would cost quadratic time; honest clients
+/// need a handful of reads (a 16 KiB hello is about 12 segments).
+pub const MAX_SNIFF_READS: usize = 128;
+
 /// How a request's body is delimited (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {

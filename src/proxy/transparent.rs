@@ -38,6 +38,7 @@ async fn sniff_target(
     // A ClientHello split into many small records carries 5 bytes of
     // header per record; leave room for that, bounded.
     let tls_cap = max_hello * 2 + 64;
+    let mut reads = 0;
     loop {
         let protocol = match buf.first() {
             None => Protocol::Other,
@@ -84,7 +85,16 @@ async fn sniff_target(
                 };
                 return Ok(Err((protocol, deny)));
             }
+            Parsed::NeedMore if reads >= sniff::MAX_SNIFF_READS => {
+                let deny = if protocol == Protocol::Tls {
+                    Deny::NoHost
+                } else {
+                    Deny::BadRequest
+                };
+                return Ok(Err((protocol, deny)));
+            }
             Parsed::NeedMore => {
+                reads += 1;
                 if crate::net::read_some(stream, buf, cap).await? == 0 {
                     // The client closed before naming a host.
                     return Ok(Err((protocol, Deny::NoHost)));
