@@ -7,6 +7,7 @@ pub mod orig_dst;
 use std::io;
 use std::net::SocketAddr;
 
+use bytes::BufMut;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -49,13 +50,19 @@ pub async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io:
     if room == 0 {
         return Ok(0);
     }
+    // Into spare capacity, never zero-filled: a buffer with a little room
+    // (the sniff's 2 KiB covers nearly every ClientHello) reads into that;
+    // one without grows by `room`. Untouched capacity costs no memory.
+    let spare = buf.capacity() - buf.len();
+    let want = if spare >= 2048 {
+        spare.min(room)
+    } else {
+        buf.reserve(room);
+        room
+    };
     loop {
         stream.readable().await?;
-        let start = buf.len();
-        buf.resize(start + room, 0);
-        let result = stream.try_read(&mut buf[start..]);
-        buf.truncate(start + *result.as_ref().unwrap_or(&0));
-        match result {
+        match stream.try_read_buf(&mut (&mut *buf).limit(want)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,
         }

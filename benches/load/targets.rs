@@ -231,6 +231,7 @@ fn start_haproxy(lab: &Lab, max_conns: usize) -> Result<Child> {
         format!(
             "global
     maxconn {max}
+    maxpipes 512
     nbthread 2
 defaults
     mode tcp
@@ -248,7 +249,7 @@ frontend sni
 backend upstream
     server u {UPSTREAM}
 ",
-            max = max_conns + 256,
+            max = max_conns + 128,
             names = NAMES.join(" "),
         ),
     )?;

@@ -10,8 +10,8 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
@@ -21,9 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::net::shutdown_write;
 use crate::policy::Deny;
-
-/// Bytes moved per splice call: the default pipe capacity.
-const CHUNK: usize = 64 * 1024;
 
 /// How a direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,21 +105,38 @@ impl Traffic {
 /// both end, one fails or is denied, the pair is idle for `idle`, or one of
 /// the tokens is cancelled. Tasks are stopped and awaited before this
 /// returns, so no descriptor outlives it except the caller's own.
-pub async fn run_pair<A, B>(
+///
+/// The two tasks are spawned when this is called, so the future returned
+/// holds their handles rather than the directions' own state: it is what an
+/// idle connection keeps.
+pub fn run_pair<'a, A, B>(
     to_upstream: A,
     to_client: B,
-    traffic: &Traffic,
+    traffic: &'a Traffic,
     idle: Duration,
-    closed: &CancellationToken,
-    hard_stop: &CancellationToken,
-) -> RelayEnd
+    closed: &'a CancellationToken,
+    hard_stop: &'a CancellationToken,
+) -> impl Future<Output = RelayEnd> + Send + 'a
 where
     A: Future<Output = io::Result<Flow>> + Send + 'static,
     B: Future<Output = io::Result<Flow>> + Send + 'static,
 {
     traffic.touch();
-    let mut up = tokio::spawn(to_upstream);
-    let mut down = tokio::spawn(to_client);
+    let up = tokio::spawn(to_upstream);
+    let down = tokio::spawn(to_client);
+    watch_pair(up, down, traffic, idle, closed, hard_stop)
+}
+
+type Direction = tokio::task::JoinHandle<io::Result<Flow>>;
+
+async fn watch_pair(
+    mut up: Direction,
+    mut down: Direction,
+    traffic: &Traffic,
+    idle: Duration,
+    closed: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> RelayEnd {
     let (mut up_done, mut down_done) = (false, false);
     // A refused later request: the answers to earlier ones may still be on
     // their way; they get this long to finish before the refusal is sent.
@@ -191,7 +205,55 @@ impl Pipe {
     fn new() -> io::Result<Pipe> {
         let (read, write) =
             nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        // Larger than the default 64 KiB, so one splice moves more of a
+        // fast stream. The kernel may refuse (a user over its pipe pages
+        // limit); the default size then serves.
+        let _ = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
         Ok(Pipe { read, write })
+    }
+}
+
+/// The pipe capacity asked for, and the most one splice call moves.
+const PIPE_SIZE: usize = 256 * 1024;
+
+/// Empty pipes kept for reuse. A direction holds a pipe only while bytes
+/// are in flight through it and gives it back once the source has nothing
+/// more to read and the pipe is drained, so idle connections hold none
+/// (two descriptors saved per direction) and a new burst does not pay for
+/// `pipe2` and `F_SETPIPE_SZ`.
+struct PipePool {
+    free: Mutex<Vec<Pipe>>,
+}
+
+/// Pipes kept beyond that are closed; a busy gateway makes new ones.
+pub const POOL_MAX: usize = 256;
+
+/// Empty pipes waiting in the pool (two descriptors each): what a
+/// descriptor count should leave out when it looks for leaks.
+pub fn pooled_pipes() -> usize {
+    POOL.free.lock().map(|v| v.len()).unwrap_or(0)
+}
+
+static POOL: PipePool = PipePool {
+    free: Mutex::new(Vec::new()),
+};
+
+impl PipePool {
+    fn take(&self) -> io::Result<Pipe> {
+        let reused = self.free.lock().ok().and_then(|mut v| v.pop());
+        match reused {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Takes back a pipe known to be empty.
+    fn give(&self, pipe: Pipe) {
+        if let Ok(mut v) = self.free.lock()
+            && v.len() < POOL_MAX
+        {
+            v.push(pipe);
+        }
     }
 }
 
@@ -203,28 +265,37 @@ pub async fn one_way(
     counter: &AtomicU64,
     traffic: &Traffic,
 ) -> io::Result<Flow> {
-    // The pipe is made when the first bytes are ready, not per connection.
-    src.readable().await?;
-    let pipe = match Pipe::new() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(error = %e, "no pipe for splice; copying");
-            return copy_one_way(src, dst, counter, traffic).await;
-        }
-    };
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut first = true;
+    // Held while bytes flow; given back (empty) when the source runs dry.
+    let mut held: Option<Pipe> = None;
     loop {
         src.readable().await?;
+        let pipe = match held {
+            Some(ref p) => p,
+            None => match POOL.take() {
+                Ok(p) => held.insert(p),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for splice; copying");
+                    return copy_one_way(src, dst, counter, traffic).await;
+                }
+            },
+        };
         let n = match src.try_io(Interest::READABLE, || {
-            splice(src, None, &pipe.write, None, CHUNK, flags).map_err(io::Error::from)
+            splice(src, None, &pipe.write, None, PIPE_SIZE, flags).map_err(io::Error::from)
         }) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(p) = held.take() {
+                    POOL.give(p);
+                }
+                continue;
+            }
             Err(e) if first && splice_unsupported(&e) => {
                 return copy_one_way(src, dst, counter, traffic).await;
             }
+            // The pipe is empty here; but an error ends the connection.
             Err(e) => return Err(e),
         };
         first = false;
@@ -237,11 +308,15 @@ pub async fn one_way(
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Dropped with what it holds, not pooled.
                 Err(e) => return Err(e),
             }
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
+    }
+    if let Some(p) = held.take() {
+        POOL.give(p);
     }
     finish(dst, traffic);
     Ok(Flow::Eof)

@@ -206,14 +206,17 @@ async fn serve(
     let g = &policy.gateway;
     let mut buf = Vec::with_capacity(2048);
     let peek = Duration::from_millis(g.peek_timeout_ms);
+    // The decision's futures are boxed: they are freed once done, and the
+    // connection's own state, held for as long as the relay runs, stays
+    // small (what an idle connection costs).
     let sniffed = tokio::time::timeout(
         peek,
-        sniff_target(
+        Box::pin(sniff_target(
             &stream,
             &mut buf,
             g.max_client_hello_bytes,
             g.max_request_head_bytes,
-        ),
+        )),
     )
     .await;
     let target = match sniffed {
@@ -257,10 +260,13 @@ async fn serve(
             .refuse(&stream, protocol, Deny::Overloaded, started)
             .await;
     };
-    let connected = match policy.upstream.resolve(&host, port).await {
-        Ok(addrs) => policy.upstream.connect(&addrs).await,
-        Err(d) => Err(d),
-    };
+    let connected = Box::pin(async {
+        match policy.upstream.resolve(&host, port).await {
+            Ok(addrs) => policy.upstream.connect(&addrs).await,
+            Err(d) => Err(d),
+        }
+    })
+    .await;
     let (upstream, addr) = match connected {
         Ok(u) => u,
         Err(d) => return out.refuse(&stream, protocol, d, started).await,
@@ -274,42 +280,50 @@ async fn serve(
     let upstream = Arc::new(upstream);
     let idle = Duration::from_millis(g.idle_timeout_ms);
 
-    let to_client = {
+    // The directions are made and spawned in this block, so the state this
+    // connection keeps while they run is only their handles.
+    let pair = {
+        let to_client = {
+            let (c, u, t) = (
+                Arc::clone(&client),
+                Arc::clone(&upstream),
+                Arc::clone(&traffic),
+            );
+            async move { relay::one_way(&u, &c, &t.to_client, &t).await }
+        };
         let (c, u, t) = (
             Arc::clone(&client),
             Arc::clone(&upstream),
             Arc::clone(&traffic),
         );
-        async move { relay::one_way(&u, &c, &t.to_client, &t).await }
-    };
-    let (c, u, t) = (
-        Arc::clone(&client),
-        Arc::clone(&upstream),
-        Arc::clone(&traffic),
-    );
-    // HTTP is forwarded request by request; anything else (TLS) raw, after
-    // the bytes already read.
-    let check =
-        (protocol == Protocol::Http).then(|| next_request_check(gw, &policy, &sandbox, host, port));
-    let max_head = g.max_request_head_bytes;
-    let to_upstream = async move {
-        match check {
-            Some(check) => http::forward_requests(&c, &u, buf, max_head, check, &t).await,
-            None => {
-                http::send(&u, &buf, &t.to_upstream, &t).await?;
-                relay::one_way(&c, &u, &t.to_upstream, &t).await
+        // HTTP is forwarded request by request; anything else (TLS) raw,
+        // after the bytes already read.
+        let check = (protocol == Protocol::Http)
+            .then(|| next_request_check(gw, &policy, &sandbox, host, port));
+        let max_head = g.max_request_head_bytes;
+        let to_upstream = async move {
+            match check {
+                Some(check) => {
+                    Box::pin(http::forward_requests(&c, &u, buf, max_head, check, &t)).await
+                }
+                None => {
+                    http::send(&u, &buf, &t.to_upstream, &t).await?;
+                    // Not held for the life of the connection.
+                    drop(buf);
+                    relay::one_way(&c, &u, &t.to_upstream, &t).await
+                }
             }
-        }
+        };
+        relay::run_pair(
+            to_upstream,
+            to_client,
+            &traffic,
+            idle,
+            sandbox.closed(),
+            gw.shutdown.hard(),
+        )
     };
-    let end = relay::run_pair(
-        to_upstream,
-        to_client,
-        &traffic,
-        idle,
-        sandbox.closed(),
-        gw.shutdown.hard(),
-    )
-    .await;
+    let end = pair.await;
     drop(upstream);
     out.end = end.as_str();
     if let RelayEnd::Denied(d) = end {
