@@ -145,6 +145,12 @@ impl Lab {
         wait_port(&self.client, UPSTREAM)
     }
 
+    /// Keeps the working directory (logs, configs) past the run.
+    pub fn keep_dir(&mut self) -> std::path::PathBuf {
+        let dir = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("a temp dir"));
+        dir.keep()
+    }
+
     /// Sends the client's TCP to port 15001 in the gateway (or stops it).
     pub fn redirect(&self, on: bool) -> Result<()> {
         let action = if on { "apply" } else { "remove" };

@@ -48,6 +48,10 @@ struct Options {
     concurrency: usize,
     max_conns: u64,
     targets: Vec<Target>,
+    /// Which loads run (`--only idle,bulk,rate`; all by default).
+    only: Vec<String>,
+    /// Keep the gateways' logs and configs (`--keep-logs`).
+    keep_logs: bool,
     /// A check run (`cargo test`), not a measurement.
     smoke: bool,
 }
@@ -70,6 +74,8 @@ impl Options {
                 concurrency: 8,
                 max_conns: 20_000,
                 targets: Target::ALL.to_vec(),
+                only: Vec::new(),
+                keep_logs: false,
                 smoke,
             }
         } else {
@@ -81,6 +87,8 @@ impl Options {
                 concurrency: 32,
                 max_conns: 500_000,
                 targets: Target::ALL.to_vec(),
+                only: Vec::new(),
+                keep_logs: false,
                 smoke,
             }
         };
@@ -100,6 +108,8 @@ impl Options {
                         .map(|t| Target::parse(t).with_context(|| format!("unknown target {t}")))
                         .collect::<Result<_>>()?
                 }
+                "--only" => o.only = val()?.split(',').map(str::to_owned).collect(),
+                "--keep-logs" => o.keep_logs = true,
                 "--bench" => {}
                 // cargo's own flags and filters.
                 _ => {}
@@ -123,6 +133,7 @@ enum Figure {
     ConnRate,
     P50,
     P99,
+    ConnCpu,
     IdleRss,
     RssPerConn,
     IdleFds,
@@ -131,12 +142,13 @@ enum Figure {
 }
 
 impl Figure {
-    const ALL: [Figure; 10] = [
+    const ALL: [Figure; 11] = [
         Figure::Bulk1,
         Figure::Bulk32,
         Figure::ConnRate,
         Figure::P50,
         Figure::P99,
+        Figure::ConnCpu,
         Figure::IdleRss,
         Figure::RssPerConn,
         Figure::IdleFds,
@@ -151,6 +163,7 @@ impl Figure {
             Figure::ConnRate => "new TLS connections/s (higher is better)".into(),
             Figure::P50 => "connection latency p50 (µs)".into(),
             Figure::P99 => "connection latency p99 (µs)".into(),
+            Figure::ConnCpu => "gateway CPU µs per new connection".into(),
             Figure::IdleRss => format!("gateway RSS with {idle} idle connections (MiB)"),
             Figure::RssPerConn => "RSS growth per idle connection (KiB)".into(),
             Figure::IdleFds => format!("gateway descriptors with {idle} idle connections"),
@@ -255,6 +268,10 @@ fn run(mut opts: Options, ci: bool) -> Result<()> {
     if opts.smoke {
         smoke_check(&opts, &samples)?;
     }
+    if opts.keep_logs {
+        let dir = lab.keep_dir();
+        eprintln!("logs and configs kept in {}", dir.display());
+    }
     drop(lab);
     Ok(())
 }
@@ -275,7 +292,8 @@ fn measure(lab: &Lab, target: Target, o: &Options) -> Result<Vec<(Figure, f64)>>
             .sum::<u64>() as f64
     };
     let fds = |pids: &[u32]| -> f64 { pids.iter().map(|&p| lab::open_fds(p)).sum::<u64>() as f64 };
-    if !pids.is_empty() {
+    let runs = |load: &str| o.only.is_empty() || o.only.iter().any(|l| l == load);
+    if !pids.is_empty() && runs("idle") {
         let (rss0, fds0) = (rss(&pids), fds(&pids));
         let mut client = lab.client(&args(
             &["idle", "--to", UPSTREAM],
@@ -302,7 +320,12 @@ fn measure(lab: &Lab, target: Target, o: &Options) -> Result<Vec<(Figure, f64)>>
     let mut cpu_gw = 0.0;
     let mut cpu_machine = 0.0;
     let mut bytes = 0.0;
-    for (streams, figure) in [(1, Figure::Bulk1), (32, Figure::Bulk32)] {
+    let bulks = if runs("bulk") {
+        vec![(1, Figure::Bulk1), (32, Figure::Bulk32)]
+    } else {
+        Vec::new()
+    };
+    for (streams, figure) in bulks {
         let mut client = lab.client(&args(
             &["bulk", "--to", UPSTREAM],
             &[
@@ -320,10 +343,16 @@ fn measure(lab: &Lab, target: Target, o: &Options) -> Result<Vec<(Figure, f64)>>
         cpu_machine += end.cpu_machine;
         bytes += b;
     }
-    if target != Target::Direct {
-        out.push((Figure::GatewayCpu, cpu_gw / (bytes / 1e9)));
+    if bytes > 0.0 {
+        if target != Target::Direct {
+            out.push((Figure::GatewayCpu, cpu_gw / (bytes / 1e9)));
+        }
+        out.push((Figure::MachineCpu, cpu_machine / (bytes / 1e9)));
     }
-    out.push((Figure::MachineCpu, cpu_machine / (bytes / 1e9)));
+    if !runs("rate") {
+        gw.stop();
+        return Ok(out);
+    }
 
     let mut client = lab.client(&args(
         &["rate", "--to", UPSTREAM],
@@ -347,6 +376,9 @@ fn measure(lab: &Lab, target: Target, o: &Options) -> Result<Vec<(Figure, f64)>>
     ));
     out.push((Figure::P50, end.kv.get("p50_us").copied().unwrap_or(0.0)));
     out.push((Figure::P99, end.kv.get("p99_us").copied().unwrap_or(0.0)));
+    if target != Target::Direct && conns > 0.0 {
+        out.push((Figure::ConnCpu, end.cpu_gateway / conns * 1e6));
+    }
 
     gw.stop();
     Ok(out)
@@ -578,9 +610,11 @@ fn smoke_check(o: &Options, s: &Samples) -> Result<()> {
     for (i, &t) in o.targets.iter().enumerate() {
         for f in Figure::ALL {
             let expected = match f {
-                Figure::IdleRss | Figure::RssPerConn | Figure::IdleFds | Figure::GatewayCpu => {
-                    t != Target::Direct
-                }
+                Figure::IdleRss
+                | Figure::RssPerConn
+                | Figure::IdleFds
+                | Figure::GatewayCpu
+                | Figure::ConnCpu => t != Target::Direct,
                 _ => true,
             };
             let got = s.get(&(f, i)).and_then(|v| stats(v));
