@@ -148,6 +148,8 @@ fn spawn(lab: &Lab, program: &str, args: &[&str], log: &str) -> Result<Child> {
 fn start_sluice(lab: &Lab, max_conns: usize) -> Result<Child> {
     let dir = lab.dir.path();
     let state = dir.join("sluice-state");
+    // A fresh start each round: no registration carried over.
+    let _ = std::fs::remove_dir_all(&state);
     let resolve: String = NAMES
         .iter()
         .map(|n| format!("\"{n}\" = [\"{UPSTREAM_IP}\"]\n"))
