@@ -2,7 +2,8 @@
 //! head parsing on real captures, host normalisation, allowlist decisions
 //! at 10 / 1,000 / 100,000 entries (exact and wildcard), the identity
 //! lookup among 100,000 sandboxes, and token verification cold and from
-//! the claims cache. `cargo bench --bench decision`.
+//! the claims cache; and the whole decision (parse + lookup + match) at
+//! each allowlist size. `cargo bench --bench decision`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +16,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use sluice::identity::token::{Grant, Jwks, KeyPair, MintRequest, Signer, Verifier};
 use sluice::identity::{Origin, Registry, Sandbox};
 use sluice::policy::{Allowlist, Host, HostName, HostPattern};
-use sluice::proxy::sniff::{parse_client_hello, parse_request_head};
+use sluice::proxy::sniff::{Parsed, parse_client_hello, parse_request_head};
 
 fn capture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -120,6 +121,35 @@ fn identity(c: &mut Criterion) {
     c.bench_function("identity/lookup_100k", |b| {
         b.iter(|| registry.get(black_box(probe)).unwrap())
     });
+
+    // The whole decision for one connection, as the transparent listener
+    // makes it: parse the post-quantum ClientHello (SNI past byte 1024),
+    // find the sandbox among 100,000 by source address, take its grant
+    // from the claims cache, and match the name against an allowlist of
+    // 10 / 1,000 / 100,000 entries.
+    let hello = capture("clienthello-pq.bin");
+    verifier.verify(&minted.token).unwrap();
+    let mut g = c.benchmark_group("decision");
+    for n in [10usize, 1_000, 100_000] {
+        let allowlist = Allowlist::new(
+            (0..n)
+                .map(|i| format!("host-{i}.example.test"))
+                .chain(["api.example.test".to_owned()])
+                .map(|p| p.parse::<HostPattern>().unwrap()),
+        );
+        g.bench_with_input(BenchmarkId::new("parse_lookup_match", n), &n, |b, _| {
+            b.iter(|| {
+                let Parsed::Found(h) = parse_client_hello(black_box(&hello), 16 * 1024) else {
+                    panic!("no SNI");
+                };
+                let sandbox = registry.get(black_box(probe)).unwrap();
+                let grant = sandbox.current_grant(&verifier).unwrap();
+                black_box(&grant);
+                allowlist.decide(&Host::Name(h.sni), 443, &[80, 443])
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, parsers, allowlists, identity);

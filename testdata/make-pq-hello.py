@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Builds testdata/clienthello-pq.bin from the captured curl ClientHello:
 its key_share is replaced by an X25519MLKEM768 share (1216 bytes, the size
-Chrome and Firefox send) plus X25519, a GREASE extension is added, and the
-server_name extension is moved last, so the SNI sits past byte 1024 as in
-real post-quantum hellos. Deterministic: the share bytes are a counter."""
+Chrome and Firefox send) plus X25519, a GREASE extension and a GREASE
+encrypted_client_hello (as Chrome sends without an ECH config) are added,
+and the server_name extension is moved last, so the hello is about 1.8 KB
+and the SNI sits past byte 1024, as in real post-quantum hellos. Deterministic: the share bytes are a counter."""
 import struct, sys
 
 src = open(sys.argv[1] if len(sys.argv) > 1 else "testdata/clienthello-curl.bin", "rb").read()
@@ -24,7 +25,13 @@ x25519 = bytes(range(32))
 shares = struct.pack(">HH", 0x11ec, len(mlkem)) + mlkem + struct.pack(">HH", 0x001d, 32) + x25519
 key_share = (0x33, struct.pack(">H", len(shares)) + shares)
 grease = (0x3a3a, b"\x00")
-new_exts = [grease] + rest + [key_share] + sni
+# ECH outer: type 0, HKDF-SHA256 / AES-128-GCM, config id, 32-byte enc, and
+# a 208-byte payload.
+payload = bytes((i * 7) % 256 for i in range(208))
+ech = (0xfe0d, b"\x00" + struct.pack(">HH", 1, 1) + b"\x2a"
+       + struct.pack(">H", 32) + bytes(range(32, 64))
+       + struct.pack(">H", len(payload)) + payload)
+new_exts = [grease] + rest + [ech, key_share] + sni
 ext_bytes = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in new_exts)
 hello = prefix + struct.pack(">H", len(ext_bytes)) + ext_bytes
 msg = b"\x01" + struct.pack(">I", len(hello))[1:] + hello
