@@ -2,7 +2,8 @@
 //! are done. Each direction runs as its own task, so a saturated one never
 //! starves the other; in the common case it is `splice(2)` through a pipe
 //! (socket → pipe → socket, no copy into user space), with a plain copy
-//! where the kernel refuses splice. EOF on one side shuts down the other
+//! where the kernel refuses splice. Pipes come from a pool and are held
+//! only while bytes are in flight, so an idle connection holds none. EOF on one side shuts down the other
 //! side's write half and the reverse direction keeps flowing. Byte counts
 //! live in atomics so they survive every ending: EOF, reset, idle timeout,
 //! cancellation.
