@@ -278,7 +278,7 @@ pub async fn one_way(
                 Ok(p) => held.insert(p),
                 Err(e) => {
                     tracing::debug!(error = %e, "no pipe for splice; copying");
-                    return copy_one_way(src, dst, counter, traffic).await;
+                    return Box::pin(copy_one_way(src, dst, counter, traffic)).await;
                 }
             },
         };
@@ -294,7 +294,7 @@ pub async fn one_way(
                 continue;
             }
             Err(e) if first && splice_unsupported(&e) => {
-                return copy_one_way(src, dst, counter, traffic).await;
+                return Box::pin(copy_one_way(src, dst, counter, traffic)).await;
             }
             // The pipe is empty here; but an error ends the connection.
             Err(e) => return Err(e),
