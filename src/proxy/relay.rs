@@ -3,10 +3,10 @@
 //! starves the other; in the common case it is `splice(2)` through a pipe
 //! (socket → pipe → socket, no copy into user space), with a plain copy
 //! where the kernel refuses splice. Pipes come from a pool and are held
-//! only while bytes are in flight, so an idle connection holds none. EOF on one side shuts down the other
-//! side's write half and the reverse direction keeps flowing. Byte counts
-//! live in atomics so they survive every ending: EOF, reset, idle timeout,
-//! cancellation.
+//! only while bytes are in flight, so an idle connection holds none. EOF
+//! on one side shuts down the other side's write half and the reverse
+//! direction keeps flowing. Byte counts live in atomics so they survive
+//! every ending: EOF, reset, idle timeout, cancellation.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +19,7 @@ use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::net::shutdown_write;
 use crate::policy::Deny;
@@ -123,12 +124,14 @@ where
     B: Future<Output = io::Result<Flow>> + Send + 'static,
 {
     traffic.touch();
-    let up = tokio::spawn(to_upstream);
-    let down = tokio::spawn(to_client);
+    // Aborted if the returned future is dropped unpolled or mid-way: no
+    // direction outlives its connection.
+    let up = AbortOnDropHandle::new(tokio::spawn(to_upstream));
+    let down = AbortOnDropHandle::new(tokio::spawn(to_client));
     watch_pair(up, down, traffic, idle, closed, hard_stop)
 }
 
-type Direction = tokio::task::JoinHandle<io::Result<Flow>>;
+type Direction = AbortOnDropHandle<io::Result<Flow>>;
 
 async fn watch_pair(
     mut up: Direction,
@@ -359,4 +362,42 @@ pub async fn copy_one_way(
     }
     finish(dst, traffic);
     Ok(Flow::Eof)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A connection whose relay future is dropped (its task cancelled)
+    /// leaves no direction running with its sockets.
+    #[tokio::test]
+    async fn dropping_the_pair_stops_both_directions() {
+        let held = Arc::new(());
+        let direction = |h: Arc<()>| async move {
+            let _h = h;
+            std::future::pending::<io::Result<Flow>>().await
+        };
+        let traffic = Traffic::default();
+        let token = CancellationToken::new();
+        let pair = run_pair(
+            direction(Arc::clone(&held)),
+            direction(Arc::clone(&held)),
+            &traffic,
+            Duration::from_secs(60),
+            &token,
+            &token,
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(Arc::strong_count(&held), 3, "both directions started");
+        drop(pair);
+        for _ in 0..100 {
+            if Arc::strong_count(&held) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(Arc::strong_count(&held), 1, "a direction outlived its pair");
+    }
 }
