@@ -19,17 +19,24 @@ pub enum OrigDstSource {
 }
 
 impl OrigDstSource {
-    pub fn lookup(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
-        match self {
-            OrigDstSource::Fixed(addr) => Ok(*addr),
-            OrigDstSource::Socket => original_dst(stream),
-        }
+    /// The port the client dialled, if the connection was redirected;
+    /// `None` for one made straight to the listener (its original
+    /// destination is the listener's own address).
+    pub fn redirected_port(&self, stream: &TcpStream) -> io::Result<Option<u16>> {
+        // One getsockname serves both the choice of socket option and the
+        // comparison.
+        let local = stream.local_addr()?;
+        let orig = match self {
+            OrigDstSource::Fixed(addr) => *addr,
+            OrigDstSource::Socket => original_dst(stream, local)?,
+        };
+        Ok((orig != local).then_some(orig.port()))
     }
 }
 
-/// Reads the original destination of a redirected connection.
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    let local = stream.local_addr()?;
+/// Reads the original destination of a redirected connection whose local
+/// address is `local`.
+pub fn original_dst(stream: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
     let v4 = match local {
         SocketAddr::V4(_) => true,
         SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),

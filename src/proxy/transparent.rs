@@ -189,10 +189,8 @@ async fn serve(
     // A REDIRECTed connection keeps its original port. One that came
     // straight to the listener has none (or has the listener's own address):
     // its port is then the one its request names, or the protocol's.
-    let local = stream.local_addr().ok();
-    let orig_port = match gw.orig_dst.lookup(&stream) {
-        Ok(orig) if Some(orig) != local => Some(orig.port()),
-        Ok(_) => None,
+    let orig_port = match gw.orig_dst.redirected_port(&stream) {
+        Ok(port) => port,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "no original destination: a direct connection");
             None
