@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use sluice::host::{Host, HostName, HostPattern};
 use sluice::identity::token::{Grant, Jwks, KeyPair, MintRequest, Signer, Verifier};
 use sluice::identity::{Origin, Registry, Sandbox};
-use sluice::policy::{Allowlist, Host, HostName, HostPattern};
+use sluice::policy::Allowlist;
 use sluice::proxy::sniff::{Parsed, parse_client_hello, parse_request_head};
 
 fn capture(name: &str) -> Vec<u8> {

@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::deny::Deny;
+use crate::host::Host;
 use crate::metrics::Mode;
-use crate::policy::{Deny, Host};
 
 /// Everything known about one connection's decision and its outcome.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::HostName;
+use crate::host::HostName;
 
 /// Why a configuration was refused. `Invalid` carries every problem found,
 /// each with the key it belongs to.

@@ -15,8 +15,8 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::deny::Deny;
 use crate::metrics as m;
-use crate::policy::Deny;
 use token::{Grant, Verifier, token_key};
 
 /// How a sandbox came to be registered.

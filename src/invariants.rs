@@ -3,7 +3,8 @@
 //! replay in the test suite (`tests/fuzz_corpus.rs`) both call these, so
 //! the fuzzer and CI check the same things.
 
-use crate::policy::{Allowlist, Host, HostPattern, split_authority};
+use crate::host::{Host, HostPattern, split_authority};
+use crate::policy::Allowlist;
 use crate::proxy::sniff::{
     ChunkProgress, ChunkedState, Parsed, classify, parse_client_hello, parse_request_head,
 };

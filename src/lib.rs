@@ -11,6 +11,8 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;
+pub mod deny;
+pub mod host;
 pub mod identity;
 pub mod invariants;
 pub mod metrics;

@@ -22,11 +22,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, GatewayConfig};
+use crate::deny::Deny;
 use crate::identity::token::Verifier;
 use crate::identity::{ConnectionCounts, Registry};
 use crate::metrics::{self as m, Mode};
 use crate::net::orig_dst::OrigDstSource;
-use crate::policy::Deny;
 use crate::shutdown::Shutdown;
 use sniff::Protocol;
 use upstream::Upstream;

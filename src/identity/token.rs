@@ -22,8 +22,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use crate::deny::Deny;
+use crate::host::HostPattern;
 use crate::metrics as m;
-use crate::policy::{Allowlist, Deny, HostPattern};
+use crate::policy::Allowlist;
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -605,7 +607,7 @@ fn header_of(token: &str) -> Result<Header, TokenError> {
 pub fn compile_hosts(hosts: &[String]) -> Result<Allowlist, TokenError> {
     let mut patterns = Vec::with_capacity(hosts.len());
     for h in hosts {
-        let p: HostPattern = h.parse().map_err(|e: crate::policy::HostError| {
+        let p: HostPattern = h.parse().map_err(|e: crate::host::HostError| {
             TokenError::BadAllowedHosts(h.clone(), e.to_string())
         })?;
         patterns.push(p);

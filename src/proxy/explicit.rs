@@ -24,10 +24,11 @@ use super::relay::{self, Flow, Traffic};
 use super::sniff::{self, Framing, Parsed, Protocol, RequestHead};
 use super::{Gateway, count};
 use crate::audit;
+use crate::deny::Deny;
+use crate::host::Host;
 use crate::identity::token::Grant;
 use crate::metrics::{self as m, ActiveGuard, Mode};
 use crate::net::{read_some, shutdown_write, write_all};
-use crate::policy::{Deny, Host};
 
 /// What `Proxy-Authorization` carried.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,8 +16,8 @@ use super::relay::{Flow, Traffic, one_way};
 use super::sniff::{
     ChunkProgress, ChunkedState, Framing, MAX_SNIFF_READS, Parsed, RequestHead, parse_request_head,
 };
+use crate::deny::Deny;
 use crate::net::{read_some, shutdown_write, write_all};
-use crate::policy::Deny;
 
 /// Body bytes read at a time while forwarding.
 const BODY_BUF: usize = 64 * 1024;

@@ -9,7 +9,8 @@
 
 use std::net::IpAddr;
 
-use crate::policy::{Deny, Host, HostName, split_authority};
+use crate::deny::Deny;
+use crate::host::{Host, HostName, split_authority};
 
 /// The three ways a parse ends.
 #[derive(Debug, Clone, PartialEq, Eq)]

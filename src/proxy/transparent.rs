@@ -16,9 +16,10 @@ use super::relay::{self, RelayEnd, Traffic};
 use super::sniff::{self, Parsed, Protocol, RequestHead};
 use super::{Gateway, Policy, count, http, refuse};
 use crate::audit;
+use crate::deny::Deny;
+use crate::host::Host;
 use crate::identity::Sandbox;
 use crate::metrics::{self as m, ActiveGuard, Mode};
-use crate::policy::{Deny, Host};
 
 /// What the first bytes named.
 struct Sniffed {

@@ -14,8 +14,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::GatewayConfig;
+use crate::deny::Deny;
+use crate::host::{Host, HostName};
 use crate::metrics as m;
-use crate::policy::{Deny, Host, HostName};
 
 /// IPv4 ranges no sandbox may reach unless exempted by
 /// `allow_destinations`.

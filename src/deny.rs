@@ -1,0 +1,95 @@
+//! The closed set of reasons a connection, a request or a query is
+//! refused. `as_str()` is at once the `x-deny-reason` header, the metrics
+//! label and the audit field; every stage that refuses names one of these.
+
+use std::fmt;
+
+/// Why a connection was refused. `as_str()` is at once the `x-deny-reason`
+/// header, the metrics label and the audit field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Deny {
+    HostNotAllowed,
+    PortNotAllowed,
+    UnknownSource,
+    TokenInvalid,
+    TokenExpired,
+    TokenRevoked,
+    ContainerMismatch,
+    PrivateDestination,
+    NoHost,
+    UnsupportedProtocol,
+    BadRequest,
+    PeekTimeout,
+    Overloaded,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+}
+
+impl Deny {
+    pub const ALL: [Deny; 15] = [
+        Deny::HostNotAllowed,
+        Deny::PortNotAllowed,
+        Deny::UnknownSource,
+        Deny::TokenInvalid,
+        Deny::TokenExpired,
+        Deny::TokenRevoked,
+        Deny::ContainerMismatch,
+        Deny::PrivateDestination,
+        Deny::NoHost,
+        Deny::UnsupportedProtocol,
+        Deny::BadRequest,
+        Deny::PeekTimeout,
+        Deny::Overloaded,
+        Deny::UpstreamUnreachable,
+        Deny::UpstreamTimeout,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Deny::HostNotAllowed => "host_not_allowed",
+            Deny::PortNotAllowed => "port_not_allowed",
+            Deny::UnknownSource => "unknown_source",
+            Deny::TokenInvalid => "token_invalid",
+            Deny::TokenExpired => "token_expired",
+            Deny::TokenRevoked => "token_revoked",
+            Deny::ContainerMismatch => "container_mismatch",
+            Deny::PrivateDestination => "private_destination",
+            Deny::NoHost => "no_host",
+            Deny::UnsupportedProtocol => "unsupported_protocol",
+            Deny::BadRequest => "bad_request",
+            Deny::PeekTimeout => "peek_timeout",
+            Deny::Overloaded => "overloaded",
+            Deny::UpstreamUnreachable => "upstream_unreachable",
+            Deny::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The HTTP status a denied HTTP client receives.
+    pub const fn http_status(self) -> (u16, &'static str) {
+        match self {
+            Deny::BadRequest => (400, "Bad Request"),
+            Deny::UpstreamUnreachable => (502, "Bad Gateway"),
+            Deny::UpstreamTimeout => (504, "Gateway Timeout"),
+            _ => (403, "Forbidden"),
+        }
+    }
+}
+
+impl fmt::Display for Deny {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_reasons_are_unique_strings() {
+        let mut seen = std::collections::HashSet::new();
+        for d in Deny::ALL {
+            assert!(seen.insert(d.as_str()), "{d} twice");
+        }
+    }
+}
