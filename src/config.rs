@@ -60,6 +60,9 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Concurrent relayed connections one sandbox may hold.
     pub max_connections_per_sandbox: usize,
+    /// Concurrent connections from one source address, counted from
+    /// accept (before anything identifies the client), on both doors.
+    pub max_connections_per_source: usize,
     pub deny_private_destinations: bool,
     pub allow_destinations: Vec<IpNet>,
     /// Static name → addresses, checked before DNS.
@@ -161,6 +164,7 @@ impl Default for GatewayConfig {
             drain_timeout_ms: 30_000,
             max_connections: 65_536,
             max_connections_per_sandbox: 4096,
+            max_connections_per_source: 4096,
             deny_private_destinations: true,
             allow_destinations: Vec::new(),
             resolve: BTreeMap::new(),
@@ -283,6 +287,12 @@ impl Config {
         if g.max_connections_per_sandbox == 0 {
             err(
                 "gateway.max_connections_per_sandbox",
+                "must be greater than 0".into(),
+            );
+        }
+        if g.max_connections_per_source == 0 {
+            err(
+                "gateway.max_connections_per_source",
                 "must be greater than 0".into(),
             );
         }

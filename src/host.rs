@@ -31,6 +31,10 @@ pub enum HostError {
     MisplacedWildcard,
     #[error("a wildcard cannot cover an IP address")]
     WildcardIp,
+    #[error("`*.{0}` would cover a public suffix: every domain registered under it")]
+    PublicSuffix(String),
+    #[error("the unspecified address reaches this host's own services, never an upstream")]
+    Unspecified,
 }
 
 /// A DNS host name, normalised once: ASCII lowercase, one trailing dot
@@ -181,6 +185,9 @@ impl FromStr for HostPattern {
                 return Err(HostError::MisplacedWildcard);
             }
             return match split_authority(rest)? {
+                (Host::Name(name), _) if is_public_suffix(&name) => {
+                    Err(HostError::PublicSuffix(name.to_string()))
+                }
                 (Host::Name(name), port) => Ok(HostPattern::Wildcard(name, port)),
                 (Host::Ip(_), _) => Err(HostError::WildcardIp),
             };
@@ -190,9 +197,22 @@ impl FromStr for HostPattern {
         }
         Ok(match split_authority(raw)? {
             (Host::Name(name), port) => HostPattern::Exact(name, port),
+            (Host::Ip(ip), _) if ip.is_unspecified() => return Err(HostError::Unspecified),
             (Host::Ip(ip), port) => HostPattern::Ip(ip, port),
         })
     }
+}
+
+/// Would `*.name` cover a public suffix? A single label (any top-level
+/// domain, listed or not) or a name the Public Suffix List names as a
+/// suffix (`com`, `co.uk`, `github.io`): under it, anyone can register a
+/// name, so a wildcard there allows the world.
+fn is_public_suffix(name: &HostName) -> bool {
+    if !name.as_str().contains('.') {
+        return true;
+    }
+    psl::suffix(name.as_str().as_bytes())
+        .is_some_and(|s| s.is_known() && s.as_bytes() == name.as_str().as_bytes())
 }
 
 impl fmt::Display for HostPattern {
@@ -286,6 +306,45 @@ mod tests {
             ":80",
         ] {
             assert!(split_authority(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn wildcards_over_public_suffixes_and_the_unspecified_address_are_refused() {
+        for raw in [
+            "*.com",
+            "*.co.uk",
+            "*.CO.UK.",
+            "*.test",
+            "*.github.io",
+            "*.com:443",
+        ] {
+            assert!(
+                matches!(raw.parse::<HostPattern>(), Err(HostError::PublicSuffix(_))),
+                "{raw}"
+            );
+        }
+        for raw in [
+            "0.0.0.0",
+            "0.0.0.0:80",
+            "[::]:443",
+            "::",
+            "[::ffff:0.0.0.0]",
+        ] {
+            assert_eq!(
+                raw.parse::<HostPattern>(),
+                Err(HostError::Unspecified),
+                "{raw}"
+            );
+        }
+        for raw in [
+            "*.example.com",
+            "*.example.co.uk",
+            "*.wild.test",
+            "com",
+            "co.uk",
+        ] {
+            assert!(raw.parse::<HostPattern>().is_ok(), "{raw}");
         }
     }
 

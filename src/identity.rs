@@ -8,12 +8,10 @@ pub mod store;
 pub mod token;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::deny::Deny;
 use crate::metrics as m;
@@ -54,9 +52,6 @@ pub struct Sandbox {
     /// the verifier's cache.
     pub grant: Arc<Grant>,
     pub registered_at: u64,
-    live: AtomicUsize,
-    /// Cancelled when the sandbox is unregistered: its connections close.
-    closed: CancellationToken,
 }
 
 impl Sandbox {
@@ -70,8 +65,6 @@ impl Sandbox {
             token,
             grant,
             registered_at: token::now_s(),
-            live: AtomicUsize::new(0),
-            closed: CancellationToken::new(),
         }
     }
 
@@ -94,34 +87,6 @@ impl Sandbox {
             .verify_keyed(&self.token, &self.token_key)
             .map_err(|e| e.deny())
     }
-
-    pub fn live_connections(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-
-    /// Resolves when the sandbox is unregistered.
-    pub fn closed(&self) -> &CancellationToken {
-        &self.closed
-    }
-
-    /// Counts a connection as live until the guard drops, unless `cap`
-    /// are live already.
-    pub fn try_track(self: &Arc<Self>, cap: usize) -> Option<LiveGuard> {
-        self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .ok()?;
-        Some(LiveGuard(Arc::clone(self)))
-    }
-}
-
-pub struct LiveGuard(Arc<Sandbox>);
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,11 +97,13 @@ pub enum BindError {
     ContainerTaken(String),
 }
 
-/// Source IP → sandbox, and container id → source IP.
+/// Source IP → sandbox, and container id → source IP; and the live
+/// connections of every container, whichever door they came through.
 #[derive(Default)]
 pub struct Registry {
     by_ip: DashMap<IpAddr, Arc<Sandbox>>,
     by_id: DashMap<String, IpAddr>,
+    connections: Arc<ConnectionCounts>,
     /// Serialises writers so the two maps always agree.
     write: Mutex<()>,
 }
@@ -171,33 +138,26 @@ impl Registry {
         self.get(ip)
     }
 
-    /// Removes a sandbox and closes its live connections.
+    /// Removes a sandbox from the table. Its connections are closed by
+    /// revoking its token (the control plane does both), which also closes
+    /// them on the proxy door.
     pub fn unbind(&self, container_id: &str) -> Option<Arc<Sandbox>> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let (_, ip) = self.by_id.remove(container_id)?;
         let (_, sandbox) = self.by_ip.remove(&ip)?;
         ::metrics::gauge!(m::REGISTERED_SANDBOXES).set(self.by_ip.len() as f64);
-        drop(_w);
-        sandbox.closed.cancel();
         Some(sandbox)
     }
 
-    /// Closes the live connections of every sandbox holding the token with
-    /// this `jti` (revoked: new ones are refused by the verifier). Returns
-    /// how many sandboxes hold it.
-    pub fn close_token(&self, jti: &str) -> usize {
-        let mut n = 0;
-        for s in self.by_ip.iter().filter(|s| s.grant.claims.jti == jti) {
-            s.closed.cancel();
-            n += 1;
-        }
-        n
+    /// Live connections per container, from both doors.
+    pub fn connections(&self) -> &Arc<ConnectionCounts> {
+        &self.connections
     }
 
-    /// The reaper's pass: closes the live connections of every sandbox
-    /// whose token has expired (new ones are denied `token_expired`), and
-    /// removes those expired for longer than `retention` seconds. Returns
-    /// the removed sandboxes.
+    /// The reaper's pass: removes the sandboxes whose token expired more
+    /// than `retention` seconds ago (their connections were closed when the
+    /// verifier's watch of the token ended at its expiry). Returns the
+    /// removed sandboxes.
     pub fn reap(&self, now: u64, leeway: u64, retention: u64) -> Vec<Arc<Sandbox>> {
         let mut removed = Vec::new();
         for s in self.list() {
@@ -205,7 +165,6 @@ impl Registry {
             if now <= exp {
                 continue;
             }
-            s.closed.cancel();
             if now > exp.saturating_add(retention)
                 && let Some(gone) = self.unbind(&s.container_id)
             {
@@ -230,17 +189,25 @@ impl Registry {
     }
 }
 
-/// Live connections per container, for clients that are not registered
-/// (the explicit proxy): capped like a registered sandbox's.
-#[derive(Default)]
-pub struct ConnectionCounts {
-    counts: DashMap<String, usize>,
+/// Live connections per key, capped: one counter per container, shared by
+/// both doors (a launched sandbox that also uses the proxy has one budget),
+/// and one per source address from accept on.
+pub struct ConnectionCounts<K = String> {
+    counts: DashMap<K, usize>,
 }
 
-impl ConnectionCounts {
-    /// A slot for `container`, unless it holds `cap` already.
-    pub fn try_acquire(self: &Arc<Self>, container: &str, cap: usize) -> Option<CountGuard> {
-        let mut entry = self.counts.entry(container.to_owned()).or_insert(0);
+impl<K: std::hash::Hash + Eq + Clone> Default for ConnectionCounts<K> {
+    fn default() -> Self {
+        ConnectionCounts {
+            counts: DashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> ConnectionCounts<K> {
+    /// A slot for `key`, unless it holds `cap` already.
+    pub fn try_acquire(self: &Arc<Self>, key: &K, cap: usize) -> Option<CountGuard<K>> {
+        let mut entry = self.counts.entry(key.clone()).or_insert(0);
         if *entry >= cap {
             return None;
         }
@@ -248,20 +215,25 @@ impl ConnectionCounts {
         drop(entry);
         Some(CountGuard {
             counts: Arc::clone(self),
-            container: container.to_owned(),
+            key: key.clone(),
         })
+    }
+
+    /// How many slots `key` holds.
+    pub fn live(&self, key: &K) -> usize {
+        self.counts.get(key).map(|n| *n).unwrap_or(0)
     }
 }
 
 /// Gives its slot back on drop.
-pub struct CountGuard {
-    counts: Arc<ConnectionCounts>,
-    container: String,
+pub struct CountGuard<K: std::hash::Hash + Eq + Clone = String> {
+    counts: Arc<ConnectionCounts<K>>,
+    key: K,
 }
 
-impl Drop for CountGuard {
+impl<K: std::hash::Hash + Eq + Clone> Drop for CountGuard<K> {
     fn drop(&mut self) {
-        self.counts.counts.remove_if_mut(&self.container, |_, n| {
+        self.counts.counts.remove_if_mut(&self.key, |_, n| {
             *n = n.saturating_sub(1);
             *n == 0
         });

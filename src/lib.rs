@@ -11,6 +11,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;
+pub mod decision;
 pub mod deny;
 pub mod host;
 pub mod identity;

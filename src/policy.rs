@@ -28,10 +28,6 @@ impl PortRule {
             Some(_) => {}
         }
     }
-
-    fn admits(&self, port: u16, allowed_ports: &[u16]) -> bool {
-        self.ports.contains(&port) || (self.default_ports && allowed_ports.contains(&port))
-    }
 }
 
 /// A sandbox's allowlist, compiled for lookups that cost the same for 10
@@ -86,33 +82,51 @@ impl Allowlist {
 
     /// May a connection to `host` on `port` go ahead? A name that matches
     /// but not on this port is `port_not_allowed`; one that matches nothing
-    /// is `host_not_allowed`.
-    pub fn decide(&self, host: &Host, port: u16, allowed_ports: &[u16]) -> Result<(), Deny> {
+    /// is `host_not_allowed`. What admitted it says whether an entry named
+    /// this port explicitly (`host:port`), which is what lets a protocol that
+    /// carries no name of its own through.
+    pub fn decide(&self, host: &Host, port: u16, allowed_ports: &[u16]) -> Result<Admitted, Deny> {
         let mut name_matched = false;
+        let mut found: Option<Admitted> = None;
         let mut check = |rule: Option<&PortRule>| -> bool {
-            match rule {
-                Some(rule) => {
-                    name_matched = true;
-                    rule.admits(port, allowed_ports)
-                }
-                None => false,
+            let Some(rule) = rule else { return false };
+            name_matched = true;
+            let explicit_port = rule.ports.contains(&port);
+            if explicit_port || (rule.default_ports && allowed_ports.contains(&port)) {
+                // An explicit port anywhere wins over a default-port match.
+                let prev = found.is_some_and(|a| a.explicit_port);
+                found = Some(Admitted {
+                    explicit_port: explicit_port || prev,
+                });
+                return explicit_port;
             }
+            false
         };
-        let admitted = match host {
-            Host::Ip(ip) => check(self.ips.get(&ip.to_canonical())),
+        match host {
+            Host::Ip(ip) => {
+                check(self.ips.get(&ip.to_canonical()));
+            }
             Host::Name(name) => {
-                check(self.exact.get(name.as_str()))
+                let _ = check(self.exact.get(name.as_str()))
                     || name
                         .parents()
-                        .any(|parent| check(self.wildcard.get(parent)))
+                        .any(|parent| check(self.wildcard.get(parent)));
             }
-        };
-        match (admitted, name_matched) {
-            (true, _) => Ok(()),
-            (false, true) => Err(Deny::PortNotAllowed),
-            (false, false) => Err(Deny::HostNotAllowed),
+        }
+        match (found, name_matched) {
+            (Some(a), _) => Ok(a),
+            (None, true) => Err(Deny::PortNotAllowed),
+            (None, false) => Err(Deny::HostNotAllowed),
         }
     }
+}
+
+/// How an allowlist admitted a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// An entry names this port (`git.example.com:22`), rather than the
+    /// gateway's `allowed_ports` admitting it.
+    pub explicit_port: bool,
 }
 
 #[cfg(test)]
@@ -157,8 +171,29 @@ mod tests {
             ("[2001:db8::5]", 443, Err(Deny::PortNotAllowed)),
         ];
         for (h, port, want) in cases {
-            assert_eq!(l.decide(&host(h), *port, PORTS), *want, "{h}:{port}");
+            assert_eq!(
+                l.decide(&host(h), *port, PORTS).map(|_| ()),
+                *want,
+                "{h}:{port}"
+            );
         }
+    }
+
+    #[test]
+    fn an_explicit_port_is_told_apart_from_a_default_one() {
+        let l = list(&[
+            "git.test:22",
+            "web.test",
+            "both.test",
+            "both.test:443",
+            "*.w.test:5432",
+        ]);
+        let explicit = |h: &str, p: u16| l.decide(&host(h), p, PORTS).map(|a| a.explicit_port);
+        assert_eq!(explicit("git.test", 22), Ok(true));
+        assert_eq!(explicit("web.test", 443), Ok(false));
+        assert_eq!(explicit("both.test", 443), Ok(true));
+        assert_eq!(explicit("both.test", 80), Ok(false));
+        assert_eq!(explicit("db.w.test", 5432), Ok(true));
     }
 
     #[test]
@@ -173,7 +208,7 @@ mod tests {
     fn the_same_name_with_several_ports_admits_each() {
         let l = list(&["api.test:8443", "api.test:9443", "api.test"]);
         for port in [80, 443, 8443, 9443] {
-            assert_eq!(l.decide(&host("api.test"), port, PORTS), Ok(()));
+            assert!(l.decide(&host("api.test"), port, PORTS).is_ok());
         }
         assert_eq!(
             l.decide(&host("api.test"), 22, PORTS),

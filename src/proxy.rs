@@ -1,12 +1,16 @@
 //! The data plane: the shared [`Gateway`] state, the accept loop, and the
 //! way a denied client is told. A connection's path is
 //! accept → [`net::orig_dst`](crate::net::orig_dst) → identity →
-//! [`sniff`] → policy → [`upstream`] → [`relay`] (with [`http`] checking
-//! every request of an HTTP connection); [`transparent`] is the front door
-//! that strings them together for REDIRECTed connections.
+//! [`sniff`] → [`decision`](crate::decision) → [`upstream`] → [`relay`]
+//! (with [`http`] judging every request of an HTTP connection), strung
+//! together once in [`pipeline`]; [`transparent`] and [`explicit`] are the
+//! two front doors over it, and [`record`] writes what became of each
+//! connection.
 
 pub mod explicit;
 pub mod http;
+pub mod pipeline;
+pub mod record;
 pub mod relay;
 pub mod sniff;
 pub mod transparent;
@@ -29,6 +33,7 @@ use crate::metrics::{self as m, Mode};
 use crate::net::orig_dst::OrigDstSource;
 use crate::shutdown::Shutdown;
 use sniff::Protocol;
+use std::net::IpAddr;
 use upstream::Upstream;
 
 /// The part of the configuration SIGHUP can change (`[gateway]`: ports,
@@ -52,9 +57,9 @@ pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     /// sluice's own listeners, never a destination.
     own: Vec<SocketAddr>,
-    /// Live explicit-proxy connections per container (the transparent
-    /// path counts on the registered sandbox).
-    pub proxy_counts: Arc<ConnectionCounts>,
+    /// Connections per source address, from accept on, on both doors: a
+    /// client not yet identified cannot take the global budget.
+    pub per_source: Arc<ConnectionCounts<IpAddr>>,
 }
 
 impl Gateway {
@@ -79,7 +84,7 @@ impl Gateway {
             orig_dst,
             policy: RwLock::new(policy),
             own,
-            proxy_counts: Arc::default(),
+            per_source: Arc::default(),
         }
     }
 
@@ -125,6 +130,12 @@ where
                 continue;
             }
         };
+        let source = peer.ip().to_canonical();
+        let cap = gw.policy().gateway.max_connections_per_source;
+        let Some(per_source) = gw.per_source.try_acquire(&source, cap) else {
+            overloaded(stream, peer, mode);
+            continue;
+        };
         let Ok(permit) = Arc::clone(&gw.limit).try_acquire_owned() else {
             overloaded(stream, peer, mode);
             continue;
@@ -132,7 +143,7 @@ where
         let _ = stream.set_nodelay(true);
         let connection = handle(Arc::clone(&gw), stream, peer);
         gw.shutdown.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, per_source);
             connection.await;
         });
     }
@@ -146,22 +157,10 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 fn overloaded(stream: TcpStream, peer: SocketAddr, mode: Mode) {
-    count(mode, Protocol::Other, Err(Deny::Overloaded));
-    crate::audit::Record {
-        container_id: None,
-        source: peer,
-        mode,
-        protocol: Protocol::Other.as_str(),
-        host: None,
-        port: 0,
-        upstream: None,
-        decision: Err(Deny::Overloaded),
-        bytes_to_upstream: 0,
-        bytes_to_client: 0,
-        duration: Duration::ZERO,
-        end: "overloaded",
-    }
-    .emit();
+    let mut record =
+        record::Record::new(mode, SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+    record.decide(Err(Deny::Overloaded));
+    record.end = "overloaded";
     drop(stream);
 }
 
@@ -179,14 +178,6 @@ pub fn count(mode: Mode, protocol: Protocol, decision: Result<(), Deny>) {
         "reason" => reason
     )
     .increment(1);
-}
-
-/// Adds a finished connection's bytes to the totals; returns them.
-pub fn count_bytes(traffic: &relay::Traffic) -> (u64, u64) {
-    let (up, down) = traffic.totals();
-    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_upstream").increment(up);
-    ::metrics::counter!(m::BYTES_TOTAL, "direction" => "upstream_to_client").increment(down);
-    (up, down)
 }
 
 /// TLS alert record: fatal (2), access_denied (49).
@@ -219,20 +210,6 @@ pub fn deny_response(protocol: Protocol, deny: Deny) -> Option<Cow<'static, [u8]
         },
         Protocol::Connect | Protocol::Other => None,
     }
-}
-
-/// Answers a denied client and closes: the response, then our write half,
-/// then a short, bounded wait for the client's remaining bytes so the
-/// close does not reset the connection before the answer is read.
-pub async fn refuse(stream: &TcpStream, protocol: Protocol, deny: Deny) {
-    if let Some(bytes) = deny_response(protocol, deny) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            crate::net::write_all(stream, &bytes),
-        )
-        .await;
-    }
-    linger_close(stream).await;
 }
 
 /// Shuts down our write half, then waits (briefly, bounded) for the

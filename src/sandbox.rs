@@ -366,6 +366,11 @@ impl Sandboxes {
                 .insert(ip);
         }
         self.registry.unbind(id);
+        // Unregistered means its token is good nowhere: revoked (durably,
+        // with the registry), which closes every connection it carries on
+        // both doors and refuses it on the proxy door from now on.
+        self.verifier
+            .revoke(&sandbox.grant.claims.jti, sandbox.grant.claims.exp);
         let persisted = self.persist();
         if let Some(record) = &sandbox.launch {
             self.launcher.stop(id, record).await;

@@ -207,15 +207,21 @@ async fn registering_listing_and_unregistering() {
     assert_eq!(status, 204);
     let (status, body) = gw.admin("DELETE", "/v1/sandboxes/c1", None).await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
-    // The address is free again.
-    let (status, _) = gw
+    // Unregistering revoked the token: it registers nowhere again (and
+    // the proxy door refuses it too).
+    let (status, body) = gw
         .admin(
             "POST",
             "/v1/sandboxes",
             Some(json!({"source_ip": "198.18.0.2", "token": token})),
         )
         .await;
-    assert_eq!(status, 201);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("token_revoked"))
+    );
+    // The address is free again, for a new token.
+    gw.register("c1", "198.18.0.2", &["api.test"], 600).await;
 }
 
 #[tokio::test]

@@ -81,6 +81,7 @@ upstream_mark = 0
 peek_timeout_ms = 3000
 max_connections = 20000
 max_connections_per_sandbox = 10000
+max_connections_per_source = 10000
 [gateway.resolve]
 "horde.test" = ["127.0.0.1"]
 "web.test" = ["127.0.0.1"]

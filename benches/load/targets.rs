@@ -166,6 +166,7 @@ allowed_ports = [443]
 allow_destinations = ["{UPSTREAM_NET}"]
 max_connections = {max}
 max_connections_per_sandbox = {max}
+max_connections_per_source = {max}
 [gateway.resolve]
 {resolve}
 [admin]

@@ -715,6 +715,13 @@ impl Signer {
             use_egress_gateway: Flag(true),
         };
         let token = self.sign(&claims)?;
+        if token.len() > MAX_TOKEN_BYTES {
+            // No verifier would accept it: refuse it here, with the reason.
+            return Err(MintError::BadRequest(format!(
+                "the token would be {} bytes, over the {MAX_TOKEN_BYTES}-byte limit every                  verifier enforces: allow fewer or shorter hosts (a wildcard covers many)",
+                token.len()
+            )));
+        }
         Ok(Minted { token, claims })
     }
 

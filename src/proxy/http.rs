@@ -1,147 +1,463 @@
-//! HTTP/1.x, client to upstream, one request at a time: every request head
-//! on a connection is parsed and checked before a byte of it is forwarded,
-//! and its body is forwarded exactly as its framing says (Content-Length or
-//! chunked), so the next head is found where it really starts. A request
-//! that fails its check ends the connection with a deny; it is never
-//! forwarded. After an `Upgrade` request the rest is relayed raw.
-//! Responses (upstream to client) are not parsed: they go through the
-//! spliced relay.
+//! HTTP/1.x through the gateway, both ways, for connections whose every
+//! request is judged. Client to upstream, one request at a time: each head
+//! is parsed and checked before a byte of it is forwarded, rewritten for the
+//! next hop (origin-form for the proxy door; the sandbox's own
+//! `Proxy-Authorization` stripped everywhere), and its body forwarded
+//! exactly as its framing says, so the next head is found where it really
+//! starts. Upstream to client, responses are framed too (status line,
+//! `Content-Length`, chunked, or close-delimited; bodies spliced), so a
+//! connection leaves HTTP only when the answer to an `Upgrade` request is
+//! `101 Switching Protocols`: until then every request is parsed and
+//! checked. A refused request is never forwarded: the answers to earlier
+//! requests are let finish (bounded by [`REFUSAL_GRACE`]), then the refusal
+//! is written and the connection closed.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
-use super::relay::{Flow, Traffic, one_way};
+use super::relay::{self, Done, RelayEnd, Traffic, move_bytes, send};
 use super::sniff::{
-    ChunkProgress, ChunkedState, Framing, MAX_SNIFF_READS, Parsed, RequestHead, parse_request_head,
+    ChunkProgress, ChunkedState, Framing, HeadReader, MAX_HEADERS, ReadEnd, RequestHead,
+    read_until, strip_scheme,
 };
 use crate::deny::Deny;
-use crate::net::{read_some, shutdown_write, write_all};
+use crate::net::{read_some, shutdown_write};
 
 /// Body bytes read at a time while forwarding.
 const BODY_BUF: usize = 64 * 1024;
+/// How long the answers to earlier requests may take to reach the client
+/// once a later request is refused (or, on the proxy door, goes elsewhere).
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(5);
 
-/// Forwards requests from `client` to `upstream`, starting with the bytes
-/// already read into `buf` (which begin at a request head). `check` judges
-/// each head.
-pub async fn forward_requests<F>(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    mut buf: Vec<u8>,
-    max_head: usize,
-    check: F,
-    traffic: &Traffic,
-) -> io::Result<Flow>
-where
-    F: Fn(&RequestHead) -> Result<(), Deny>,
-{
-    let counter = &traffic.to_upstream;
-    loop {
-        let mut reads = 0;
-        let head = loop {
-            if !buf.is_empty() {
-                match parse_request_head(&buf, max_head) {
-                    Parsed::Found(head) => break head,
-                    Parsed::Invalid(deny) => return Ok(refuse_later(upstream, traffic, deny)),
-                    Parsed::NeedMore => {}
-                }
-            }
-            if reads >= MAX_SNIFF_READS {
-                return Ok(refuse_later(upstream, traffic, Deny::BadRequest));
-            }
-            reads += 1;
-            let n = read_some(client, &mut buf, max_head).await?;
-            if n == 0 {
-                // EOF between requests is the normal end; inside a head it
-                // is a truncated request, which is dropped, not forwarded.
-                shutdown_write(upstream);
-                return Ok(Flow::Eof);
-            }
-            traffic.touch();
-        };
-        if let Err(deny) = check(&head) {
-            return Ok(refuse_later(upstream, traffic, deny));
+/// What a request's check says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it on this connection.
+    Forward,
+    /// It is for another upstream (the proxy door dials it): hand the
+    /// connection back once the answers so far are through.
+    Elsewhere,
+}
+
+/// How a head is rewritten for the next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite {
+    /// As sent, less `Proxy-Authorization` (the sandbox's token is never
+    /// forwarded).
+    StripProxyAuth,
+    /// Absolute-form to origin-form, hop-by-hop headers removed.
+    OriginForm,
+}
+
+/// How an exchange ended, beyond the relay's own ending.
+#[derive(Debug)]
+pub enum HttpEnd {
+    /// The connection closed, or left HTTP after a `101` and closed later.
+    Closed,
+    /// A request was refused; the refusal was written when `answered`.
+    Refused { deny: Deny, answered: bool },
+    /// The next request (its head at the start of `buf`) is for another
+    /// upstream; the client connection is still open.
+    Elsewhere { head: RequestHead, buf: Vec<u8> },
+}
+
+pub type Check = Box<dyn Fn(&RequestHead) -> Result<Verdict, Deny> + Send + Sync>;
+
+/// One client connection's HTTP exchange with one upstream.
+pub struct Exchange {
+    pub client: Arc<TcpStream>,
+    pub upstream: Arc<TcpStream>,
+    pub traffic: Arc<Traffic>,
+    pub max_head: usize,
+    pub rewrite: Rewrite,
+    pub check: Check,
+    /// The refusal a door writes for a deny.
+    pub answer: fn(Deny) -> Vec<u8>,
+}
+
+/// A request forwarded, waiting for its answer.
+struct Pending {
+    head_method: bool,
+    /// Told whether the answer switched protocols.
+    upgrade: Option<oneshot::Sender<bool>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    outstanding: usize,
+    responses_done: bool,
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Pending>>,
+    progress: watch::Sender<Progress>,
+    /// The client's write half belongs to the request side from now on (a
+    /// refusal or a hand-over is coming): the response side must not close it.
+    held: AtomicBool,
+    end: Mutex<Option<HttpEnd>>,
+}
+
+impl Shared {
+    fn set_end(&self, end: HttpEnd) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
+    }
+}
+
+/// Runs the exchange until it ends; `buf` holds the bytes already read
+/// from the client (beginning at a request head).
+pub async fn relay(
+    ex: Exchange,
+    buf: Vec<u8>,
+    idle: Duration,
+    revoked: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> (RelayEnd, HttpEnd) {
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(VecDeque::new()),
+        progress: watch::Sender::new(Progress::default()),
+        held: AtomicBool::new(false),
+        end: Mutex::new(None),
+    });
+    let ex = Arc::new(ex);
+    let requests = {
+        let (ex, shared) = (Arc::clone(&ex), Arc::clone(&shared));
+        async move { Box::pin(requests(&ex, &shared, buf)).await }
+    };
+    let responses = {
+        let (ex, shared) = (Arc::clone(&ex), Arc::clone(&shared));
+        async move {
+            let r = Box::pin(responses(&ex, &shared)).await;
+            shared.progress.send_modify(|p| p.responses_done = true);
+            r
         }
-        send(upstream, &buf[..head.head_len], counter, traffic).await?;
+    };
+    let end = relay::run_pair(requests, responses, &ex.traffic, idle, revoked, hard_stop).await;
+    let http = shared
+        .end
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or(HttpEnd::Closed);
+    (end, http)
+}
+
+/// Client → upstream: request by request.
+async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Result<Done> {
+    let counter = &ex.traffic.to_upstream;
+    loop {
+        let mut reader = HeadReader::new(ex.max_head);
+        let head = match read_until(&ex.client, &mut buf, &mut reader).await? {
+            ReadEnd::Found(head) => head,
+            // EOF between requests is the normal end.
+            ReadEnd::Eof => {
+                shutdown_write(&ex.upstream);
+                return Ok(Done::Half);
+            }
+            ReadEnd::Invalid(d) => return refuse(ex, shared, d).await,
+        };
+        ex.traffic.touch();
+        match (ex.check)(&head) {
+            Err(d) => return refuse(ex, shared, d).await,
+            Ok(Verdict::Elsewhere) => {
+                let answered = hold_client(ex, shared).await;
+                if answered {
+                    shared.set_end(HttpEnd::Elsewhere { head, buf });
+                }
+                return Ok(Done::Whole);
+            }
+            Ok(Verdict::Forward) => {}
+        }
+        let rewritten = match ex.rewrite {
+            Rewrite::StripProxyAuth if head.proxy_authorization.is_some() => {
+                strip_proxy_authorization(&buf[..head.head_len])
+            }
+            Rewrite::StripProxyAuth => Ok(buf[..head.head_len].to_vec()),
+            Rewrite::OriginForm => origin_form_head(&buf[..head.head_len]),
+        };
+        let rewritten = match rewritten {
+            Ok(r) => r,
+            Err(d) => return refuse(ex, shared, d).await,
+        };
+        let (tx, rx) = if head.upgrade {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        // Queued before a byte goes up, so its answer always finds it.
+        shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Pending {
+                head_method: head.method == "HEAD",
+                upgrade: tx,
+            });
+        shared.progress.send_modify(|p| p.outstanding += 1);
+        send(&ex.upstream, &rewritten, counter, &ex.traffic).await?;
         buf.drain(..head.head_len);
 
         let body_done = match head.framing {
             Framing::None => true,
             Framing::Length(n) => {
-                forward_length(client, upstream, &mut buf, n, counter, traffic).await?
+                forward_length(&ex.client, &ex.upstream, &mut buf, n, counter, &ex.traffic).await?
             }
             Framing::Chunked => {
-                match forward_chunked(client, upstream, &mut buf, counter, traffic).await? {
+                match forward_chunked(&ex.client, &ex.upstream, &mut buf, counter, &ex.traffic)
+                    .await?
+                {
                     Some(done) => done,
-                    None => return Ok(refuse_later(upstream, traffic, Deny::BadRequest)),
+                    None => return refuse(ex, shared, Deny::BadRequest).await,
                 }
             }
         };
         if !body_done {
-            shutdown_write(upstream);
-            return Ok(Flow::Eof);
+            shutdown_write(&ex.upstream);
+            return Ok(Done::Half);
         }
-        if head.upgrade {
-            // From here on the connection speaks another protocol.
-            send(upstream, &buf, counter, traffic).await?;
-            return one_way(client, upstream, counter, traffic).await;
+        if let Some(rx) = rx {
+            // Nothing more is read from the client until the answer says
+            // whether the connection still speaks HTTP.
+            if rx.await.unwrap_or(false) {
+                send(&ex.upstream, &buf, counter, &ex.traffic).await?;
+                drop(buf);
+                return relay::pipe(&ex.client, &ex.upstream, counter, &ex.traffic).await;
+            }
         }
     }
 }
 
-/// A request on an open connection is refused: nothing more goes
-/// upstream, whose answers to earlier requests may still come back, and
-/// the client's side stays open for the refusal.
-fn refuse_later(upstream: &TcpStream, traffic: &Traffic, deny: Deny) -> Flow {
-    traffic.hold_for_refusal();
-    shutdown_write(upstream);
-    Flow::Denied(deny)
+/// Stops sending upstream and waits (bounded) until the answers to the
+/// requests already forwarded have reached the client. `true` if they all
+/// did, so the client connection may carry something more.
+async fn hold_client(ex: &Exchange, shared: &Shared) -> bool {
+    shared.held.store(true, Ordering::Release);
+    shutdown_write(&ex.upstream);
+    let mut rx = shared.progress.subscribe();
+    let waited = tokio::time::timeout(
+        REFUSAL_GRACE,
+        rx.wait_for(|p| p.outstanding == 0 || p.responses_done),
+    )
+    .await;
+    matches!(waited, Ok(Ok(p)) if p.outstanding == 0)
 }
 
-pub(super) async fn send(
-    upstream: &TcpStream,
-    bytes: &[u8],
-    counter: &AtomicU64,
-    traffic: &Traffic,
-) -> io::Result<()> {
-    if bytes.is_empty() {
-        return Ok(());
+/// Refuses a request: never forwarded; the earlier answers let finish,
+/// then the refusal, unless an answer was cut short (the client then gets
+/// a close, not a refusal inside a body).
+async fn refuse(ex: &Exchange, shared: &Shared, deny: Deny) -> io::Result<Done> {
+    let answered = hold_client(ex, shared).await;
+    if answered {
+        let bytes = (ex.answer)(deny);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            send(&ex.client, &bytes, &ex.traffic.to_client, &ex.traffic),
+        )
+        .await;
     }
-    write_all(upstream, bytes).await?;
-    counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    traffic.touch();
-    Ok(())
+    shared.set_end(HttpEnd::Refused { deny, answered });
+    Ok(Done::Whole)
 }
 
-/// Forwards exactly `len` body bytes. `false` if the client closed first.
-pub(super) async fn forward_length(
-    client: &TcpStream,
+/// Upstream → client: response by response.
+async fn responses(ex: &Exchange, shared: &Shared) -> io::Result<Done> {
+    let counter = &ex.traffic.to_client;
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    loop {
+        let head = match read_response_head(&ex.upstream, &mut buf, ex.max_head).await? {
+            Some(head) => head,
+            None => {
+                // The upstream closed between answers.
+                if !shared.held.load(Ordering::Acquire) {
+                    shutdown_write(&ex.client);
+                }
+                return Ok(Done::Half);
+            }
+        };
+        send(&ex.client, &buf[..head.len], counter, &ex.traffic).await?;
+        buf.drain(..head.len);
+        let front = {
+            let q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.front().map(|p| (p.head_method, p.upgrade.is_some()))
+        };
+        let (head_method, upgrade) = front.unwrap_or((false, false));
+        if head.status == 101 {
+            if !upgrade {
+                return Err(io::Error::other("101 to a request that asked no upgrade"));
+            }
+            if let Some(tx) = pop(shared).and_then(|p| p.upgrade) {
+                let _ = tx.send(true);
+            }
+            send(&ex.client, &buf, counter, &ex.traffic).await?;
+            drop(buf);
+            return relay::pipe(&ex.upstream, &ex.client, counter, &ex.traffic).await;
+        }
+        if (100..200).contains(&head.status) {
+            // Informational: the final answer follows.
+            continue;
+        }
+        let framing = if head_method || head.status == 204 || head.status == 304 {
+            ResponseBody::None
+        } else {
+            head.body
+        };
+        let complete = match framing {
+            ResponseBody::None => true,
+            ResponseBody::Length(n) => {
+                forward_length(&ex.upstream, &ex.client, &mut buf, n, counter, &ex.traffic).await?
+            }
+            ResponseBody::Chunked => {
+                forward_chunked(&ex.upstream, &ex.client, &mut buf, counter, &ex.traffic)
+                    .await?
+                    .ok_or_else(|| io::Error::other("malformed chunked response"))?
+            }
+            ResponseBody::UntilClose => {
+                send(&ex.client, &buf, counter, &ex.traffic).await?;
+                buf.clear();
+                move_bytes(&ex.upstream, &ex.client, None, counter, &ex.traffic).await?;
+                false
+            }
+        };
+        if let Some(tx) = pop(shared).and_then(|p| p.upgrade) {
+            let _ = tx.send(false);
+        }
+        if !complete {
+            // The answer ended with the upstream's side of the connection.
+            if !shared.held.load(Ordering::Acquire) {
+                shutdown_write(&ex.client);
+            }
+            return Ok(Done::Half);
+        }
+    }
+}
+
+fn pop(shared: &Shared) -> Option<Pending> {
+    let p = shared
+        .queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop_front();
+    shared
+        .progress
+        .send_modify(|p| p.outstanding = p.outstanding.saturating_sub(1));
+    p
+}
+
+/// How a response's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseBody {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ResponseHead {
+    status: u16,
+    body: ResponseBody,
+    len: usize,
+}
+
+/// A response head, parsed (pure).
+fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, io::Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(io::Error::other(format!("bad response head: {e}"))),
+    };
+    let status = resp.code.unwrap_or(0);
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| io::Error::other("bad content-length in response"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(io::Error::other("conflicting content-length in response"));
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    let body = match (chunked, length) {
+        (Some(true), _) => ResponseBody::Chunked,
+        (Some(false), _) => ResponseBody::UntilClose,
+        (None, Some(n)) => ResponseBody::Length(n),
+        (None, None) => ResponseBody::UntilClose,
+    };
+    Ok(Some(ResponseHead { status, body, len }))
+}
+
+/// Reads the upstream until `buf` starts with a whole response head.
+/// `None` at EOF before the first byte of one.
+async fn read_response_head(
     upstream: &TcpStream,
     buf: &mut Vec<u8>,
-    mut len: u64,
+    max_head: usize,
+) -> io::Result<Option<ResponseHead>> {
+    let mut scanned = 0usize;
+    loop {
+        if !buf.is_empty() {
+            let from = scanned.saturating_sub(3);
+            let end_seen = buf[from..].windows(2).any(|w| w == b"\n\n")
+                || buf[from..].windows(3).any(|w| w == b"\n\r\n");
+            scanned = buf.len();
+            if end_seen && let Some(head) = parse_response_head(buf)? {
+                return Ok(Some(head));
+            }
+        }
+        if buf.len() >= max_head {
+            return Err(io::Error::other("response head over the cap"));
+        }
+        if read_some(upstream, buf, max_head).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Forwards exactly `len` body bytes, those already in `buf` first, the
+/// rest spliced. `false` if the source closed first.
+async fn forward_length(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut Vec<u8>,
+    len: u64,
     counter: &AtomicU64,
     traffic: &Traffic,
 ) -> io::Result<bool> {
-    loop {
-        let take = buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
-        send(upstream, &buf[..take], counter, traffic).await?;
-        buf.drain(..take);
-        len -= take as u64;
-        if len == 0 {
-            return Ok(true);
-        }
-        if read_some(client, buf, BODY_BUF).await? == 0 {
-            return Ok(false);
-        }
+    let take = buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+    send(dst, &buf[..take], counter, traffic).await?;
+    buf.drain(..take);
+    let left = len - take as u64;
+    if left == 0 {
+        return Ok(true);
     }
+    let moved = move_bytes(src, dst, Some(left), counter, traffic).await?;
+    Ok(moved == left)
 }
 
-/// Forwards a chunked body up to its end. `Some(false)` if the client
+/// Forwards a chunked body up to its end. `Some(false)` if the source
 /// closed first, `None` if the chunking is malformed.
-pub(super) async fn forward_chunked(
-    client: &TcpStream,
-    upstream: &TcpStream,
+async fn forward_chunked(
+    src: &TcpStream,
+    dst: &TcpStream,
     buf: &mut Vec<u8>,
     counter: &AtomicU64,
     traffic: &Traffic,
@@ -150,18 +466,193 @@ pub(super) async fn forward_chunked(
     loop {
         match state.feed(buf) {
             ChunkProgress::Done(n) => {
-                send(upstream, &buf[..n], counter, traffic).await?;
+                send(dst, &buf[..n], counter, traffic).await?;
                 buf.drain(..n);
                 return Ok(Some(true));
             }
             ChunkProgress::Consumed => {
-                send(upstream, buf, counter, traffic).await?;
+                send(dst, buf, counter, traffic).await?;
                 buf.clear();
             }
             ChunkProgress::Invalid => return Ok(None),
         }
-        if read_some(client, buf, BODY_BUF).await? == 0 {
+        if read_some(src, buf, BODY_BUF).await? == 0 {
             return Ok(Some(false));
         }
+    }
+}
+
+/// The head without its `Proxy-Authorization` lines (the transparent door
+/// and tunnels: the sandbox's token never goes upstream).
+pub fn strip_proxy_authorization(head: &[u8]) -> Result<Vec<u8>, Deny> {
+    let mut out = Vec::with_capacity(head.len());
+    let mut first = true;
+    for line in head.split_inclusive(|b| *b == b'\n') {
+        let name_end = line.iter().position(|b| *b == b':');
+        let is_auth = !first
+            && name_end.is_some_and(|i| line[..i].eq_ignore_ascii_case(b"proxy-authorization"));
+        first = false;
+        if !is_auth {
+            out.extend_from_slice(line);
+        }
+    }
+    Ok(out)
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), and
+/// the proxy's own.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Rewrites an absolute-form request head (`GET http://h/p HTTP/1.1`) for
+/// the origin: origin-form request line, hop-by-hop headers and those the
+/// `Connection` header lists removed, `Host` kept (or added from the URI).
+/// An upgrade request keeps its `Upgrade` and `Connection: upgrade`.
+pub fn origin_form_head(head: &[u8]) -> Result<Vec<u8>, Deny> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(Deny::BadRequest),
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(Deny::BadRequest);
+    };
+    let Some((_, rest)) = strip_scheme(target) else {
+        return Err(Deny::BadRequest);
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let path = match path {
+        "" => "/".to_owned(),
+        p if p.starts_with('/') => p.split('#').next().unwrap_or("/").to_owned(),
+        p => format!("/{}", p.split('#').next().unwrap_or("")),
+    };
+    let mut listed: Vec<String> = Vec::new();
+    let mut upgrade = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in String::from_utf8_lossy(h.value).split(',') {
+                let token = token.trim().to_ascii_lowercase();
+                upgrade |= token == "upgrade";
+                listed.push(token);
+            }
+        }
+    }
+    let version = if req.version == Some(0) { "1.0" } else { "1.1" };
+    let mut out = Vec::with_capacity(head.len());
+    out.extend_from_slice(format!("{method} {path} HTTP/{version}\r\n").as_bytes());
+    let mut has_host = false;
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        let keep_for_upgrade = upgrade && name == "upgrade";
+        if !keep_for_upgrade && (HOP_BY_HOP.contains(&name.as_str()) || listed.contains(&name)) {
+            continue;
+        }
+        has_host |= name == "host";
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        out.extend_from_slice(format!("Host: {authority}\r\n").as_bytes());
+    }
+    if upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_form_rewrite_drops_hop_by_hop_headers() {
+        let head = b"GET http://a.test:8080/p/q?x=1#frag HTTP/1.1\r\nHost: a.test:8080\r\nProxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n";
+        let out = String::from_utf8(origin_form_head(head).unwrap()).unwrap();
+        assert_eq!(
+            out,
+            "GET /p/q?x=1 HTTP/1.1\r\nHost: a.test:8080\r\nAccept: */*\r\n\r\n"
+        );
+        let out =
+            String::from_utf8(origin_form_head(b"GET http://a.test HTTP/1.0\r\n\r\n").unwrap())
+                .unwrap();
+        assert_eq!(out, "GET / HTTP/1.0\r\nHost: a.test\r\n\r\n");
+        let ws = b"GET http://a.test/chat HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let out = String::from_utf8(origin_form_head(ws).unwrap()).unwrap();
+        assert_eq!(
+            out,
+            "GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+        );
+        assert!(origin_form_head(b"GET /relative HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn proxy_authorization_is_stripped_and_nothing_else() {
+        let head = b"GET / HTTP/1.1\r\nHost: a.test\r\nproxy-authorization: Bearer x\r\nX-Proxy-Authorization-Note: kept\r\n\r\n";
+        let out = String::from_utf8(strip_proxy_authorization(head).unwrap()).unwrap();
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-Proxy-Authorization-Note: kept\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let cases: &[(&[u8], u16, ResponseBody)] = &[
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                200,
+                ResponseBody::Length(5),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                200,
+                ResponseBody::Chunked,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                200,
+                ResponseBody::UntilClose,
+            ),
+            (b"HTTP/1.0 200 OK\r\n\r\n", 200, ResponseBody::UntilClose),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+                101,
+                ResponseBody::UntilClose,
+            ),
+        ];
+        for (bytes, status, body) in cases {
+            let head = parse_response_head(bytes).unwrap().unwrap();
+            assert_eq!(
+                (head.status, head.body, head.len),
+                (*status, *body, bytes.len())
+            );
+        }
+        assert!(
+            parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n")
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            parse_response_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+            )
+            .is_err()
+        );
+        assert!(parse_response_head(b"NOT HTTP\r\n\r\n").is_err());
     }
 }

@@ -21,16 +21,16 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::deny::Deny;
 use crate::net::shutdown_write;
 
 /// How a direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    /// The source closed; the destination's write half was shut down.
-    Eof,
-    /// A request on the connection was refused; the caller answers it.
-    Denied(Deny),
+pub enum Done {
+    /// This direction is finished; the other goes on until it finishes too.
+    Half,
+    /// The connection is over (its owner has said its last word to the
+    /// client): the other direction is stopped.
+    Whole,
 }
 
 /// How a relayed connection ended.
@@ -40,10 +40,9 @@ pub enum RelayEnd {
     Closed,
     /// Neither direction moved a byte for the idle timeout.
     Idle,
-    /// The sandbox was unregistered or the gateway is shutting down.
+    /// The token was revoked (or the sandbox unregistered), or the gateway
+    /// is shutting down.
     Cancelled,
-    /// A later request was refused (HTTP).
-    Denied(Deny),
     /// A reset or another I/O error ended it.
     Error(io::Error),
 }
@@ -55,7 +54,6 @@ impl RelayEnd {
             RelayEnd::Closed => "closed",
             RelayEnd::Idle => "idle_timeout",
             RelayEnd::Cancelled => "cancelled",
-            RelayEnd::Denied(_) => "denied",
             RelayEnd::Error(_) => "reset",
         }
     }
@@ -68,9 +66,6 @@ pub struct Traffic {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
     last_ms: AtomicU64,
-    /// A later request was refused: the responses already asked for still
-    /// reach the client, whose write half stays open for the refusal.
-    deny_pending: std::sync::atomic::AtomicBool,
 }
 
 static EPOCH: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
@@ -84,15 +79,6 @@ impl Traffic {
     /// When the last byte moved (either way).
     pub fn last(&self) -> tokio::time::Instant {
         *EPOCH + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    /// Marks a refusal pending (see `deny_pending`).
-    pub fn hold_for_refusal(&self) {
-        self.deny_pending.store(true, Ordering::Release);
-    }
-
-    fn refusal_pending(&self) -> bool {
-        self.deny_pending.load(Ordering::Acquire)
     }
 
     pub fn totals(&self) -> (u64, u64) {
@@ -120,8 +106,8 @@ pub fn run_pair<'a, A, B>(
     hard_stop: &'a CancellationToken,
 ) -> impl Future<Output = RelayEnd> + Send + 'a
 where
-    A: Future<Output = io::Result<Flow>> + Send + 'static,
-    B: Future<Output = io::Result<Flow>> + Send + 'static,
+    A: Future<Output = io::Result<Done>> + Send + 'static,
+    B: Future<Output = io::Result<Done>> + Send + 'static,
 {
     traffic.touch();
     // Aborted if the returned future is dropped unpolled or mid-way: no
@@ -131,7 +117,7 @@ where
     watch_pair(up, down, traffic, idle, closed, hard_stop)
 }
 
-type Direction = AbortOnDropHandle<io::Result<Flow>>;
+type Direction = AbortOnDropHandle<io::Result<Done>>;
 
 async fn watch_pair(
     mut up: Direction,
@@ -142,42 +128,28 @@ async fn watch_pair(
     hard_stop: &CancellationToken,
 ) -> RelayEnd {
     let (mut up_done, mut down_done) = (false, false);
-    // A refused later request: the answers to earlier ones may still be on
-    // their way; they get this long to finish before the refusal is sent.
-    let mut refused: Option<(Deny, tokio::time::Instant)> = None;
-    let grace = idle.min(Duration::from_secs(5));
     let end = loop {
-        let idle_at = match refused {
-            Some((_, until)) => until,
-            None => traffic.last() + idle,
-        };
+        let idle_at = traffic.last() + idle;
         tokio::select! {
             r = &mut up, if !up_done => {
                 up_done = true;
                 match flatten(r) {
-                    Ok(Flow::Eof) if down_done => break RelayEnd::Closed,
-                    Ok(Flow::Eof) => {}
-                    Ok(Flow::Denied(d)) if down_done => break RelayEnd::Denied(d),
-                    Ok(Flow::Denied(d)) => refused = Some((d, tokio::time::Instant::now() + grace)),
+                    Ok(Done::Half) if !down_done => {}
+                    Ok(_) => break RelayEnd::Closed,
                     Err(e) => break RelayEnd::Error(e),
                 }
             }
             r = &mut down, if !down_done => {
                 down_done = true;
-                match (flatten(r), refused) {
-                    (Ok(_), Some((d, _))) => break RelayEnd::Denied(d),
-                    (Ok(Flow::Eof), None) if up_done => break RelayEnd::Closed,
-                    (Ok(Flow::Eof), None) => {}
-                    (Ok(Flow::Denied(d)), None) => break RelayEnd::Denied(d),
-                    (Err(e), _) => break RelayEnd::Error(e),
+                match flatten(r) {
+                    Ok(Done::Half) if !up_done => {}
+                    Ok(_) => break RelayEnd::Closed,
+                    Err(e) => break RelayEnd::Error(e),
                 }
             }
             _ = closed.cancelled() => break RelayEnd::Cancelled,
             _ = hard_stop.cancelled() => break RelayEnd::Cancelled,
             _ = tokio::time::sleep_until(idle_at) => {
-                if let Some((d, _)) = refused {
-                    break RelayEnd::Denied(d);
-                }
                 if traffic.last() + idle <= tokio::time::Instant::now() {
                     break RelayEnd::Idle;
                 }
@@ -194,7 +166,7 @@ async fn watch_pair(
     end
 }
 
-fn flatten(r: Result<io::Result<Flow>, tokio::task::JoinError>) -> io::Result<Flow> {
+fn flatten(r: Result<io::Result<Done>, tokio::task::JoinError>) -> io::Result<Done> {
     r.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
@@ -262,18 +234,41 @@ impl PipePool {
 }
 
 /// Moves bytes from `src` to `dst` until `src` reaches EOF, then shuts
-/// down `dst`'s write half. Splices when it can, copies when it cannot.
-pub async fn one_way(
+/// down `dst`'s write half: one direction of a raw relay.
+pub async fn pipe(
     src: &TcpStream,
     dst: &TcpStream,
     counter: &AtomicU64,
     traffic: &Traffic,
-) -> io::Result<Flow> {
+) -> io::Result<Done> {
+    move_bytes(src, dst, None, counter, traffic).await?;
+    shutdown_write(dst);
+    Ok(Done::Half)
+}
+
+/// Moves bytes from `src` to `dst` until `src` reaches EOF, or until
+/// `limit` bytes have moved if one is given; returns how many moved. Leaves
+/// `dst` open. Splices when it can, copies when it cannot.
+pub async fn move_bytes(
+    src: &TcpStream,
+    dst: &TcpStream,
+    limit: Option<u64>,
+    counter: &AtomicU64,
+    traffic: &Traffic,
+) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut first = true;
+    let mut moved = 0u64;
     // Held while bytes flow; given back (empty) when the source runs dry.
     let mut held: Option<Pipe> = None;
     loop {
+        let want = match limit {
+            Some(l) if moved >= l => break,
+            Some(l) => usize::try_from(l - moved)
+                .unwrap_or(PIPE_SIZE)
+                .min(PIPE_SIZE),
+            None => PIPE_SIZE,
+        };
         src.readable().await?;
         let pipe = match held {
             Some(ref p) => p,
@@ -281,12 +276,12 @@ pub async fn one_way(
                 Ok(p) => held.insert(p),
                 Err(e) => {
                     tracing::debug!(error = %e, "no pipe for splice; copying");
-                    return Box::pin(copy_one_way(src, dst, counter, traffic)).await;
+                    return Box::pin(copy_bytes(src, dst, limit, moved, counter, traffic)).await;
                 }
             },
         };
         let n = match src.try_io(Interest::READABLE, || {
-            splice(src, None, &pipe.write, None, PIPE_SIZE, flags).map_err(io::Error::from)
+            splice(src, None, &pipe.write, None, want, flags).map_err(io::Error::from)
         }) {
             Ok(0) => break,
             Ok(n) => n,
@@ -297,7 +292,7 @@ pub async fn one_way(
                 continue;
             }
             Err(e) if first && splice_unsupported(&e) => {
-                return Box::pin(copy_one_way(src, dst, counter, traffic)).await;
+                return Box::pin(copy_bytes(src, dst, limit, moved, counter, traffic)).await;
             }
             // The pipe is empty here; but an error ends the connection.
             Err(e) => return Err(e),
@@ -316,21 +311,30 @@ pub async fn one_way(
                 Err(e) => return Err(e),
             }
         }
+        moved += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
     }
     if let Some(p) = held.take() {
         POOL.give(p);
     }
-    finish(dst, traffic);
-    Ok(Flow::Eof)
+    Ok(moved)
 }
 
-/// Passes EOF on, unless a refusal is still to be written to `dst`.
-fn finish(dst: &TcpStream, traffic: &Traffic) {
-    if !traffic.refusal_pending() {
-        shutdown_write(dst);
+/// Writes `bytes` and counts them.
+pub async fn send(
+    dst: &TcpStream,
+    bytes: &[u8],
+    counter: &AtomicU64,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
     }
+    crate::net::write_all(dst, bytes).await?;
+    counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    traffic.touch();
+    Ok(())
 }
 
 fn splice_unsupported(e: &io::Error) -> bool {
@@ -340,28 +344,36 @@ fn splice_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// The fallback: a read/write copy through a small buffer.
-pub async fn copy_one_way(
+/// The fallback: a read/write copy through a small buffer, continuing
+/// after `moved` bytes.
+async fn copy_bytes(
     src: &TcpStream,
     dst: &TcpStream,
+    limit: Option<u64>,
+    mut moved: u64,
     counter: &AtomicU64,
     traffic: &Traffic,
-) -> io::Result<Flow> {
+) -> io::Result<u64> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
+        let want = match limit {
+            Some(l) if moved >= l => break,
+            Some(l) => usize::try_from(l - moved)
+                .unwrap_or(buf.len())
+                .min(buf.len()),
+            None => buf.len(),
+        };
         src.readable().await?;
-        let n = match src.try_read(&mut buf) {
+        let n = match src.try_read(&mut buf[..want]) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        crate::net::write_all(dst, &buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        traffic.touch();
+        send(dst, &buf[..n], counter, traffic).await?;
+        moved += n as u64;
     }
-    finish(dst, traffic);
-    Ok(Flow::Eof)
+    Ok(moved)
 }
 
 #[cfg(test)]
@@ -377,7 +389,7 @@ mod tests {
         let held = Arc::new(());
         let direction = |h: Arc<()>| async move {
             let _h = h;
-            std::future::pending::<io::Result<Flow>>().await
+            std::future::pending::<io::Result<Done>>().await
         };
         let traffic = Traffic::default();
         let token = CancellationToken::new();

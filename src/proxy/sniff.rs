@@ -1,13 +1,21 @@
 //! Pure parsers over the first bytes a client sends: which protocol it
 //! speaks, the SNI of a TLS ClientHello, and an HTTP/1.x request head with
-//! its body framing. No I/O here: the caller reads into a bounded buffer
-//! under the peek deadline, calls these again with more bytes on
-//! [`Parsed::NeedMore`], and replays every byte it read upstream.
+//! its body framing; and [`read_until`], the one loop that reads a stream
+//! into a bounded buffer until one of them has an answer. The parsers do no
+//! I/O. They are driven incrementally ([`HelloReader`], [`HeadReader`]):
+//! the TLS record and handshake headers say how many bytes to wait for, and
+//! a head is parsed again only once its end may have arrived (or the buffer
+//! has doubled), so the cost is linear in the bytes received however they
+//! are segmented, bounded by the size caps and the caller's deadline. Every
+//! byte read is kept in the buffer, to be replayed upstream.
 //!
 //! Anything ambiguous or unparseable is an [`Parsed::Invalid`] with a deny
 //! reason, never a guess that lets bytes through.
 
+use std::io;
 use std::net::IpAddr;
+
+use tokio::net::TcpStream;
 
 use crate::deny::Deny;
 use crate::host::{Host, HostName, split_authority};
@@ -218,17 +226,286 @@ fn server_name(data: &[u8]) -> Result<HostName, Deny> {
     HostName::parse(name).map_err(|_| Deny::NoHost)
 }
 
+// ------------------------------------------------------ incremental --
+
+/// A parser driven with a growing buffer.
+pub trait Incremental {
+    type Output;
+    /// Looks at `buf` (which only ever grows between calls).
+    fn poll(&mut self, buf: &[u8]) -> Parsed<Self::Output>;
+    /// The most bytes this parser reads before it must have an answer.
+    fn cap(&self) -> usize;
+    /// The deny when the cap is reached without an answer, or the stream
+    /// ends first.
+    fn incomplete(&self) -> Deny;
+}
+
+/// Drives [`parse_client_hello`] with as little re-parsing as the TLS
+/// headers allow: it walks record headers as they arrive, counting the
+/// handshake bytes, and parses once the whole hello is there (or a header
+/// is wrong). Every byte is looked at a bounded number of times.
+#[derive(Debug, Clone)]
+pub struct HelloReader {
+    max_hello: usize,
+    /// Where the current record's header starts.
+    record: usize,
+    /// Bytes of the current record's fragment already counted.
+    counted: usize,
+    /// Handshake bytes seen so far, over all records.
+    payload: usize,
+    /// The handshake header (type and 24-bit length), once here.
+    header: [u8; 4],
+}
+
+impl HelloReader {
+    pub fn new(max_hello: usize) -> HelloReader {
+        HelloReader {
+            max_hello,
+            record: 0,
+            counted: 0,
+            payload: 0,
+            header: [0; 4],
+        }
+    }
+
+    fn hello_len(&self) -> Option<usize> {
+        (self.payload >= 4).then(|| {
+            u32::from_be_bytes([0, self.header[1], self.header[2], self.header[3]]) as usize
+        })
+    }
+}
+
+impl Incremental for HelloReader {
+    type Output = ClientHello;
+
+    fn poll(&mut self, buf: &[u8]) -> Parsed<ClientHello> {
+        loop {
+            if self.payload >= 1 && self.header[0] != HANDSHAKE_CLIENT_HELLO {
+                return parse_client_hello(buf, self.max_hello);
+            }
+            if let Some(len) = self.hello_len()
+                && (len > self.max_hello || self.payload >= 4 + len)
+            {
+                return parse_client_hello(buf, self.max_hello);
+            }
+            let Some(h) = buf.get(self.record..self.record + RECORD_HEADER) else {
+                return Parsed::NeedMore;
+            };
+            let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+            if h[0] != CONTENT_HANDSHAKE || h[1] != 3 || len == 0 || len > MAX_RECORD {
+                // The full parser names the reason.
+                return parse_client_hello(buf, self.max_hello);
+            }
+            let start = self.record + RECORD_HEADER;
+            let have = buf.len().saturating_sub(start).min(len);
+            // Count the fragment's new bytes, keeping the first four
+            // (the handshake header).
+            let mut i = start + self.counted;
+            while self.payload < 4 && i < start + have {
+                self.header[self.payload] = buf[i];
+                self.payload += 1;
+                i += 1;
+            }
+            self.payload += start + have - i;
+            self.counted = have;
+            if have < len {
+                if let Some(n) = self.hello_len()
+                    && self.payload >= 4 + n
+                {
+                    continue;
+                }
+                return Parsed::NeedMore;
+            }
+            self.record = start + len;
+            self.counted = 0;
+        }
+    }
+
+    fn cap(&self) -> usize {
+        // A hello split into many small records carries 5 bytes of header
+        // per record; leave room for that, bounded.
+        self.max_hello * 2 + 64
+    }
+
+    fn incomplete(&self) -> Deny {
+        Deny::NoHost
+    }
+}
+
+/// Finds a request head's end in what has arrived since the last look and
+/// parses only then (or once the buffer has doubled, so a head that is bad
+/// from its first line is refused early), so a head dribbled a byte at a
+/// time costs linear time.
+#[derive(Debug, Clone)]
+pub struct HeadReader {
+    max_head: usize,
+    scanned: usize,
+    parsed_at: usize,
+}
+
+impl HeadReader {
+    pub fn new(max_head: usize) -> HeadReader {
+        HeadReader {
+            max_head,
+            scanned: 0,
+            parsed_at: 0,
+        }
+    }
+}
+
+impl Incremental for HeadReader {
+    type Output = RequestHead;
+
+    fn poll(&mut self, buf: &[u8]) -> Parsed<RequestHead> {
+        let from = self.scanned.saturating_sub(3);
+        let end_seen = buf.get(from..).is_some_and(|new| {
+            new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n")
+        });
+        self.scanned = buf.len();
+        let worth = end_seen
+            || self.parsed_at == 0
+            || buf.len() >= self.parsed_at.saturating_mul(2)
+            || buf.len() >= self.max_head;
+        if !worth || buf.is_empty() {
+            return Parsed::NeedMore;
+        }
+        self.parsed_at = buf.len();
+        parse_request_head(buf, self.max_head)
+    }
+
+    fn cap(&self) -> usize {
+        self.max_head
+    }
+
+    fn incomplete(&self) -> Deny {
+        Deny::BadRequest
+    }
+}
+
+/// What a connection's first bytes turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    Tls(ClientHello),
+    Http(RequestHead),
+    /// Neither TLS nor HTTP/1.x (the first bytes say so).
+    Other,
+}
+
+impl Opening {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Opening::Tls(_) => Protocol::Tls,
+            Opening::Http(h) if h.connect => Protocol::Connect,
+            Opening::Http(_) => Protocol::Http,
+            Opening::Other => Protocol::Other,
+        }
+    }
+}
+
+/// Classifies the first bytes, then parses them as what they are.
+#[derive(Debug, Clone)]
+pub struct OpeningReader {
+    hello: HelloReader,
+    head: HeadReader,
+    protocol: Protocol,
+}
+
+impl OpeningReader {
+    pub fn new(max_hello: usize, max_head: usize) -> OpeningReader {
+        OpeningReader {
+            hello: HelloReader::new(max_hello),
+            head: HeadReader::new(max_head),
+            protocol: Protocol::Other,
+        }
+    }
+
+    /// What the bytes so far look like (`Other` before the first byte).
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+}
+
+impl Incremental for OpeningReader {
+    type Output = Opening;
+
+    fn poll(&mut self, buf: &[u8]) -> Parsed<Opening> {
+        if buf.is_empty() {
+            return Parsed::NeedMore;
+        }
+        self.protocol = classify(buf);
+        match self.protocol {
+            Protocol::Tls => match self.hello.poll(buf) {
+                Parsed::Found(h) => Parsed::Found(Opening::Tls(h)),
+                Parsed::NeedMore => Parsed::NeedMore,
+                Parsed::Invalid(d) => Parsed::Invalid(d),
+            },
+            Protocol::Http | Protocol::Connect => match self.head.poll(buf) {
+                Parsed::Found(h) => Parsed::Found(Opening::Http(h)),
+                Parsed::NeedMore => Parsed::NeedMore,
+                Parsed::Invalid(d) => Parsed::Invalid(d),
+            },
+            Protocol::Other => Parsed::Found(Opening::Other),
+        }
+    }
+
+    fn cap(&self) -> usize {
+        match self.protocol {
+            Protocol::Tls => self.hello.cap(),
+            Protocol::Http | Protocol::Connect => self.head.cap(),
+            Protocol::Other => self.hello.cap().max(self.head.cap()),
+        }
+    }
+
+    fn incomplete(&self) -> Deny {
+        match self.protocol {
+            Protocol::Http | Protocol::Connect => Deny::BadRequest,
+            _ => Deny::NoHost,
+        }
+    }
+}
+
+/// How [`read_until`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadEnd<T> {
+    Found(T),
+    /// Refused: unparseable, over the cap, or the stream ended first.
+    Invalid(Deny),
+    /// The stream ended before its first byte.
+    Eof,
+}
+
+/// Reads `stream` into `buf` until `parser` has an answer. Bytes already in
+/// `buf` are looked at first. The caller bounds it in time.
+/// Cancellation-safe: `buf` holds every byte read, whenever it is dropped.
+pub async fn read_until<P: Incremental>(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    parser: &mut P,
+) -> io::Result<ReadEnd<P::Output>> {
+    loop {
+        match parser.poll(buf) {
+            Parsed::Found(v) => return Ok(ReadEnd::Found(v)),
+            Parsed::Invalid(d) => return Ok(ReadEnd::Invalid(d)),
+            Parsed::NeedMore if buf.len() >= parser.cap() => {
+                return Ok(ReadEnd::Invalid(parser.incomplete()));
+            }
+            Parsed::NeedMore => {}
+        }
+        if crate::net::read_some(stream, buf, parser.cap()).await? == 0 {
+            return Ok(if buf.is_empty() {
+                ReadEnd::Eof
+            } else {
+                ReadEnd::Invalid(parser.incomplete())
+            });
+        }
+    }
+}
+
 // --------------------------------------------------------------- HTTP --
 
 /// Limits on a request head; the head itself is also capped by the
 /// caller's buffer.
 pub const MAX_HEADERS: usize = 100;
-
-/// Reads allowed before a ClientHello or request head must be complete.
-/// The parsers start over on every read, so a client that dribbles a 64 KiB
-/// head a few bytes per segment would cost quadratic time; honest clients
-/// need a handful of reads (a 16 KiB hello is about 12 segments).
-pub const MAX_SNIFF_READS: usize = 128;
 
 /// How a request's body is delimited (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,10 +613,20 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if transfer_encoding {
+                // Two codings lists are one list to some parsers and two
+                // to others: refused.
+                return Err(Deny::BadRequest);
+            }
             transfer_encoding = true;
-            let v = std::str::from_utf8(h.value).map_err(|_| Deny::BadRequest)?;
-            let last = v.rsplit(',').next().unwrap_or("").trim();
-            chunked_last = last.eq_ignore_ascii_case("chunked");
+            // Exactly `chunked`, trimmed of ASCII blanks only: a coding list
+            // (`gzip, chunked`) or a value another parser might trim to
+            // `chunked` (a non-ASCII space) is a framing disagreement.
+            let v = h.value.trim_ascii();
+            chunked_last = v.eq_ignore_ascii_case(b"chunked");
+            if !chunked_last {
+                return Err(Deny::BadRequest);
+            }
         } else if name.eq_ignore_ascii_case("proxy-authorization") {
             if proxy_authorization.is_some() {
                 return Err(Deny::BadRequest);
@@ -350,14 +637,26 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
             has_upgrade = true;
         } else if name.eq_ignore_ascii_case("connection") {
             let v = std::str::from_utf8(h.value).map_err(|_| Deny::BadRequest)?;
-            connection_upgrade |= v
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            for token in v.split(',').map(str::trim) {
+                connection_upgrade |= token.eq_ignore_ascii_case("upgrade");
+                // A hop-by-hop list that names a header framing the message
+                // would have a forwarder drop it and still send the body,
+                // which the next hop reads as another request.
+                if FRAMING_HEADERS
+                    .iter()
+                    .any(|f| token.eq_ignore_ascii_case(f))
+                {
+                    return Err(Deny::BadRequest);
+                }
+            }
         }
     }
 
     let framing = match (transfer_encoding, content_length) {
         (true, Some(_)) => return Err(Deny::BadRequest),
+        // HTTP/1.0 has no chunked coding (RFC 9112 §6.1): an HTTP/1.0
+        // server reads the chunks as the body's bytes, or as requests.
+        (true, None) if req.version == Some(0) => return Err(Deny::BadRequest),
         (true, None) if chunked_last => Framing::Chunked,
         // A request whose final coding is not chunked has no length it can
         // be framed by (RFC 9112 §6.3): refuse.
@@ -436,7 +735,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
 }
 
 /// `http://…` or `https://…`: whether it was https, and the rest.
-fn strip_scheme(target: &str) -> Option<(bool, &str)> {
+pub(crate) fn strip_scheme(target: &str) -> Option<(bool, &str)> {
     let (scheme, rest) = target.split_once("://")?;
     if scheme.eq_ignore_ascii_case("http") {
         Some((false, rest))
@@ -447,81 +746,9 @@ fn strip_scheme(target: &str) -> Option<(bool, &str)> {
     }
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), and
-/// the proxy's own.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-/// Rewrites an absolute-form request head (`GET http://h/p HTTP/1.1`) for
-/// the origin: origin-form request line, hop-by-hop headers and those the
-/// `Connection` header lists removed, `Host` kept (or added from the URI).
-/// An upgrade request keeps its `Upgrade` and `Connection: upgrade`.
-pub fn origin_form_head(head: &[u8]) -> Result<Vec<u8>, Deny> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(Deny::BadRequest),
-    }
-    let (Some(method), Some(target)) = (req.method, req.path) else {
-        return Err(Deny::BadRequest);
-    };
-    let Some((_, rest)) = strip_scheme(target) else {
-        return Err(Deny::BadRequest);
-    };
-    let (authority, path) = match rest.find(['/', '?', '#']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let path = match path {
-        "" => "/".to_owned(),
-        p if p.starts_with('/') => p.split('#').next().unwrap_or("/").to_owned(),
-        p => format!("/{}", p.split('#').next().unwrap_or("")),
-    };
-    let mut listed: Vec<String> = Vec::new();
-    let mut upgrade = false;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            for token in String::from_utf8_lossy(h.value).split(',') {
-                let token = token.trim().to_ascii_lowercase();
-                upgrade |= token == "upgrade";
-                listed.push(token);
-            }
-        }
-    }
-    let version = if req.version == Some(0) { "1.0" } else { "1.1" };
-    let mut out = Vec::with_capacity(head.len());
-    out.extend_from_slice(format!("{method} {path} HTTP/{version}\r\n").as_bytes());
-    let mut has_host = false;
-    for h in req.headers.iter() {
-        let name = h.name.to_ascii_lowercase();
-        let keep_for_upgrade = upgrade && name == "upgrade";
-        if !keep_for_upgrade && (HOP_BY_HOP.contains(&name.as_str()) || listed.contains(&name)) {
-            continue;
-        }
-        has_host |= name == "host";
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
-    }
-    if !has_host {
-        out.extend_from_slice(format!("Host: {authority}\r\n").as_bytes());
-    }
-    if upgrade {
-        out.extend_from_slice(b"Connection: upgrade\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(out)
-}
+/// Headers that frame a message: never removed on the way, so a
+/// `Connection` header that names one is refused.
+const FRAMING_HEADERS: &[&str] = &["content-length", "transfer-encoding", "host"];
 
 /// Progress through a chunked body (RFC 9112 §7.1), fed bytes as they come.
 /// It only finds where the body ends; the bytes pass through untouched.
@@ -545,6 +772,7 @@ enum ChunkPhase {
     DataLf,
     /// Trailer section: at the start of a line.
     TrailerLineStart,
+    TrailerName,
     TrailerLine,
     TrailerLf,
     FinalLf,
@@ -622,12 +850,25 @@ impl ChunkedState {
                 DataCr | DataLf => return ChunkProgress::Invalid,
                 TrailerLineStart => match b {
                     b'\r' => FinalLf,
-                    b'\n' | 0 => return ChunkProgress::Invalid,
+                    b'\n' | 0 | b':' | b' ' | b'\t' => return ChunkProgress::Invalid,
                     _ => {
                         self.line_len = 1;
-                        TrailerLine
+                        TrailerName
                     }
                 },
+                // A trailer line is a field: a name, then a colon. A line
+                // without one is read differently by different parsers.
+                TrailerName => {
+                    self.line_len += 1;
+                    if self.line_len > MAX_CHUNK_LINE {
+                        return ChunkProgress::Invalid;
+                    }
+                    match b {
+                        b':' => TrailerLine,
+                        b'\r' | b'\n' | 0 | b' ' | b'\t' => return ChunkProgress::Invalid,
+                        _ => TrailerName,
+                    }
+                }
                 TrailerLine => {
                     self.line_len += 1;
                     if self.line_len > MAX_CHUNK_LINE {

@@ -113,6 +113,12 @@ impl Guard {
 
     pub fn permits(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();
+        // The unspecified address is this host: always refused, whatever
+        // `deny_private_destinations` says (it reaches sluice's own
+        // listeners, whatever address they are bound to).
+        if ip.is_unspecified() {
+            return false;
+        }
         let is_own = self.own.iter().any(|own| {
             own.port() == addr.port()
                 && (own.ip().to_canonical() == ip || own.ip().is_unspecified())
@@ -175,7 +181,10 @@ impl Upstream {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
             Host::Name(name) => match self.overrides.get(name) {
                 Some(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
-                None => tokio::net::lookup_host((name.as_str(), port))
+                // Always an absolute name (the trailing dot): never
+                // completed through the resolver's search list, so
+                // `api.test` is never dialled at `api.test.corp.example`.
+                None => tokio::net::lookup_host((absolute(name).as_str(), port))
                     .await
                     .map_err(|_| Deny::UpstreamUnreachable)?
                     .collect(),
@@ -232,6 +241,11 @@ impl Upstream {
         socket.set_nodelay(true)?;
         socket.connect(addr).await
     }
+}
+
+/// The name as an absolute DNS name (with its root dot).
+pub fn absolute(name: &HostName) -> String {
+    format!("{name}.")
 }
 
 /// Can this process set `SO_MARK`? (It needs CAP_NET_ADMIN.)
@@ -328,6 +342,29 @@ mod tests {
         assert!(!g.permits("127.0.0.1:9080".parse().unwrap()));
         let open = Guard::new(false, vec![], vec![]);
         assert!(open.permits("10.0.0.1:443".parse().unwrap()));
+        // With the guard off and no listener named, the unspecified
+        // address (this host) is still refused, in both spellings.
+        let own = Guard::new(
+            false,
+            vec!["0.0.0.0/0".parse().unwrap()],
+            vec!["127.0.0.1:15001".parse().unwrap()],
+        );
+        for unspecified in [
+            "0.0.0.0:15001",
+            "[::ffff:0.0.0.0]:15001",
+            "[::]:15001",
+            "0.0.0.0:80",
+        ] {
+            assert!(!own.permits(unspecified.parse().unwrap()), "{unspecified}");
+        }
+    }
+
+    #[test]
+    fn names_are_resolved_as_absolute() {
+        assert_eq!(
+            absolute(&HostName::parse("jenkins.wild.test").unwrap()),
+            "jenkins.wild.test."
+        );
     }
 
     #[tokio::test]

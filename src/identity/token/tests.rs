@@ -338,9 +338,30 @@ fn minting_refuses_what_it_should() {
         &[],
         &["a b.test"],
         &["*.*.test"],
+        &["*.com"],
+        &["a.test", "*.co.uk"],
+        &["0.0.0.0"],
     ] {
         assert!(f.signer.mint(&request(hosts)).is_err(), "{hosts:?}");
     }
+    // A token no verifier would accept (over 8 KiB) is refused at mint,
+    // with the reason; one just under is minted and verifies.
+    let many: Vec<String> = (0..400)
+        .map(|i| format!("host-{i:04}.example.test"))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    match f.signer.mint(&request(&many)) {
+        Err(MintError::BadRequest(why)) => assert!(why.contains("8192-byte limit"), "{why}"),
+        other => panic!("{:?}", other.map(|m| m.token.len())),
+    }
+    let fewer = &many[..200];
+    let minted = f.signer.mint(&request(fewer)).unwrap();
+    assert!(
+        minted.token.len() <= MAX_TOKEN_BYTES,
+        "{}",
+        minted.token.len()
+    );
+    assert!(f.verifier.verify(&minted.token).is_ok());
     let mut r = request(&["a.test"]);
     r.user_id = "../etc".into();
     assert!(f.signer.mint(&r).is_err());

@@ -313,7 +313,7 @@ fn plain_requests() {
         h.head_len,
         "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\n".len()
     );
-    let h = found("POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+    let h = found("POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding:  Chunked \r\n\r\n");
     assert_eq!(h.framing, Framing::Chunked);
     let h = found("GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n");
     assert_eq!(h.host.to_string(), "[2001:db8::1]");
@@ -457,21 +457,87 @@ fn connect_and_proxy_credentials() {
 }
 
 #[test]
-fn origin_form_rewrite_drops_hop_by_hop_headers() {
-    let head = b"GET http://a.test:8080/p/q?x=1#frag HTTP/1.1\r\nHost: a.test:8080\r\nProxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n";
-    let out = String::from_utf8(origin_form_head(head).unwrap()).unwrap();
-    assert_eq!(
-        out,
-        "GET /p/q?x=1 HTTP/1.1\r\nHost: a.test:8080\r\nAccept: */*\r\n\r\n"
+fn framing_that_parsers_could_read_differently_is_refused() {
+    for raw in [
+        // A coding list, even one ending in chunked.
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        // chunked followed by a non-ASCII space (U+00A0 in UTF-8).
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        // chunked on HTTP/1.0.
+        "POST / HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+        // Connection naming the headers that frame the message.
+        "POST / HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: host\r\n\r\n",
+    ] {
+        assert_eq!(head(raw), Parsed::Invalid(Deny::BadRequest), "{raw:?}");
+    }
+}
+
+#[test]
+fn trailer_lines_must_be_fields() {
+    let mut ok = ChunkedState::default();
+    assert_eq!(ok.feed(b"0\r\nX-Sum: 1\r\n\r\n"), ChunkProgress::Done(15));
+    for bad in [
+        &b"0\r\nno-colon-here\r\n\r\n"[..],
+        b"0\r\n: empty name\r\n\r\n",
+        b"0\r\n bad: 1\r\n\r\n",
+    ] {
+        let mut s = ChunkedState::default();
+        assert_eq!(s.feed(bad), ChunkProgress::Invalid, "{bad:?}");
+    }
+}
+
+/// Feeds `bytes` to an incremental reader one byte at a time, as a
+/// client sending one byte per segment would.
+fn byte_by_byte<P: Incremental>(mut p: P, bytes: &[u8]) -> (Parsed<P::Output>, usize) {
+    let mut buf = Vec::new();
+    for (i, b) in bytes.iter().enumerate() {
+        buf.push(*b);
+        match p.poll(&buf) {
+            Parsed::NeedMore => {}
+            done => return (done, i + 1),
+        }
+    }
+    (Parsed::NeedMore, bytes.len())
+}
+
+#[test]
+fn a_hello_a_byte_at_a_time_is_found_at_its_last_byte() {
+    for name in ["clienthello-curl.bin", "clienthello-pq.bin"] {
+        let hello = capture(name);
+        let (got, at) = byte_by_byte(HelloReader::new(CAP), &hello);
+        assert!(matches!(got, Parsed::Found(_)), "{name}: {got:?}");
+        assert_eq!(at, hello.len(), "{name}");
+        // And split into 7-byte records, a byte at a time.
+        let split = split_records(message_of(&hello), 7);
+        let (got, at) = byte_by_byte(HelloReader::new(CAP), &split);
+        assert!(matches!(got, Parsed::Found(_)), "{name}: {got:?}");
+        assert_eq!(at, split.len(), "{name}");
+    }
+    let (got, _) = byte_by_byte(
+        HelloReader::new(CAP),
+        b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
     );
-    let out = String::from_utf8(origin_form_head(b"GET http://a.test HTTP/1.0\r\n\r\n").unwrap())
-        .unwrap();
-    assert_eq!(out, "GET / HTTP/1.0\r\nHost: a.test\r\n\r\n");
-    let ws = b"GET http://a.test/chat HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-    let out = String::from_utf8(origin_form_head(ws).unwrap()).unwrap();
-    assert_eq!(
-        out,
-        "GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    assert_eq!(got, Parsed::Invalid(Deny::UnsupportedProtocol));
+}
+
+#[test]
+fn a_head_a_byte_at_a_time_is_found_at_its_last_byte() {
+    let mut raw = b"GET / HTTP/1.1\r\nHost: a.test\r\n".to_vec();
+    for _ in 0..90 {
+        raw.extend_from_slice(b"X-a: b\r\n");
+    }
+    raw.extend_from_slice(b"\r\n");
+    let (got, at) = byte_by_byte(HeadReader::new(HEAD_CAP), &raw);
+    assert!(matches!(got, Parsed::Found(_)), "{got:?}");
+    assert_eq!(at, raw.len());
+    // A bad first line is refused early, not at the cap.
+    let (got, at) = byte_by_byte(
+        HeadReader::new(HEAD_CAP),
+        &[b"G\x01T / HTTP/1.1\r\n".as_slice(), &[b'x'; 4096]].concat(),
     );
-    assert!(origin_form_head(b"GET /relative HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+    assert_eq!(got, Parsed::Invalid(Deny::BadRequest));
+    assert!(at < 64, "{at}");
 }

@@ -1,0 +1,225 @@
+//! The one decision every door makes: may this caller reach this target?
+//! A caller is a registered sandbox (found by its source address) or the
+//! credentials a proxy client presented; a target is a host and a port.
+//! [`Decision::authorize`] checks the token (still valid, not revoked, the
+//! container binding) and the allowlist; [`Decision::decide`] does that and
+//! takes one connection slot from the container's one counter, and returns
+//! the [`Permit`] a connection holds for its life: the grant, the watch
+//! that fires when the token is revoked (or the sandbox unregistered), and
+//! the slot.
+//!
+//! Synchronous and free of I/O: the doors (transparent, proxy, and the DNS
+//! door) call it; they never compose a decision of their own.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GatewayConfig;
+use crate::deny::Deny;
+use crate::host::Host;
+use crate::identity::token::{Grant, Verifier};
+use crate::identity::{ConnectionCounts, CountGuard, Sandbox};
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A registered sandbox, identified by the connection's source address.
+    Sandbox(Arc<Sandbox>),
+    /// A proxy client's `Proxy-Authorization`.
+    Credentials(Credentials),
+}
+
+/// What `Proxy-Authorization` carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// `Basic base64(container_<ID>:jwt_<TOKEN>)`, as `HTTP_PROXY` userinfo
+    /// makes clients send.
+    Basic {
+        container_id: Option<String>,
+        token: String,
+    },
+    /// `Bearer <TOKEN>`.
+    Bearer(String),
+}
+
+impl Credentials {
+    /// Parses a `Proxy-Authorization` value; `None` if it is unusable.
+    pub fn parse(value: &str) -> Option<Credentials> {
+        let (scheme, rest) = value.trim().split_once(' ')?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return (!rest.is_empty()).then(|| Credentials::Bearer(rest.to_owned()));
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = STANDARD.decode(rest).ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (user, pass) = decoded.split_once(':')?;
+        let token = pass.strip_prefix("jwt_").unwrap_or(pass);
+        if token.is_empty() {
+            return None;
+        }
+        let id = user.strip_prefix("container_").unwrap_or(user);
+        Some(Credentials::Basic {
+            container_id: (!id.is_empty()).then(|| id.to_owned()),
+            token: token.to_owned(),
+        })
+    }
+
+    fn token(&self) -> &str {
+        match self {
+            Credentials::Basic { token, .. } | Credentials::Bearer(token) => token,
+        }
+    }
+}
+
+/// Where the caller wants to go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: Host,
+    pub port: u16,
+}
+
+/// An allowed target, before a connection slot is taken.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub grant: Arc<Grant>,
+    /// An allowlist entry names this port explicitly: a protocol that
+    /// carries no name (SSH, a database) may pass.
+    pub explicit_port: bool,
+}
+
+/// What an allowed connection holds for its life.
+pub struct Permit {
+    pub grant: Arc<Grant>,
+    pub explicit_port: bool,
+    /// Cancelled when the token is revoked, the sandbox unregistered or
+    /// the token expires: the connection closes.
+    pub revoked: CancellationToken,
+    pub slot: CountGuard,
+}
+
+impl Permit {
+    pub fn container_id(&self) -> &str {
+        &self.grant.claims.container_id
+    }
+}
+
+/// The decision's inputs that are not the caller or the target.
+pub struct Decision<'a> {
+    pub verifier: &'a Verifier,
+    pub connections: &'a Arc<ConnectionCounts>,
+    pub gateway: &'a GatewayConfig,
+}
+
+impl Decision<'_> {
+    /// The caller's current grant: its token verified (from the cache in
+    /// the common case), not revoked, and bound to the container it names.
+    pub fn grant(&self, caller: &Caller) -> Result<Arc<Grant>, Deny> {
+        match caller {
+            Caller::Sandbox(s) => s.current_grant(self.verifier),
+            Caller::Credentials(creds) => {
+                let grant = self.verifier.verify(creds.token()).map_err(|e| e.deny())?;
+                if grant.claims.enforce_container_binding.0 {
+                    let named = match creds {
+                        Credentials::Basic { container_id, .. } => container_id.as_deref(),
+                        // A bearer token carries no separate name: the claim is it.
+                        Credentials::Bearer(_) => Some(grant.claims.container_id.as_str()),
+                    };
+                    if named != Some(grant.claims.container_id.as_str()) {
+                        return Err(Deny::ContainerMismatch);
+                    }
+                }
+                Ok(grant)
+            }
+        }
+    }
+
+    /// May `caller` reach `target`? No slot is taken (a later request on a
+    /// connection that holds one, or a DNS query).
+    pub fn authorize(&self, caller: &Caller, target: &Target) -> Result<Authorized, Deny> {
+        let grant = self.grant(caller)?;
+        let admitted =
+            grant
+                .allowlist
+                .decide(&target.host, target.port, &self.gateway.allowed_ports)?;
+        Ok(Authorized {
+            grant,
+            explicit_port: admitted.explicit_port,
+        })
+    }
+
+    /// [`authorize`](Self::authorize), then one connection slot from the
+    /// container's counter (`overloaded` when it holds its share).
+    pub fn decide(&self, caller: &Caller, target: &Target) -> Result<Permit, Deny> {
+        let Authorized {
+            grant,
+            explicit_port,
+        } = self.authorize(caller, target)?;
+        let slot = self
+            .connections
+            .try_acquire(
+                &grant.claims.container_id,
+                self.gateway.max_connections_per_sandbox,
+            )
+            .ok_or(Deny::Overloaded)?;
+        Ok(Permit {
+            revoked: self.verifier.watch(&grant),
+            grant,
+            explicit_port,
+            slot,
+        })
+    }
+}
+
+/// Denies that are about credentials: the proxy answers them `407`.
+pub fn is_auth_failure(d: Deny) -> bool {
+    matches!(
+        d,
+        Deny::TokenInvalid | Deny::TokenExpired | Deny::TokenRevoked | Deny::ContainerMismatch
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(s: &str) -> String {
+        format!("Basic {}", STANDARD.encode(s))
+    }
+
+    #[test]
+    fn credentials_in_the_original_designs_shape() {
+        assert_eq!(
+            Credentials::parse(&basic("container_sb1:jwt_abc.def.ghi")),
+            Some(Credentials::Basic {
+                container_id: Some("sb1".into()),
+                token: "abc.def.ghi".into()
+            })
+        );
+        assert_eq!(
+            Credentials::parse("Bearer abc.def.ghi"),
+            Some(Credentials::Bearer("abc.def.ghi".into()))
+        );
+        assert_eq!(
+            Credentials::parse("bearer  abc "),
+            Some(Credentials::Bearer("abc".into()))
+        );
+        for bad in [
+            "",
+            "Basic",
+            "Basic !!!",
+            "Digest x",
+            "Bearer ",
+            &basic("nocolon"),
+            &basic("container_x:jwt_"),
+            &basic("container_x:"),
+        ] {
+            assert_eq!(Credentials::parse(bad), None, "{bad:?}");
+        }
+    }
+}
