@@ -24,8 +24,8 @@ use subtle::ConstantTimeEq;
 use crate::config::Config;
 use crate::identity::store::Store;
 use crate::identity::token::{MintRequest, Signer, Verifier};
-use crate::identity::{BindError, Origin, Registry, Sandbox};
-use crate::sandbox::{LaunchError, LaunchRequest, Sandboxes};
+use crate::identity::{BindError, MacAddr, Origin, Registry, Sandbox};
+use crate::sandbox::{LaunchError, LaunchRequest, RegisterError, Sandboxes};
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -233,6 +233,10 @@ async fn mint_token(
 pub(crate) struct RegisterRequest {
     source_ip: String,
     token: String,
+    /// The sandbox's MAC, on a bridge several sandboxes share
+    /// (`gateway.l2_bind_iface`).
+    #[serde(default)]
+    mac: Option<String>,
 }
 
 async fn register(
@@ -253,20 +257,32 @@ async fn register(
         .verifier
         .verify(&req.token)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.deny().as_str(), e.to_string()))?;
-    let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered);
-    let sandbox = state.registry.bind(sandbox).map_err(|e| match e {
-        BindError::AddressTaken(_) => {
-            ApiError::new(StatusCode::CONFLICT, "address_taken", e.to_string())
-        }
-        BindError::ContainerTaken(_) => {
-            ApiError::new(StatusCode::CONFLICT, "container_taken", e.to_string())
+    let mac = match req.mac.as_deref().map(str::parse::<MacAddr>) {
+        None => None,
+        Some(Ok(mac)) => Some(mac),
+        Some(Err(e)) => return Err(ApiError::bad_request(e)),
+    };
+    let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered).with_mac(mac);
+    let sandbox = state.sandboxes.register(sandbox).await.map_err(|e| {
+        let detail = error_chain(&e);
+        match e {
+            RegisterError::Taken(BindError::AddressTaken(_)) => {
+                ApiError::new(StatusCode::CONFLICT, "address_taken", detail)
+            }
+            RegisterError::Taken(BindError::ContainerTaken(_)) => {
+                ApiError::new(StatusCode::CONFLICT, "container_taken", detail)
+            }
+            RegisterError::MacRequired | RegisterError::MacUnexpected => {
+                ApiError::bad_request(detail)
+            }
+            RegisterError::L2(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "l2_bind_failed", detail)
+            }
+            RegisterError::Persist(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
+            }
         }
     })?;
-    if let Err(e) = state.persist() {
-        // Not on disk, so not acknowledged: undo it.
-        state.registry.unbind(&sandbox.container_id);
-        return Err(e);
-    }
     tracing::info!(container_id = %sandbox.container_id, source_ip = %ip, "sandbox registered");
     Ok((
         StatusCode::CREATED,
@@ -278,11 +294,24 @@ async fn register(
     ))
 }
 
+/// An error and its causes, each once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn view(s: &Sandbox, registry: &Registry) -> Value {
     let c = &s.grant.claims;
     json!({
         "container_id": s.container_id,
         "source_ip": s.source_ip,
+        "mac": s.mac,
         "user_id": c.user_id,
         "allowed_hosts": c.allowed_hosts.0,
         "jti": c.jti,

@@ -74,6 +74,10 @@ pub struct GatewayConfig {
     pub max_client_hello_bytes: usize,
     /// Largest HTTP request head accepted before `bad_request`.
     pub max_request_head_bytes: usize,
+    /// A bridge several sandboxes share, whose rules were applied with
+    /// `--bind-dynamic`: every registration then carries the sandbox's MAC,
+    /// and sluice binds its address to it (and unbinds it on removal).
+    pub l2_bind_iface: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -171,6 +175,7 @@ impl Default for GatewayConfig {
             upstream_mark: 0x534c,
             max_client_hello_bytes: 16 * 1024,
             max_request_head_bytes: 64 * 1024,
+            l2_bind_iface: String::new(),
         }
     }
 }
@@ -288,6 +293,16 @@ impl Config {
             err(
                 "gateway.max_connections_per_sandbox",
                 "must be greater than 0".into(),
+            );
+        }
+        let iface_ok = g.l2_bind_iface.len() <= 15
+            && g.l2_bind_iface
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b));
+        if !iface_ok {
+            err(
+                "gateway.l2_bind_iface",
+                "must be an interface name (1-15 letters, digits, '_', '.', '@', '-')".into(),
             );
         }
         if g.max_connections_per_source == 0 {

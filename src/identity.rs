@@ -38,11 +38,63 @@ pub struct LaunchRecord {
     pub gateway_ip: std::net::Ipv4Addr,
 }
 
+/// A link-layer (Ethernet) address, as `--bind IP=MAC` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MacAddr, String> {
+        let mut out = [0u8; 6];
+        let mut parts = s.trim().split(':');
+        for byte in &mut out {
+            let part = parts.next().unwrap_or("");
+            if part.len() != 2 {
+                return Err(format!(
+                    "{s:?} is not a MAC address (six hex pairs, a:b:c:d:e:f)"
+                ));
+            }
+            *byte = u8::from_str_radix(part, 16)
+                .map_err(|_| format!("{s:?} is not a MAC address (six hex pairs)"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{s:?} is not a MAC address (six hex pairs)"));
+        }
+        if out[0] & 1 == 1 || out == [0; 6] {
+            return Err(format!("{s:?} is not a unicast MAC address"));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MacAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One registered sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
     pub container_id: String,
     pub source_ip: IpAddr,
+    /// The MAC its address is bound to on a shared bridge, if any.
+    pub mac: Option<MacAddr>,
     pub origin: Origin,
     /// Set for sandboxes sluice launched.
     pub launch: Option<LaunchRecord>,
@@ -59,6 +111,7 @@ impl Sandbox {
         Sandbox {
             container_id: grant.claims.container_id.clone(),
             source_ip: source_ip.to_canonical(),
+            mac: None,
             origin,
             launch: None,
             token_key: token_key(&token),
@@ -66,6 +119,12 @@ impl Sandbox {
             grant,
             registered_at: token::now_s(),
         }
+    }
+
+    /// The MAC its address is bound to.
+    pub fn with_mac(mut self, mac: Option<MacAddr>) -> Sandbox {
+        self.mac = mac;
+        self
     }
 
     /// A launched sandbox, with where its pieces are.
@@ -237,5 +296,27 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for CountGuard<K> {
             *n = n.saturating_sub(1);
             *n == 0
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses_parse_unicast_only() {
+        let m: MacAddr = "02:53:4C:00:00:0a".parse().unwrap();
+        assert_eq!(m.to_string(), "02:53:4c:00:00:0a");
+        for bad in [
+            "",
+            "02:53:4c:00:00",
+            "02:53:4c:00:00:0a:0b",
+            "0g:00:00:00:00:01",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "2:53:4c:0:0:a",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -27,7 +27,7 @@ use tokio::process::Command;
 use crate::config::Config;
 use crate::identity::store::Store;
 use crate::identity::token::{MintRequest, Signer, Verifier, is_safe_id};
-use crate::identity::{LaunchRecord, Registry, Sandbox};
+use crate::identity::{BindError, LaunchRecord, MacAddr, Registry, Sandbox};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -44,6 +44,22 @@ const DEFAULT_TTL_S: u64 = 3600;
 /// limit would stop gVisor itself from starting processes.
 const GVISOR_PIDS_ALLOWANCE: i64 = 512;
 
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Taken(#[from] BindError),
+    #[error("gateway.l2_bind_iface is set: a registration must carry the sandbox's `mac`")]
+    MacRequired,
+    #[error("a `mac` was given, but gateway.l2_bind_iface is not set: nothing would bind it")]
+    MacUnexpected,
+    #[error("cannot bind the address to its MAC")]
+    L2(#[source] LaunchError),
+    #[error("cannot persist the registry")]
+    Persist(#[source] LaunchError),
+}
+
+/// Why a launch (or a stop, or an exec) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("{0}")]
@@ -223,6 +239,67 @@ impl Sandboxes {
             .map_err(|e| LaunchError::Failed(format!("cannot persist the registry: {e}")))
     }
 
+    /// Registers a sandbox started elsewhere: on a bridge that several
+    /// sandboxes share (`gateway.l2_bind_iface`), its address is first
+    /// bound to its MAC; then it is in the table and on disk before this
+    /// returns. Anything done is undone on failure.
+    pub async fn register(&self, sandbox: Sandbox) -> Result<Arc<Sandbox>, RegisterError> {
+        let iface = self.config.gateway.l2_bind_iface.as_str();
+        let binding = match (iface.is_empty(), sandbox.mac) {
+            (true, None) => None,
+            (true, Some(_)) => return Err(RegisterError::MacUnexpected),
+            (false, None) => return Err(RegisterError::MacRequired),
+            (false, Some(mac)) => Some((sandbox.source_ip, mac)),
+        };
+        if let Some((ip, mac)) = binding {
+            self.l2("bind", ip, mac).await.map_err(RegisterError::L2)?;
+        }
+        let undo_l2 = async {
+            if let Some((ip, mac)) = binding
+                && let Err(e) = self.l2("unbind", ip, mac).await
+            {
+                tracing::error!(error = %e, "cannot undo an L2 binding");
+            }
+        };
+        let sandbox = match self.registry.bind(sandbox) {
+            Ok(s) => s,
+            Err(e) => {
+                undo_l2.await;
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.persist() {
+            // Not on disk, so not acknowledged: undone.
+            self.registry.unbind(&sandbox.container_id);
+            undo_l2.await;
+            return Err(RegisterError::Persist(e));
+        }
+        Ok(sandbox)
+    }
+
+    /// Adds or removes one address-to-MAC binding on the shared bridge.
+    async fn l2(&self, verb: &str, ip: IpAddr, mac: MacAddr) -> Result<(), LaunchError> {
+        let IpAddr::V4(ip) = ip else {
+            return Err(LaunchError::BadRequest(
+                "L2 bindings are for IPv4 sandbox addresses".into(),
+            ));
+        };
+        run(&[
+            "bash".into(),
+            self.config
+                .sandbox
+                .rules_script
+                .to_string_lossy()
+                .into_owned(),
+            verb.into(),
+            "--iface".into(),
+            self.config.gateway.l2_bind_iface.clone(),
+            "--bind".into(),
+            format!("{ip}={mac}"),
+        ])
+        .await
+    }
+
     /// Launches a sandbox: validated, addressed, its token minted and
     /// registered (on disk) before it starts; all undone on failure.
     pub async fn launch(&self, req: LaunchRequest) -> Result<Launched, LaunchError> {
@@ -372,6 +449,12 @@ impl Sandboxes {
         self.verifier
             .revoke(&sandbox.grant.claims.jti, sandbox.grant.claims.exp);
         let persisted = self.persist();
+        if let Some(mac) = sandbox.mac
+            && !self.config.gateway.l2_bind_iface.is_empty()
+            && let Err(e) = self.l2("unbind", sandbox.source_ip, mac).await
+        {
+            tracing::error!(container_id = id, error = %e, "cannot remove the L2 binding");
+        }
         if let Some(record) = &sandbox.launch {
             self.launcher.stop(id, record).await;
             if let Some(ip) = ip {
@@ -407,6 +490,17 @@ impl Sandboxes {
     /// At start: a launched sandbox that no longer runs is cleaned up;
     /// pieces of dropped (expired) launched records are removed.
     pub async fn reconcile(&self, dropped: &[crate::identity::store::SandboxRecord]) {
+        // Bindings are kernel state: after a reboot they are gone while the
+        // registrations remain. Binding again is idempotent.
+        if !self.config.gateway.l2_bind_iface.is_empty() {
+            for s in self.registry.list() {
+                if let Some(mac) = s.mac
+                    && let Err(e) = self.l2("bind", s.source_ip, mac).await
+                {
+                    tracing::error!(container_id = %s.container_id, error = %e, "cannot restore the L2 binding");
+                }
+            }
+        }
         for record in dropped {
             if let Some(launch) = &record.launch {
                 self.launcher.stop(&record.container_id, launch).await;
@@ -510,6 +604,14 @@ fn netns_name(id: &str) -> String {
 }
 
 /// Interface names are at most 15 bytes.
+/// The MAC a launched sandbox's `eth0` gets: locally administered,
+/// unicast, and derived from its address, so the rules can bind one to
+/// the other before the sandbox starts.
+pub fn sandbox_mac(ip: Ipv4Addr) -> MacAddr {
+    let [a, b, c, d] = ip.octets();
+    MacAddr([0x02, 0x53, a, b, c, d])
+}
+
 fn host_veth_name(id: &str) -> String {
     format!("slv{}", short_id(id))
 }
@@ -626,10 +728,11 @@ impl Runsc {
         let id = &spec.container_id;
         let (ns, host, peer) = (&record.netns, &record.host_veth, peer_veth_name(id));
         let (ip, gw) = (spec.source_ip.to_string(), spec.gateway_ip.to_string());
+        let mac = sandbox_mac(spec.source_ip).to_string();
         let steps: Vec<Vec<String>> = vec![
             vec!["ip", "netns", "add", ns],
             vec![
-                "ip", "link", "add", host, "type", "veth", "peer", "name", &peer,
+                "ip", "link", "add", host, "type", "veth", "peer", "name", &peer, "address", &mac,
             ],
             vec!["ip", "link", "set", &peer, "netns", ns],
             vec!["ip", "addr", "add", &format!("{gw}/32"), "dev", host],
@@ -678,7 +781,11 @@ impl Runsc {
             "--proxy-port".into(),
             self.proxy_port.to_string(),
             "--source".into(),
-            ip,
+            ip.clone(),
+            // The link is this sandbox's alone; the binding also pins its
+            // address to its MAC, as on a shared bridge.
+            "--bind".into(),
+            format!("{ip}={mac}"),
         ])
         .await?;
 

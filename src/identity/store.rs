@@ -26,6 +26,8 @@ pub struct SandboxRecord {
     pub token: String,
     pub origin: Origin,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<crate::identity::MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchRecord>,
 }
 
@@ -116,6 +118,7 @@ impl Store {
                     source_ip: s.source_ip,
                     token: s.token.clone(),
                     origin: s.origin,
+                    mac: s.mac,
                     launch: s.launch.clone(),
                 })
                 .collect(),
@@ -164,7 +167,8 @@ impl Store {
                 }
             };
             let mut sandbox =
-                Sandbox::new(record.source_ip, record.token.clone(), grant, record.origin);
+                Sandbox::new(record.source_ip, record.token.clone(), grant, record.origin)
+                    .with_mac(record.mac);
             if let Some(launch) = &record.launch {
                 sandbox = sandbox.launched(launch.clone());
             }

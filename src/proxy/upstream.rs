@@ -1,5 +1,6 @@
 //! Upstream: resolve an allowed host (static `[gateway.resolve]` entries
-//! first, then the system resolver), pass every resolved address through
+//! first, then /etc/hosts, then DNS for the name as an absolute name, never
+//! through a search list), pass every resolved address through
 //! the private-destination guard, and connect to an address that passed,
 //! with `SO_MARK` and `TCP_NODELAY`, under the connect timeout. The
 //! address checked is the address dialled: there is no second lookup.
@@ -143,11 +144,16 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: &GatewayConfig, own: Vec<SocketAddr>) -> Upstream {
-        let overrides = config
-            .resolve
-            .iter()
-            .filter_map(|(name, addrs)| Some((HostName::parse(name).ok()?, addrs.clone())))
-            .collect();
+        // `[gateway.resolve]` first, then the host's own /etc/hosts (read
+        // here, at start and at every SIGHUP): an absolute DNS lookup below
+        // would not consult it.
+        let mut overrides: HashMap<HostName, Vec<IpAddr>> =
+            parse_hosts(&std::fs::read_to_string("/etc/hosts").unwrap_or_default());
+        for (name, addrs) in &config.resolve {
+            if let Ok(name) = HostName::parse(name) {
+                overrides.insert(name, addrs.clone());
+            }
+        }
         let mark = (config.upstream_mark != 0).then_some(config.upstream_mark);
         let mark = mark.filter(|m| match mark_works(*m) {
             Ok(()) => true,
@@ -241,6 +247,26 @@ impl Upstream {
         socket.set_nodelay(true)?;
         socket.connect(addr).await
     }
+}
+
+/// An /etc/hosts file's names and their addresses, in file order (pure).
+/// Lines that do not parse are skipped, as the C library does.
+pub fn parse_hosts(text: &str) -> HashMap<HostName, Vec<IpAddr>> {
+    let mut map: HashMap<HostName, Vec<IpAddr>> = HashMap::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut fields = line.split_ascii_whitespace();
+        let Some(Ok(ip)) = fields.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        for name in fields.filter_map(|n| HostName::parse(n).ok()) {
+            let addrs = map.entry(name).or_default();
+            if !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
+    }
+    map
 }
 
 /// The name as an absolute DNS name (with its root dot).
@@ -357,6 +383,24 @@ mod tests {
         ] {
             assert!(!own.permits(unspecified.parse().unwrap()), "{unspecified}");
         }
+    }
+
+    #[test]
+    fn hosts_files_parse_like_the_c_library_reads_them() {
+        let hosts = parse_hosts(
+            "# comment\n127.0.0.1 localhost\n198.18.1.10 api.test API2.test # trailing\n\
+             bogus line\n::1 localhost ip6-localhost\n198.18.1.11 api.test\n",
+        );
+        let get = |n: &str| {
+            hosts
+                .get(&HostName::parse(n).unwrap())
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(get("api.test"), vec![ip("198.18.1.10"), ip("198.18.1.11")]);
+        assert_eq!(get("api2.test"), vec![ip("198.18.1.10")]);
+        assert_eq!(get("localhost"), vec![ip("127.0.0.1"), ip("::1")]);
+        assert!(get("bogus").is_empty());
     }
 
     #[test]

@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 pub use crate::support::pattern;
 
 pub const BIG: usize = 100 * 1024 * 1024;
+/// The bridged lab's sandbox MACs.
+pub const MAC_A: &str = "02:00:5e:00:00:0a";
+pub const MAC_B: &str = "02:00:5e:00:00:0b";
 
 /// Root and the tools, or a skip with a reason (a failure under CI=true).
 pub fn require_root(test: &str) -> bool {
@@ -76,6 +79,8 @@ pub struct Lab {
     pub sb: String,
     pub up: String,
     pub gw_if: String,
+    /// More sandbox namespaces (the bridged lab's second sandbox).
+    pub extra_ns: Vec<String>,
     pub dir: tempfile::TempDir,
     children: Vec<Child>,
     sluice: Option<Child>,
@@ -113,6 +118,7 @@ impl Lab {
             sb: format!("sl-{id}-sb"),
             up: format!("sl-{id}-up"),
             gw_if: format!("sl{id}gs"),
+            extra_ns: Vec::new(),
             id: id.clone(),
             dir: tempfile::tempdir().unwrap(),
             children: Vec::new(),
@@ -149,6 +155,68 @@ impl Lab {
              nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs} {extra}"
         ));
         lab
+    }
+
+    /// A lab whose sandboxes share one bridge in the gateway, as pods on a
+    /// node do: `sb` is 198.18.0.2 (MAC `MAC_A`), `extra_ns[0]` is
+    /// 198.18.0.3 (MAC `MAC_B`), both ports of bridge `gw_if`
+    /// (198.18.0.1). No rules are applied: the test applies them.
+    pub fn bridged(tag: &str) -> Lab {
+        let id = format!("{tag}{}", std::process::id() % 100_000);
+        let lab = Lab {
+            gw: format!("sl-{id}-gw"),
+            sb: format!("sl-{id}-sb"),
+            up: format!("sl-{id}-up"),
+            gw_if: format!("sl{id}br"),
+            extra_ns: vec![format!("sl-{id}-s2")],
+            id: id.clone(),
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+            sluice: None,
+            sluice_config: PathBuf::new(),
+            sluice_log: PathBuf::new(),
+        };
+        let (gw, sb, s2, up, br) = (&lab.gw, &lab.sb, &lab.extra_ns[0], &lab.up, &lab.gw_if);
+        bash(&format!(
+            "ip netns add {gw}; ip netns add {sb}; ip netns add {s2}; ip netns add {up}
+             ip -n {gw} link add {br} type bridge
+             ip link add sl{id}pa type veth peer name sl{id}ea address {MAC_A}
+             ip link add sl{id}pb type veth peer name sl{id}eb address {MAC_B}
+             ip link set sl{id}pa netns {gw}; ip link set sl{id}pb netns {gw}
+             ip link set sl{id}ea netns {sb}; ip link set sl{id}eb netns {s2}
+             ip -n {gw} link set sl{id}pa master {br}; ip -n {gw} link set sl{id}pb master {br}
+             ip -n {gw} addr add 198.18.0.1/24 dev {br}
+             for l in lo {br} sl{id}pa sl{id}pb; do ip -n {gw} link set $l up; done
+             ip -n {sb} addr add 198.18.0.2/24 dev sl{id}ea
+             ip -n {s2} addr add 198.18.0.3/24 dev sl{id}eb
+             for n in {sb} {s2}; do ip -n $n link set lo up; done
+             ip -n {sb} link set sl{id}ea up; ip -n {s2} link set sl{id}eb up
+             ip -n {sb} route add default via 198.18.0.1; ip -n {s2} route add default via 198.18.0.1
+             ip link add sl{id}gu type veth peer name sl{id}ug
+             ip link set sl{id}gu netns {gw}; ip link set sl{id}ug netns {up}
+             ip -n {gw} addr add 198.18.1.1/24 dev sl{id}gu; ip -n {gw} link set sl{id}gu up
+             ip -n {up} addr add 198.18.1.10/24 dev sl{id}ug
+             ip -n {up} link set lo up; ip -n {up} link set sl{id}ug up
+             ip -n {up} route add 198.18.0.0/24 via 198.18.1.1
+             nsenter --net=/run/netns/{gw} sysctl -qw net.ipv4.ip_forward=1"
+        ));
+        lab
+    }
+
+    /// The rules script, run in the gateway namespace: its exit code and
+    /// what it printed.
+    pub fn rules(&self, args: &str) -> CurlOut {
+        let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", Self::ns_path(&self.gw)))
+            .args(["bash", "-c", &format!("bash {rules} {args}")])
+            .output()
+            .unwrap();
+        CurlOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     fn ns_path(ns: &str) -> String {
@@ -255,6 +323,12 @@ impl Lab {
 
     /// `sluice serve` in the gateway namespace, with `extra` TOML appended.
     pub fn start_sluice(&mut self, extra: &str) {
+        self.start_sluice_with("", extra)
+    }
+
+    /// As [`start_sluice`](Self::start_sluice), with `gateway` lines added
+    /// to the `[gateway]` table.
+    pub fn start_sluice_with(&mut self, gateway: &str, extra: &str) {
         let state = self.dir.path().join("state");
         let config = self.dir.path().join("sluice.toml");
         std::fs::write(
@@ -266,6 +340,7 @@ transparent_listen = "0.0.0.0:15001"
 proxy_listen = "0.0.0.0:8443"
 allow_destinations = ["198.18.0.0/15"]
 peek_timeout_ms = 3000
+{gateway}
 [auth]
 leeway_s = 0
 [admin]
@@ -524,7 +599,10 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.sb, &self.gw, &self.up] {
+        for ns in [&self.sb, &self.gw, &self.up]
+            .into_iter()
+            .chain(&self.extra_ns)
+        {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
