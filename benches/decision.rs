@@ -3,7 +3,10 @@
 //! at 10 / 1,000 / 100,000 entries (exact and wildcard), the identity
 //! lookup among 100,000 sandboxes, and token verification cold and from
 //! the claims cache; and the whole decision (parse + lookup + match) at
-//! each allowlist size. `cargo bench --bench decision`.
+//! each allowlist size; and the incremental readers fed a byte at a time
+//! (a ClientHello or a head sent one byte per segment) at 2 KiB and 16 KiB,
+//! whose cost must grow linearly with the size. `cargo bench --bench
+//! decision`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,7 +20,9 @@ use sluice::host::{Host, HostName, HostPattern};
 use sluice::identity::token::{Grant, Jwks, KeyPair, MintRequest, Signer, Verifier};
 use sluice::identity::{Origin, Registry, Sandbox};
 use sluice::policy::Allowlist;
-use sluice::proxy::sniff::{Parsed, parse_client_hello, parse_request_head};
+use sluice::proxy::sniff::{
+    HeadReader, HelloReader, Incremental, Parsed, parse_client_hello, parse_request_head,
+};
 
 fn capture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -39,6 +44,77 @@ fn parsers(c: &mut Criterion) {
     g.bench_function("host_name", |b| {
         b.iter(|| HostName::parse(black_box("API.Service.Example.TEST.")))
     });
+    g.finish();
+}
+
+/// A ClientHello record of `size` bytes in all: the SNI, then a padding
+/// extension (RFC 7685) that makes up the rest.
+fn hello_of(size: usize) -> Vec<u8> {
+    let name = b"api.example.test";
+    let mut sni = vec![0u8, 0];
+    let list_len = (name.len() + 3) as u16;
+    sni.extend_from_slice(&(list_len + 2).to_be_bytes());
+    sni.extend_from_slice(&list_len.to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name);
+    let fixed = 5 + 4 + 2 + 32 + 1 + 4 + 2 + 2 + sni.len() + 4;
+    let pad = size.saturating_sub(fixed);
+    let mut exts = sni;
+    exts.extend_from_slice(&[0, 21]);
+    exts.extend_from_slice(&(pad as u16).to_be_bytes());
+    exts.resize(exts.len() + pad, 0);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]);
+    body.extend_from_slice(&[0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut msg = vec![0x01];
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&msg);
+    rec
+}
+
+/// Polls `reader` with every prefix of `bytes`, as a client sending one
+/// byte per segment makes the gateway do.
+fn byte_by_byte<P: Incremental>(mut reader: P, bytes: &[u8]) -> bool {
+    for end in 1..=bytes.len() {
+        if let Parsed::Found(_) = reader.poll(&bytes[..end]) {
+            return true;
+        }
+    }
+    false
+}
+
+fn dribbles(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sniff_byte_by_byte");
+    for size in [2 * 1024, 16 * 1000] {
+        let hello = hello_of(size);
+        assert!(matches!(
+            parse_client_hello(&hello, 16 * 1024),
+            Parsed::Found(_)
+        ));
+        assert!(byte_by_byte(HelloReader::new(16 * 1024), &hello));
+        g.bench_with_input(
+            BenchmarkId::new("client_hello", hello.len()),
+            &hello,
+            |b, h| b.iter(|| byte_by_byte(HelloReader::new(16 * 1024), black_box(h))),
+        );
+        let mut head = b"GET / HTTP/1.1\r\nHost: api.example.test\r\n".to_vec();
+        // Long values: the head stays under the 100-header limit.
+        let line = format!("X-Pad: {}\r\n", "a".repeat(390));
+        while head.len() + line.len() < size {
+            head.extend_from_slice(line.as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        assert!(byte_by_byte(HeadReader::new(64 * 1024), &head));
+        g.bench_with_input(BenchmarkId::new("http_head", head.len()), &head, |b, h| {
+            b.iter(|| byte_by_byte(HeadReader::new(64 * 1024), black_box(h)))
+        });
+    }
     g.finish();
 }
 
@@ -153,5 +229,5 @@ fn identity(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parsers, allowlists, identity);
+criterion_group!(benches, parsers, dribbles, allowlists, identity);
 criterion_main!(benches);

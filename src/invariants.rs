@@ -5,25 +5,73 @@
 
 use crate::host::{Host, HostPattern, split_authority};
 use crate::policy::Allowlist;
+use crate::proxy::http::{origin_form_head, strip_proxy_authorization};
 use crate::proxy::sniff::{
-    ChunkProgress, ChunkedState, Parsed, classify, parse_client_hello, parse_request_head,
+    ChunkProgress, ChunkedState, HeadReader, HelloReader, Incremental, Parsed, classify,
+    parse_client_hello, parse_request_head,
 };
 
-/// A ClientHello parse never panics and names only normalised hosts.
+/// Feeds `data` to an incremental reader in pieces whose sizes the input
+/// itself chooses; returns the first answer and the length it came at.
+fn feed<P: Incremental>(mut reader: P, data: &[u8]) -> (Parsed<P::Output>, usize) {
+    let step = usize::from(data.first().copied().unwrap_or(0) % 13) + 1;
+    let mut end = 0;
+    while end < data.len() {
+        end = (end + step).min(data.len());
+        match reader.poll(&data[..end]) {
+            Parsed::NeedMore => {}
+            done => return (done, end),
+        }
+    }
+    (Parsed::NeedMore, end)
+}
+
+/// A ClientHello parse never panics and names only normalised hosts; the
+/// incremental reader, fed the same bytes in pieces, answers what the
+/// one-shot parser answers for the bytes it had, and never later than it.
 pub fn client_hello(data: &[u8]) {
-    if let Parsed::Found(hello) = parse_client_hello(data, 16 * 1024) {
+    let whole = parse_client_hello(data, 16 * 1024);
+    if let Parsed::Found(hello) = &whole {
         let name = hello.sni.as_str();
         assert_eq!(name, name.to_ascii_lowercase());
         assert!(!name.ends_with('.'));
     }
+    let (answer, at) = feed(HelloReader::new(16 * 1024), data);
+    match answer {
+        Parsed::NeedMore => assert_eq!(whole, Parsed::NeedMore),
+        answer => assert_eq!(answer, parse_client_hello(&data[..at], 16 * 1024)),
+    }
 }
 
-/// A head parse never panics or claims bytes it was not given.
+/// A head parse never panics or claims bytes it was not given; the
+/// incremental reader finds a complete head as the one-shot parser does;
+/// the rewrites for the next hop give heads that parse, with no
+/// `Proxy-Authorization` left.
 pub fn http_head(data: &[u8]) {
     let _ = classify(data);
-    if let Parsed::Found(head) = parse_request_head(data, 64 * 1024) {
+    let whole = parse_request_head(data, 64 * 1024);
+    if let Parsed::Found(head) = &whole {
         assert!(head.head_len <= data.len());
+        let bytes = &data[..head.head_len];
+        let stripped = strip_proxy_authorization(bytes).unwrap_or_default();
+        if let Parsed::Found(h) = parse_request_head(&stripped, 64 * 1024) {
+            assert!(h.proxy_authorization.is_none());
+        }
+        if let Ok(origin) = origin_form_head(bytes)
+            && let Parsed::Found(h) = parse_request_head(&origin, 64 * 1024)
+        {
+            assert!(h.proxy_authorization.is_none());
+            assert!(!h.absolute_form);
+        }
     }
+    let (answer, at) = feed(HeadReader::new(64 * 1024), data);
+    if let Parsed::Found(head) = answer {
+        assert_eq!(
+            Parsed::Found(head),
+            parse_request_head(&data[..at], 64 * 1024)
+        );
+    }
+    crate::proxy::http::response_head(data);
 }
 
 /// A chunked body ends at the same byte whether fed whole or in two.

@@ -86,6 +86,23 @@ async fn minting_tokens() {
             json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["a b"]}),
         ),
         (
+            "a wildcard over a public suffix",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["api.test", "*.co.uk"]}),
+        ),
+        (
+            "a wildcard over a top-level domain",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["*.com"]}),
+        ),
+        (
+            "the unspecified address",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["0.0.0.0:15001"]}),
+        ),
+        (
+            "a token no verifier would accept",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts":
+                (0..400).map(|i| format!("host-{i:04}.example.test")).collect::<Vec<_>>()}),
+        ),
+        (
             "no hosts",
             json!({"container_id": "c", "user_id": "u", "allowed_hosts": []}),
         ),

@@ -39,6 +39,12 @@ async fn hostile_http_is_refused_cleanly() {
         case("absolute URI against Host", "GET http://api.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n".into(), 400, "bad_request"),
         case("userinfo in Host", "GET / HTTP/1.1\r\nHost: me@api.test\r\n\r\n".into(), 400, "bad_request"),
         case("an address-like name", "GET / HTTP/1.1\r\nHost: 127.1\r\n\r\n".into(), 400, "bad_request"),
+        case("Connection names Content-Length", "POST / HTTP/1.1\r\nHost: api.test\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 44\r\n\r\nGET /x HTTP/1.1\r\nHost: other.test\r\n\r\n".into(), 400, "bad_request"),
+        case("Connection names Transfer-Encoding", "POST / HTTP/1.1\r\nHost: api.test\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400, "bad_request"),
+        case("a coding list", "POST / HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".into(), 400, "bad_request"),
+        case("chunked and a non-ASCII space", "POST / HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n0\r\n\r\n".into(), 400, "bad_request"),
+        case("chunked on HTTP/1.0", "POST / HTTP/1.0\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400, "bad_request"),
+        case("two Transfer-Encodings", "POST / HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400, "bad_request"),
         case("a second request to another host", "GET /1 HTTP/1.1\r\nHost: api.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: other.test\r\n\r\n".to_string(), 200, "host_not_allowed"),
     ];
     // The last case is allowed first: it is checked by hand below.

@@ -505,3 +505,82 @@ async fn one_container_cannot_take_more_than_its_share_through_the_proxy() {
     let (_e, ok_e, _) = tunnel(greedy).await;
     assert!(ok_e);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_ends_at_the_idle_timeout() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |c| c.gateway.idle_timeout_ms = 600).await;
+    let port = up.addr.port();
+    let token = mint(&gw, "sb1", &[&format!("api.test:{port}")], 600).await;
+    let mut s = proxy(&gw).await;
+    s.write_all(
+        format!("POST http://api.test:{port}/ HTTP/1.1\r\nHost: api.test:{port}\r\nProxy-Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n0123456789")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_all(&mut s)).await;
+    let took = started.elapsed();
+    // Not the 5 s peek deadline, nor the default 300 s idle: the
+    // configured idle timeout, in the body phase too.
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+#[tokio::test]
+async fn connections_are_counted_per_source_from_accept() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |c| c.gateway.max_connections_per_source = 2).await;
+    // Two silent connections, not yet identified, hold the source's share.
+    let _a = proxy(&gw).await;
+    let _b = proxy(&gw).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = proxy(&gw).await;
+    let closed = tokio::time::timeout(Duration::from_secs(2), read_all(&mut third)).await;
+    assert!(matches!(closed, Ok(ref b) if b.is_empty()), "{closed:?}");
+    let page = gw.metrics().await;
+    assert!(
+        metric(
+            &page,
+            r#"sluice_connections_total{mode="proxy",protocol="other",decision="deny",reason="overloaded"}"#
+        ) >= 1.0,
+        "{page}"
+    );
+    // The transparent door counts the same source apart from accept too.
+    let _c = gw.connect_from("127.0.0.1").await;
+    let _d = gw.connect_from("127.0.0.1").await;
+}
+
+#[tokio::test]
+async fn a_tightened_policy_applies_to_the_next_dial_of_a_live_connection() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    let token = mint(
+        &gw,
+        "sb1",
+        &[&format!("api.test:{port}"), &format!("other.test:{port}")],
+        600,
+    )
+    .await;
+    let mut s = proxy(&gw).await;
+    let req = |host: &str| {
+        format!(
+            "GET http://{host}:{port}/ HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    s.write_all(req("api.test").as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // SIGHUP: loopback is no longer exempt from the destination guard.
+    let mut tightened = test_config(gw.dir.path());
+    tightened.gateway.allow_destinations.clear();
+    gw.running.reload_config(&tightened).unwrap();
+    // The same connection, a new upstream: dialled under the new policy.
+    s.write_all(req("other.test").as_bytes()).await.unwrap();
+    let answer = read_response(&mut s).await;
+    assert!(
+        answer.contains("x-deny-reason: private_destination"),
+        "{answer}"
+    );
+    assert_eq!(up.accepted(), 1);
+}

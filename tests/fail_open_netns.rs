@@ -287,6 +287,57 @@ fn fail_opens_are_closed_on_the_real_path() {
     assert_eq!(logged_hosts(&log, "/tunnelled"), 0);
     assert_eq!(logged_hosts(&log, "forbidden.test"), 0);
 
+    // Audit lines of a deny that wrote an answer carry its bytes and the
+    // original port.
+    let got = from_sandbox(&lab, &format!("{FRONTEND}:80"), |mut s| {
+        s.write_all(b"GET /audit HTTP/1.1\r\nHost: forbidden.test\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&read_for(&mut s, Duration::from_secs(3))).into_owned()
+    });
+    assert!(got.contains("x-deny-reason: host_not_allowed"), "{got}");
+    std::thread::sleep(Duration::from_millis(200));
+    let log_text = lab.sluice_log();
+    let line = log_text
+        .lines()
+        .find(|l| l.contains("host=forbidden.test") && l.contains("reason=\"host_not_allowed\""))
+        .unwrap_or_else(|| panic!("no audit line:\n{log_text}"));
+    assert!(line.contains("port=80"), "{line}");
+    assert!(!line.contains("bytes_to_client=0 "), "{line}");
+    assert!(
+        line.contains(&format!("bytes_to_client={}", got.len())),
+        "{line}"
+    );
+
+    // The transparent listener is reachable only by REDIRECT: from the
+    // upstream side, a direct connection is dropped by the rules...
+    let direct = Lab::in_ns(&lab.up, || {
+        TcpStream::connect_timeout(&"198.18.1.1:15001".parse().unwrap(), Duration::from_secs(1))
+    });
+    assert!(direct.is_err(), "{direct:?}");
+    // ... and, with that rule gone, refused by sluice itself (no original
+    // destination, not loopback).
+    let lsn = format!("SL-LSN-sl{}gs", lab.id);
+    let r = lab.run_in(
+        &lab.gw.clone(),
+        &[],
+        &["iptables", "-D", "INPUT", "-j", &lsn],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let answer = Lab::in_ns(&lab.up, || {
+        let mut s = TcpStream::connect("198.18.1.1:15001").unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+            .unwrap();
+        read_for(&mut s, Duration::from_secs(3))
+    });
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    let r = lab.run_in(
+        &lab.gw.clone(),
+        &[],
+        &["iptables", "-I", "INPUT", "1", "-j", &lsn],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(logged_hosts(&log, "allowed.test\r\n\r\n"), 0);
+
     // 5. Unregistering revokes the token: a live tunnel closes, and the
     //    token is refused on both doors from then on.
     let tunnel = {

@@ -572,3 +572,38 @@ async fn a_client_hello_sent_a_byte_per_segment_is_allowed() {
     }
     assert_eq!(up.received(), hello, "the hello reached the upstream whole");
 }
+
+#[tokio::test]
+async fn the_sandboxs_own_proxy_authorization_is_never_forwarded() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let answer = gw
+        .request_from(
+            "127.0.0.1",
+            b"GET / HTTP/1.1\r\nHost: api.test\r\nProxy-Authorization: Bearer the.sandbox.jwt\r\nX-Kept: 1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = String::from_utf8_lossy(&up.received()).to_ascii_lowercase();
+    assert!(seen.contains("x-kept: 1"), "{seen}");
+    assert!(!seen.contains("proxy-authorization"), "{seen}");
+    assert!(!seen.contains("the.sandbox.jwt"), "{seen}");
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_ends_at_the_idle_timeout() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |c| c.gateway.idle_timeout_ms = 600).await;
+    gw.register("c1", "127.0.0.1", &[&host_entry("api.test", &up)], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_all(&mut s)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}

@@ -366,6 +366,14 @@ struct ResponseHead {
     len: usize,
 }
 
+/// Parses a response head, for the fuzz invariants: never panics, never
+/// claims bytes it was not given.
+pub fn response_head(buf: &[u8]) {
+    if let Ok(Some(head)) = parse_response_head(buf) {
+        assert!(head.len <= buf.len());
+    }
+}
+
 /// A response head, parsed (pure).
 fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, io::Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];

@@ -309,10 +309,12 @@ impl Incremental for HelloReader {
             self.payload += start + have - i;
             self.counted = have;
             if have < len {
-                if let Some(n) = self.hello_len()
-                    && self.payload >= 4 + n
-                {
-                    continue;
+                let ready = self.payload >= 1 && self.header[0] != HANDSHAKE_CLIENT_HELLO
+                    || self
+                        .hello_len()
+                        .is_some_and(|n| n > self.max_hello || self.payload >= 4 + n);
+                if ready {
+                    return parse_client_hello(buf, self.max_hello);
                 }
                 return Parsed::NeedMore;
             }
