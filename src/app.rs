@@ -35,6 +35,8 @@ pub enum AppError {
     Keys(#[from] KeyError),
     #[error("registry: {0}")]
     Store(#[from] StoreError),
+    #[error("dns: {0}")]
+    Resolver(#[from] crate::resolver::ResolveError),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -181,6 +183,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     store.save(&registry, &verifier)?;
     let shutdown = Shutdown::new();
     let own = vec![transparent_addr, proxy_addr, admin_addr, metrics_addr];
+    let resolver = Arc::new(crate::resolver::Resolver::new(&config.dns)?);
     let gateway = Arc::new(Gateway::new(
         Arc::clone(&config),
         Arc::clone(&registry),
@@ -188,6 +191,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         shutdown.clone(),
         options.orig_dst,
         own,
+        resolver,
     ));
 
     let signer = state.signer.map(Arc::new);

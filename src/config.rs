@@ -45,6 +45,27 @@ pub struct Config {
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub sandbox: SandboxConfig,
+    pub dns: DnsConfig,
+}
+
+/// `[dns]`: the DNS door for sandboxes, and the resolver sluice itself
+/// uses for names not in `[gateway.resolve]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// UDP and TCP; the rules REDIRECT sandboxes' port 53 here.
+    pub listen: SocketAddr,
+    /// Resolvers (`ip:port`) for names not in `[gateway.resolve]`; empty:
+    /// the nameservers of /etc/resolv.conf.
+    pub upstream: Vec<SocketAddr>,
+    /// Cap on the TTL of answers given and cached.
+    pub max_ttl_s: u32,
+    /// Queries per second one sandbox may make (then REFUSED), and the
+    /// burst above that rate it may make at once.
+    pub queries_per_second: u32,
+    pub burst: u32,
+    /// Lookups sent upstream at once, over all sandboxes (then SERVFAIL).
+    pub max_inflight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -152,6 +173,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             sandbox: SandboxConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -199,6 +221,19 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: addr("127.0.0.1:9080"),
             token_file: None,
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            listen: addr("127.0.0.1:15053"),
+            upstream: Vec::new(),
+            max_ttl_s: 300,
+            queries_per_second: 100,
+            burst: 200,
+            max_inflight: 256,
         }
     }
 }
@@ -323,6 +358,17 @@ impl Config {
                 "must be between 1024 and 1048576".into(),
             );
         }
+        let d = &self.dns;
+        for (key, value) in [
+            ("dns.max_ttl_s", u64::from(d.max_ttl_s)),
+            ("dns.queries_per_second", u64::from(d.queries_per_second)),
+            ("dns.burst", u64::from(d.burst)),
+            ("dns.max_inflight", d.max_inflight as u64),
+        ] {
+            if value == 0 {
+                err(key, "must be greater than 0".into());
+            }
+        }
         for (name, addrs) in &g.resolve {
             let key = format!("gateway.resolve.\"{name}\"");
             if let Err(e) = HostName::parse(name) {
@@ -337,6 +383,7 @@ impl Config {
             ("gateway.proxy_listen", g.proxy_listen),
             ("admin.listen", self.admin.listen),
             ("metrics.listen", self.metrics.listen),
+            ("dns.listen", self.dns.listen),
         ];
         for (i, (key, a)) in listeners.iter().enumerate() {
             if a.port() == 0 {

@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod resolver;
 pub mod sandbox;
 pub mod shutdown;

@@ -16,6 +16,9 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "sluice_upstream_connect_seconds";
 pub const REGISTERED_SANDBOXES: &str = "sluice_registered_sandboxes";
 pub const CLAIMS_CACHE_HITS: &str = "sluice_claims_cache_hits_total";
 pub const CLAIMS_CACHE_MISSES: &str = "sluice_claims_cache_misses_total";
+pub const DNS_QUERIES_TOTAL: &str = "sluice_dns_queries_total";
+pub const DNS_CACHE_HITS: &str = "sluice_dns_cache_hits_total";
+pub const DNS_CACHE_MISSES: &str = "sluice_dns_cache_misses_total";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -83,6 +86,15 @@ fn describe() {
         "Token verifications answered from the claims cache."
     );
     describe_counter!(CLAIMS_CACHE_MISSES, "Token verifications that ran in full.");
+    describe_counter!(
+        DNS_QUERIES_TOTAL,
+        "DNS queries from sandboxes, by query type, decision and reason."
+    );
+    describe_counter!(DNS_CACHE_HITS, "Name resolutions answered from the cache.");
+    describe_counter!(
+        DNS_CACHE_MISSES,
+        "Name resolutions that asked the resolver."
+    );
     // Zero values, so a scrape shows every series' name from the start.
     gauge!(REGISTERED_SANDBOXES).set(0.0);
     for mode in Mode::ALL {

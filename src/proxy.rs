@@ -31,6 +31,7 @@ use crate::identity::token::Verifier;
 use crate::identity::{ConnectionCounts, Registry};
 use crate::metrics::{self as m, Mode};
 use crate::net::orig_dst::OrigDstSource;
+use crate::resolver::Resolver;
 use crate::shutdown::Shutdown;
 use sniff::Protocol;
 use std::net::IpAddr;
@@ -57,6 +58,8 @@ pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     /// sluice's own listeners, never a destination.
     own: Vec<SocketAddr>,
+    /// The one caching resolver (kept across policy reloads).
+    pub resolver: Arc<Resolver>,
     /// Connections per source address, from accept on, on both doors: a
     /// client not yet identified cannot take the global budget.
     pub per_source: Arc<ConnectionCounts<IpAddr>>,
@@ -70,9 +73,10 @@ impl Gateway {
         shutdown: Shutdown,
         orig_dst: OrigDstSource,
         own: Vec<SocketAddr>,
+        resolver: Arc<Resolver>,
     ) -> Gateway {
         let policy = Arc::new(Policy {
-            upstream: Upstream::new(&config.gateway, own.clone()),
+            upstream: Upstream::new(&config.gateway, own.clone(), Arc::clone(&resolver)),
             gateway: config.gateway.clone(),
         });
         Gateway {
@@ -84,6 +88,7 @@ impl Gateway {
             orig_dst,
             policy: RwLock::new(policy),
             own,
+            resolver,
             per_source: Arc::default(),
         }
     }
@@ -97,7 +102,7 @@ impl Gateway {
     /// and `max_connections` are fixed at start and not changed here.
     pub fn set_policy(&self, gateway: &GatewayConfig) {
         let policy = Arc::new(Policy {
-            upstream: Upstream::new(gateway, self.own.clone()),
+            upstream: Upstream::new(gateway, self.own.clone(), Arc::clone(&self.resolver)),
             gateway: gateway.clone(),
         });
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;

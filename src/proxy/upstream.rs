@@ -1,6 +1,7 @@
 //! Upstream: resolve an allowed host (static `[gateway.resolve]` entries
-//! first, then /etc/hosts, then DNS for the name as an absolute name, never
-//! through a search list), pass every resolved address through
+//! first, then the shared caching [`Resolver`]: /etc/hosts, then DNS for
+//! the name as an absolute name, never through a search list), pass every
+//! resolved address through
 //! the private-destination guard, and connect to an address that passed,
 //! with `SO_MARK` and `TCP_NODELAY`, under the connect timeout. The
 //! address checked is the address dialled: there is no second lookup.
@@ -8,7 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -18,6 +19,7 @@ use crate::config::GatewayConfig;
 use crate::deny::Deny;
 use crate::host::{Host, HostName};
 use crate::metrics as m;
+use crate::resolver::Resolver;
 
 /// IPv4 ranges no sandbox may reach unless exempted by
 /// `allow_destinations`.
@@ -137,23 +139,19 @@ impl Guard {
 /// Resolves, guards and connects.
 pub struct Upstream {
     overrides: HashMap<HostName, Vec<IpAddr>>,
+    resolver: Arc<Resolver>,
     guard: Guard,
     connect_timeout: Duration,
     mark: Option<u32>,
 }
 
 impl Upstream {
-    pub fn new(config: &GatewayConfig, own: Vec<SocketAddr>) -> Upstream {
-        // `[gateway.resolve]` first, then the host's own /etc/hosts (read
-        // here, at start and at every SIGHUP): an absolute DNS lookup below
-        // would not consult it.
-        let mut overrides: HashMap<HostName, Vec<IpAddr>> =
-            parse_hosts(&std::fs::read_to_string("/etc/hosts").unwrap_or_default());
-        for (name, addrs) in &config.resolve {
-            if let Ok(name) = HostName::parse(name) {
-                overrides.insert(name, addrs.clone());
-            }
-        }
+    pub fn new(config: &GatewayConfig, own: Vec<SocketAddr>, resolver: Arc<Resolver>) -> Upstream {
+        let overrides = config
+            .resolve
+            .iter()
+            .filter_map(|(name, addrs)| Some((HostName::parse(name).ok()?, addrs.clone())))
+            .collect();
         let mark = (config.upstream_mark != 0).then_some(config.upstream_mark);
         let mark = mark.filter(|m| match mark_works(*m) {
             Ok(()) => true,
@@ -169,6 +167,7 @@ impl Upstream {
         });
         Upstream {
             overrides,
+            resolver,
             guard: Guard::new(
                 config.deny_private_destinations,
                 config.allow_destinations.clone(),
@@ -185,16 +184,13 @@ impl Upstream {
     pub async fn resolve(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, Deny> {
         let addrs: Vec<SocketAddr> = match host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
-            Host::Name(name) => match self.overrides.get(name) {
-                Some(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
-                // Always an absolute name (the trailing dot): never
-                // completed through the resolver's search list, so
-                // `api.test` is never dialled at `api.test.corp.example`.
-                None => tokio::net::lookup_host((absolute(name).as_str(), port))
-                    .await
-                    .map_err(|_| Deny::UpstreamUnreachable)?
-                    .collect(),
-            },
+            Host::Name(name) => self
+                .resolve_name(name)
+                .await?
+                .0
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect(),
         };
         let addrs: Vec<SocketAddr> = addrs
             .into_iter()
@@ -207,6 +203,30 @@ impl Upstream {
             return Err(Deny::PrivateDestination);
         }
         Ok(addrs)
+    }
+
+    /// The addresses of a name and how long they hold: `[gateway.resolve]`
+    /// (for the longest TTL allowed), else the shared resolver's cache
+    /// entry. Not yet guarded.
+    pub async fn resolve_name(&self, name: &HostName) -> Result<(Vec<IpAddr>, u32), Deny> {
+        if let Some(ips) = self.overrides.get(name) {
+            return Ok((ips.clone(), self.resolver.max_ttl_s()));
+        }
+        let resolved = self
+            .resolver
+            .resolve(name)
+            .await
+            .map_err(|_| Deny::UpstreamUnreachable)?;
+        Ok((
+            resolved.addrs.clone(),
+            resolved.ttl(std::time::Instant::now()),
+        ))
+    }
+
+    /// Would the guard let a sandbox reach this address (on any port that
+    /// is not one of sluice's own)?
+    pub fn guard_permits_ip(&self, ip: IpAddr) -> bool {
+        self.guard.permits(SocketAddr::new(ip, 0))
     }
 
     /// Connects to the first address that answers, all within the
@@ -247,31 +267,6 @@ impl Upstream {
         socket.set_nodelay(true)?;
         socket.connect(addr).await
     }
-}
-
-/// An /etc/hosts file's names and their addresses, in file order (pure).
-/// Lines that do not parse are skipped, as the C library does.
-pub fn parse_hosts(text: &str) -> HashMap<HostName, Vec<IpAddr>> {
-    let mut map: HashMap<HostName, Vec<IpAddr>> = HashMap::new();
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or("");
-        let mut fields = line.split_ascii_whitespace();
-        let Some(Ok(ip)) = fields.next().map(str::parse::<IpAddr>) else {
-            continue;
-        };
-        for name in fields.filter_map(|n| HostName::parse(n).ok()) {
-            let addrs = map.entry(name).or_default();
-            if !addrs.contains(&ip) {
-                addrs.push(ip);
-            }
-        }
-    }
-    map
-}
-
-/// The name as an absolute DNS name (with its root dot).
-pub fn absolute(name: &HostName) -> String {
-    format!("{name}.")
 }
 
 /// Can this process set `SO_MARK`? (It needs CAP_NET_ADMIN.)
@@ -385,32 +380,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hosts_files_parse_like_the_c_library_reads_them() {
-        let hosts = parse_hosts(
-            "# comment\n127.0.0.1 localhost\n198.18.1.10 api.test API2.test # trailing\n\
-             bogus line\n::1 localhost ip6-localhost\n198.18.1.11 api.test\n",
-        );
-        let get = |n: &str| {
-            hosts
-                .get(&HostName::parse(n).unwrap())
-                .cloned()
-                .unwrap_or_default()
-        };
-        assert_eq!(get("api.test"), vec![ip("198.18.1.10"), ip("198.18.1.11")]);
-        assert_eq!(get("api2.test"), vec![ip("198.18.1.10")]);
-        assert_eq!(get("localhost"), vec![ip("127.0.0.1"), ip("::1")]);
-        assert!(get("bogus").is_empty());
-    }
-
-    #[test]
-    fn names_are_resolved_as_absolute() {
-        assert_eq!(
-            absolute(&HostName::parse("jenkins.wild.test").unwrap()),
-            "jenkins.wild.test."
-        );
-    }
-
     #[tokio::test]
     async fn resolution_uses_overrides_and_refuses_mixed_answers() {
         let mut config = GatewayConfig {
@@ -427,7 +396,11 @@ mod tests {
         config
             .resolve
             .insert("mapped.test".into(), vec![ip("::ffff:127.0.0.1")]);
-        let u = Upstream::new(&config, vec![]);
+        let dns = crate::config::DnsConfig {
+            upstream: vec!["127.0.0.1:9".parse().unwrap()],
+            ..Default::default()
+        };
+        let u = Upstream::new(&config, vec![], Arc::new(Resolver::new(&dns).unwrap()));
         let name = |s: &str| Host::Name(HostName::parse(s).unwrap());
         assert_eq!(
             u.resolve(&name("API.test."), 443).await,
