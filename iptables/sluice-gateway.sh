@@ -3,7 +3,7 @@
 # interface (or one IPv4 subnet), or undoes it. Idempotent: `apply` twice
 # leaves one set of rules, `remove` on a clean namespace does nothing.
 #
-#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001] [--proxy-port 8443] [--source IP]
+#   sluice-gateway.sh apply  --iface veth-sb0 [--port 15001] [--proxy-port 8443] [--dns-port 15053] [--source IP]
 #   sluice-gateway.sh apply  --iface br0 --bind IP=MAC [--bind IP=MAC ...] | --bind-dynamic | --l2-trusted
 #   sluice-gateway.sh apply  --subnet 198.18.0.0/24 --bind IP=MAC ... | --bind-dynamic | --l2-trusted
 #   sluice-gateway.sh bind|unbind --iface br0 --bind IP=MAC      (one binding, on applied rules)
@@ -13,8 +13,13 @@
 # What `apply` does, for traffic from the sandboxes:
 #   - TCP, to any address and port, is REDIRECTed to sluice's transparent
 #     listener (--port), which reads SO_ORIGINAL_DST;
-#   - everything else addressed to this namespace is dropped: UDP (DNS,
-#     QUIC), ICMP, other TCP ports (the admin API, metrics, ssh), ...;
+#   - with --dns-port, DNS (UDP and TCP port 53, to any address) is
+#     REDIRECTed to sluice's DNS door, which answers only the names the
+#     sandbox may reach;
+#   - UDP to port 443 (QUIC) is rejected at once with ICMP port
+#     unreachable, so clients fall back to TCP without waiting;
+#   - everything else addressed to this namespace is dropped: other UDP,
+#     ICMP, other TCP ports (the admin API, metrics, ssh), ...;
 #   - nothing is forwarded onward (FORWARD drop);
 #   - IPv6 from the interface is dropped entirely (--iface only: an IPv4
 #     subnet cannot name IPv6 sources; use --iface to cover IPv6);
@@ -48,7 +53,7 @@ usage() {
 [[ $# -ge 1 ]] || usage
 action=$1
 shift
-iface="" subnet="" port=15001 proxy_port="" source="" l2_trusted="" dynamic=""
+iface="" subnet="" port=15001 proxy_port="" dns_port="" source="" l2_trusted="" dynamic=""
 binds=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -56,6 +61,7 @@ while [[ $# -gt 0 ]]; do
         --subnet) subnet=${2:?--subnet needs a value}; shift 2 ;;
         --port) port=${2:?--port needs a value}; shift 2 ;;
         --proxy-port) proxy_port=${2:?--proxy-port needs a value}; shift 2 ;;
+        --dns-port) dns_port=${2:?--dns-port needs a value}; shift 2 ;;
         --source) source=${2:?--source needs a value}; shift 2 ;;
         --bind) binds+=("${2:?--bind needs IP=MAC}"); shift 2 ;;
         --bind-dynamic) dynamic=1; shift ;;
@@ -69,7 +75,7 @@ if [[ -n $iface && -n $subnet ]] || [[ -z $iface && -z $subnet ]]; then
     echo "give exactly one of --iface or --subnet" >&2
     exit 2
 fi
-for p in "$port" ${proxy_port:+"$proxy_port"}; do
+for p in "$port" ${proxy_port:+"$proxy_port"} ${dns_port:+"$dns_port"}; do
     [[ $p =~ ^[0-9]+$ ]] && ((p > 0 && p < 65536)) || { echo "bad port: $p" >&2; exit 2; }
 done
 if [[ -n $source ]]; then
@@ -186,6 +192,10 @@ apply() {
     if [[ -n $proxy_port ]]; then
         iptables -w -t nat -A "$pre" -p tcp --dport "$proxy_port" -m addrtype --dst-type LOCAL -j RETURN
     fi
+    if [[ -n $dns_port ]]; then
+        iptables -w -t nat -A "$pre" -p udp --dport 53 -j REDIRECT --to-ports "$dns_port"
+        iptables -w -t nat -A "$pre" -p tcp --dport 53 -j REDIRECT --to-ports "$dns_port"
+    fi
     iptables -w -t nat -A "$pre" -p tcp -j REDIRECT --to-ports "$port"
     iptables -w -t nat -I PREROUTING 1 "${match[@]}" -j "$pre"
 
@@ -198,10 +208,16 @@ apply() {
     if [[ -n $proxy_port ]]; then
         iptables -w -A "$in" -p tcp --dport "$proxy_port" -m addrtype --dst-type LOCAL -j ACCEPT
     fi
+    if [[ -n $dns_port ]]; then
+        iptables -w -A "$in" -p udp --dport "$dns_port" -m conntrack --ctstate DNAT -j ACCEPT
+        iptables -w -A "$in" -p tcp --dport "$dns_port" -m conntrack --ctstate DNAT -j ACCEPT
+    fi
+    iptables -w -A "$in" -p udp --dport 443 -j REJECT --reject-with icmp-port-unreachable
     iptables -w -A "$in" -j DROP
     iptables -w -I INPUT 1 "${match[@]}" -j "$in"
 
     iptables -w -N "$fwd"
+    iptables -w -A "$fwd" -p udp --dport 443 -j REJECT --reject-with icmp-port-unreachable
     iptables -w -A "$fwd" -j DROP
     iptables -w -I FORWARD 1 "${match[@]}" -j "$fwd"
 

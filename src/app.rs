@@ -73,6 +73,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The DNS door, UDP and TCP.
+    pub dns_addr: SocketAddr,
     pub admin_token: String,
     pub registry: Arc<Registry>,
     pub verifier: Arc<Verifier>,
@@ -163,6 +165,14 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     let proxy_addr = local(&proxy, "gateway.proxy_listen", g.proxy_listen)?;
     let admin_addr = local(&admin_listener, "admin.listen", config.admin.listen)?;
     let metrics_addr = local(&metrics_listener, "metrics.listen", config.metrics.listen)?;
+    // The DNS door: TCP and UDP on one port (port 0 takes the TCP port's).
+    let dns_tcp = bind("dns.listen", config.dns.listen)?;
+    let dns_addr = local(&dns_tcp, "dns.listen", config.dns.listen)?;
+    let dns_udp = bind_udp(dns_addr).map_err(|source| AppError::Bind {
+        what: "dns.listen (udp)",
+        addr: dns_addr,
+        source,
+    })?;
 
     let verifier = Arc::new(Verifier::new(
         state.jwks,
@@ -182,7 +192,13 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     }
     store.save(&registry, &verifier)?;
     let shutdown = Shutdown::new();
-    let own = vec![transparent_addr, proxy_addr, admin_addr, metrics_addr];
+    let own = vec![
+        transparent_addr,
+        proxy_addr,
+        admin_addr,
+        metrics_addr,
+        dns_addr,
+    ];
     let resolver = Arc::new(crate::resolver::Resolver::new(&config.dns)?);
     let gateway = Arc::new(Gateway::new(
         Arc::clone(&config),
@@ -205,6 +221,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
             Arc::clone(&config),
             transparent_addr.port(),
             proxy_addr.port(),
+            dns_addr.port(),
         )),
         proxy_addr.port(),
     ));
@@ -223,6 +240,28 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Mode::Proxy,
         crate::proxy::explicit::handle,
     )));
+
+    let door = Arc::new(crate::dns::Door::new(Arc::clone(&gateway)));
+    servers.push(tokio::spawn(crate::dns::serve_udp(
+        dns_udp,
+        Arc::clone(&door),
+    )));
+    servers.push(tokio::spawn(crate::dns::serve_tcp(
+        dns_tcp,
+        Arc::clone(&door),
+    )));
+    servers.push(tokio::spawn({
+        let (door, shutdown) = (Arc::clone(&door), shutdown.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => door.tidy(),
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        }
+    }));
 
     let admin_router = admin::router(Arc::new(AdminState {
         config: Arc::clone(&config),
@@ -260,6 +299,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         proxy = %proxy_addr,
         admin = %admin_addr,
         metrics = %metrics_addr,
+        dns = %dns_addr,
         "sluice listening"
     );
     servers.push(tokio::spawn(jwks_watcher(
@@ -275,6 +315,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         proxy_addr,
         admin_addr,
         metrics_addr,
+        dns_addr,
         admin_token: state.admin_token,
         registry,
         verifier,
@@ -441,4 +482,20 @@ fn prepare_state(config: &Config) -> Result<State, AppError> {
         signer,
         admin_token,
     })
+}
+
+/// Binds the DNS door's UDP socket.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
 }

@@ -8,6 +8,9 @@
 //! that fires when the token is revoked (or the sandbox unregistered), and
 //! the slot.
 //!
+//! [`Decision::authorize_name`] is the DNS door's form of the same
+//! question: may the caller reach this name on any port.
+//!
 //! Synchronous and free of I/O: the doors (transparent, proxy, and the DNS
 //! door) call it; they never compose a decision of their own.
 
@@ -151,6 +154,16 @@ impl Decision<'_> {
             grant,
             explicit_port: admitted.explicit_port,
         })
+    }
+
+    /// May `caller` reach `host` on some port? The DNS door's question.
+    pub fn authorize_name(&self, caller: &Caller, host: &Host) -> Result<Arc<Grant>, Deny> {
+        let grant = self.grant(caller)?;
+        if grant.allowlist.admits_name(host) {
+            Ok(grant)
+        } else {
+            Err(Deny::HostNotAllowed)
+        }
     }
 
     /// [`authorize`](Self::authorize), then one connection slot from the

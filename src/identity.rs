@@ -9,11 +9,13 @@ pub mod token;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::deny::Deny;
+use crate::host::HostName;
 use crate::metrics as m;
 use token::{Grant, Verifier, token_key};
 
@@ -104,7 +106,15 @@ pub struct Sandbox {
     /// the verifier's cache.
     pub grant: Arc<Grant>,
     pub registered_at: u64,
+    /// Addresses the DNS door answered, each with the names it was the
+    /// answer for and until when (the answer's TTL).
+    answered: Mutex<std::collections::HashMap<IpAddr, Vec<(HostName, Instant)>>>,
 }
+
+/// Answered addresses remembered per sandbox at most; past that the
+/// expired ones go, then the whole map is cleared (a sandbox that resolves
+/// that many names loses only the name of protocols that carry none).
+const MAX_ANSWERED: usize = 4096;
 
 impl Sandbox {
     pub fn new(source_ip: IpAddr, token: String, grant: Arc<Grant>, origin: Origin) -> Sandbox {
@@ -118,7 +128,43 @@ impl Sandbox {
             token,
             grant,
             registered_at: token::now_s(),
+            answered: Mutex::default(),
         }
+    }
+
+    /// Remembers that the DNS door answered `ip` for `name` until `until`.
+    pub fn remember(&self, ip: IpAddr, name: &HostName, until: Instant) {
+        let mut map = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_ANSWERED && !map.contains_key(&ip) {
+            let now = Instant::now();
+            map.retain(|_, names| {
+                names.retain(|(_, u)| *u > now);
+                !names.is_empty()
+            });
+            if map.len() >= MAX_ANSWERED {
+                map.clear();
+            }
+        }
+        let names = map.entry(ip.to_canonical()).or_default();
+        match names.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 = entry.1.max(until),
+            None => names.push((name.clone(), until)),
+        }
+    }
+
+    /// The names `ip` was answered for, whose answers still hold.
+    pub fn names_for(&self, ip: IpAddr) -> Vec<HostName> {
+        let map = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        map.get(&ip.to_canonical())
+            .map(|names| {
+                names
+                    .iter()
+                    .filter(|(_, u)| *u > now)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The MAC its address is bound to.

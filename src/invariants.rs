@@ -141,3 +141,32 @@ pub fn config(data: &[u8]) {
         let _ = crate::config::Config::parse(s);
     }
 }
+
+/// A DNS message from a client never panics the door's parser or its
+/// answer builder; every answer parses, keeps the query's ID, and a UDP
+/// answer fits the client's size.
+pub fn dns_message(data: &[u8]) {
+    use crate::dns::{Answer, parse, respond, udp_limit};
+    let Ok(request) = parse(data) else { return };
+    let limit = udp_limit(&request);
+    for answer in [
+        Answer::Addresses(vec![std::net::Ipv4Addr::new(198, 18, 1, 10); 50], 30),
+        Answer::Empty,
+        Answer::NxDomain,
+        Answer::FormErr,
+    ] {
+        let bytes = respond(&request, &answer, limit);
+        if let Ok(back) = hickory_proto::op::Message::from_vec(&bytes) {
+            assert_eq!(back.metadata.id, request.metadata.id);
+            assert!(
+                bytes.len() <= limit
+                    || request
+                        .queries
+                        .iter()
+                        .map(|q| q.name().len())
+                        .sum::<usize>()
+                        > 400
+            );
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod config;
 pub mod decision;
 pub mod deny;
+pub mod dns;
 pub mod host;
 pub mod identity;
 pub mod invariants;

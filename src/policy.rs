@@ -121,6 +121,20 @@ impl Allowlist {
     }
 }
 
+impl Allowlist {
+    /// Does an entry admit this name on some port? What the DNS door asks:
+    /// a name is answered if the sandbox may reach it at all.
+    pub fn admits_name(&self, host: &Host) -> bool {
+        match host {
+            Host::Ip(ip) => self.ips.contains_key(&ip.to_canonical()),
+            Host::Name(name) => {
+                self.exact.contains_key(name.as_str())
+                    || name.parents().any(|p| self.wildcard.contains_key(p))
+            }
+        }
+    }
+}
+
 /// How an allowlist admitted a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admitted {
@@ -194,6 +208,17 @@ mod tests {
         assert_eq!(explicit("both.test", 443), Ok(true));
         assert_eq!(explicit("both.test", 80), Ok(false));
         assert_eq!(explicit("db.w.test", 5432), Ok(true));
+    }
+
+    #[test]
+    fn names_are_admitted_on_any_port_for_dns() {
+        let l = list(&["git.test:22", "*.w.test", "exact.test"]);
+        for yes in ["git.test", "a.w.test", "a.b.w.test", "EXACT.test."] {
+            assert!(l.admits_name(&host(yes)), "{yes}");
+        }
+        for no in ["w.test", "other.test", "xgit.test", "sub.exact.test"] {
+            assert!(!l.admits_name(&host(no)), "{no}");
+        }
     }
 
     #[test]

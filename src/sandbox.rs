@@ -626,15 +626,22 @@ pub struct Runsc {
     root: PathBuf,
     transparent_port: u16,
     proxy_port: u16,
+    dns_port: u16,
 }
 
 impl Runsc {
-    pub fn new(config: Arc<Config>, transparent_port: u16, proxy_port: u16) -> Runsc {
+    pub fn new(
+        config: Arc<Config>,
+        transparent_port: u16,
+        proxy_port: u16,
+        dns_port: u16,
+    ) -> Runsc {
         Runsc {
             root: config.state_dir.join("runsc"),
             config,
             transparent_port,
             proxy_port,
+            dns_port,
         }
     }
 
@@ -780,6 +787,8 @@ impl Runsc {
             self.transparent_port.to_string(),
             "--proxy-port".into(),
             self.proxy_port.to_string(),
+            "--dns-port".into(),
+            self.dns_port.to_string(),
             "--source".into(),
             ip.clone(),
             // The link is this sandbox's alone; the binding also pins its
@@ -793,7 +802,19 @@ impl Runsc {
             .map_err(|e| LaunchError::Failed(format!("{}: {e}", record.bundle.display())))?;
         std::fs::create_dir_all(&self.root)
             .map_err(|e| LaunchError::Failed(format!("{}: {e}", self.root.display())))?;
-        let mounts = self.user_mounts(&spec.user_id)?;
+        let mut mounts = self.user_mounts(&spec.user_id)?;
+        // Names resolve through the gateway's DNS door (port 53 to any
+        // address is REDIRECTed there); the files are read-only inside.
+        let (resolv, hosts) = (
+            record.bundle.join("resolv.conf"),
+            record.bundle.join("hosts"),
+        );
+        std::fs::write(&resolv, format!("nameserver {gw}\noptions ndots:1\n"))
+            .map_err(|e| LaunchError::Failed(format!("{}: {e}", resolv.display())))?;
+        std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n")
+            .map_err(|e| LaunchError::Failed(format!("{}: {e}", hosts.display())))?;
+        mounts.push((resolv, "/etc/resolv.conf", false));
+        mounts.push((hosts, "/etc/hosts", false));
         let config = bundle_config(&self.config, spec, &mounts)?;
         std::fs::write(record.bundle.join("config.json"), config)
             .map_err(|e| LaunchError::Failed(e.to_string()))?;

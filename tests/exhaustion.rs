@@ -91,6 +91,8 @@ leeway_s = 0
 listen = "127.0.0.1:{admin}"
 [metrics]
 listen = "127.0.0.1:{}"
+[dns]
+listen = "127.0.0.1:0"
 "#,
             dir.path().join("state").display(),
             free_port(),

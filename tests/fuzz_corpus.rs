@@ -63,3 +63,8 @@ fn token_corpus() {
 fn admin_bodies_corpus() {
     replay("admin_bodies", sluice::invariants::admin_bodies);
 }
+
+#[test]
+fn dns_message_corpus() {
+    replay("dns_message", sluice::invariants::dns_message);
+}

@@ -19,10 +19,10 @@ pub enum OrigDstSource {
 }
 
 impl OrigDstSource {
-    /// The port the client dialled, if the connection was redirected;
+    /// The address the client dialled, if the connection was redirected;
     /// `None` for one made straight to the listener (its original
     /// destination is the listener's own address).
-    pub fn redirected_port(&self, stream: &TcpStream) -> io::Result<Option<u16>> {
+    pub fn redirected(&self, stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
         // One getsockname serves both the choice of socket option and the
         // comparison.
         let local = stream.local_addr()?;
@@ -30,7 +30,7 @@ impl OrigDstSource {
             OrigDstSource::Fixed(addr) => *addr,
             OrigDstSource::Socket => original_dst(stream, local)?,
         };
-        Ok((orig != local).then_some(orig.port()))
+        Ok((orig != local).then_some(SocketAddr::new(orig.ip().to_canonical(), orig.port())))
     }
 }
 

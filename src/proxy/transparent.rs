@@ -18,6 +18,7 @@ use super::sniff::{Opening, OpeningReader, Protocol, ReadEnd, read_until};
 use super::{Gateway, deny_response};
 use crate::decision::{Caller, Target};
 use crate::deny::Deny;
+use crate::host::{Host, HostName};
 use crate::metrics::Mode;
 
 /// The transparent door's answer to a refused HTTP request.
@@ -43,20 +44,34 @@ async fn serve(conn: &mut Conn, peer: SocketAddr) {
     // straight to the listener has none (or has the listener's own address):
     // that is only for clients on this host (tests, the quick start); its
     // port is then the one its request names, or the protocol's.
-    let orig_port = match conn.gw.orig_dst.redirected_port(&conn.client) {
-        Ok(port) => port,
+    let orig = match conn.gw.orig_dst.redirected(&conn.client) {
+        Ok(orig) => orig,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "no original destination: a direct connection");
             None
         }
     };
-    if orig_port.is_none() && !peer.ip().is_loopback() {
+    if orig.is_none() && !peer.ip().is_loopback() {
         return conn.refuse(Protocol::Other, Deny::NoHost, None).await;
     }
+    let orig_port = orig.map(|o| o.port());
     conn.record.port = orig_port.unwrap_or(0);
-    let caller = conn.gw.registry.get(peer.ip()).map(Caller::Sandbox);
-    if let Some(Caller::Sandbox(s)) = &caller {
+    let sandbox = conn.gw.registry.get(peer.ip());
+    if let Some(s) = &sandbox {
         conn.record.container_id = Some(s.container_id.clone());
+    }
+    // The names the DNS door answered the dialled address for: a protocol
+    // that carries no name is known by them, and one that does must name
+    // one of them.
+    let answered: Vec<HostName> = match (&sandbox, orig) {
+        (Some(s), Some(o)) => s.names_for(o.ip()),
+        _ => Vec::new(),
+    };
+    let caller = sandbox.map(Caller::Sandbox);
+    if let (Some(caller), Some(port)) = (&caller, orig_port)
+        && let Some(target) = server_first_target(conn, caller, &answered, port)
+    {
+        return serve_known(conn, caller.clone(), target).await;
     }
 
     // The first bytes, under one deadline for all of them: a slow drip is
@@ -92,7 +107,7 @@ async fn serve(conn: &mut Conn, peer: SocketAddr) {
     let (protocol, host, port) = match &opening {
         Opening::Tls(hello) => (
             Protocol::Tls,
-            crate::host::Host::Name(hello.sni.clone()),
+            Host::Name(hello.sni.clone()),
             orig_port.unwrap_or(443),
         ),
         // Tunnels belong to the explicit proxy listener.
@@ -114,6 +129,11 @@ async fn serve(conn: &mut Conn, peer: SocketAddr) {
         }
     };
     conn.record.set_target(protocol, &host, port);
+    if !answered.is_empty() && !matches!(&host, Host::Name(n) if answered.contains(n)) {
+        // It dialled an address answered for other names: a lie.
+        let d = Deny::HostNotAllowed;
+        return conn.refuse(protocol, d, refusal(protocol, d)).await;
+    }
     let target = Target { host, port };
 
     let Some(caller) = caller else {
@@ -141,4 +161,52 @@ async fn serve(conn: &mut Conn, peer: SocketAddr) {
 /// What a refused client is sent, by protocol.
 fn refusal(protocol: Protocol, d: Deny) -> Option<Vec<u8>> {
     deny_response(protocol, d).map(|b| b.into_owned())
+}
+
+/// A name the DNS door answered for the dialled address whose allowlist
+/// entry names this port explicitly (`git.example.test:22`): the
+/// connection is allowed at once, without waiting for client bytes, so
+/// server-first protocols (SSH, SMTP, most databases) work.
+fn server_first_target(
+    conn: &Conn,
+    caller: &Caller,
+    answered: &[HostName],
+    port: u16,
+) -> Option<Target> {
+    let policy = conn.gw.policy();
+    let decision = conn.gw.decision(&policy);
+    answered.iter().find_map(|name| {
+        let target = Target {
+            host: Host::Name(name.clone()),
+            port,
+        };
+        match decision.authorize(caller, &target) {
+            Ok(a) if a.explicit_port => Some(target),
+            _ => None,
+        }
+    })
+}
+
+/// A connection whose target is known before a byte is read: decided,
+/// dialled, relayed raw.
+async fn serve_known(conn: &mut Conn, caller: Caller, target: Target) {
+    conn.record
+        .set_target(Protocol::Other, &target.host, target.port);
+    let policy = conn.gw.policy();
+    let permit = match conn.gw.decision(&policy).decide(&caller, &target) {
+        Ok(p) => p,
+        Err(d) => return conn.refuse(Protocol::Other, d, None).await,
+    };
+    let upstream = match Box::pin(conn.connect(&target)).await {
+        Ok(u) => u,
+        Err(d) => return conn.refuse(Protocol::Other, d, None).await,
+    };
+    conn.record.decide(Ok(()));
+    let allowed = Allowed {
+        caller,
+        target,
+        permit,
+        upstream,
+    };
+    relay_opening(conn, allowed, &Opening::Other, Vec::new(), answer).await;
 }

@@ -32,6 +32,7 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.gateway.proxy_listen = any;
     c.admin.listen = any;
     c.metrics.listen = any;
+    c.dns.listen = any;
     c.gateway.allow_destinations = vec!["127.0.0.0/8".parse().unwrap()];
     c.gateway.upstream_mark = 0;
     c.auth.leeway_s = 0;

@@ -1,0 +1,437 @@
+//! The DNS door: sandboxes resolve through the gateway, which answers only
+//! the names they may reach. A query comes from a source address (the
+//! sandbox, as for TCP), asks one question, and gets:
+//!
+//! - for a name the sandbox's allowlist admits on any port: the A records
+//!   of sluice's own resolution (the shared cache entry the dialer uses),
+//!   every address through the private-destination guard, TTL capped at
+//!   `dns.max_ttl_s`; AAAA and other types an empty answer (sandboxes have
+//!   no IPv6 through the gateway). Each address answered is remembered for
+//!   the sandbox for the answer's TTL, so a later connection to it is known
+//!   by name even when it carries none;
+//! - for a name it may not reach: NXDOMAIN, and the query never leaves the
+//!   gateway (no exfiltration through queries);
+//! - from an unknown source, or past its query rate: REFUSED; PTR:
+//!   NXDOMAIN; a malformed message: FORMERR (or nothing, when not even its
+//!   ID can be read).
+//!
+//! Messages are parsed and built with `hickory-proto`. The ID, the
+//! question as sent (0x20 case randomisation survives) and EDNS(0) are
+//! echoed; a UDP answer larger than the client takes is truncated (TC) so
+//! it asks again over TCP. Parsing and building are pure functions over
+//! bytes ([`parse`], [`respond`]); [`Door`] adds identity, the decision,
+//! the rate limit and resolution; [`serve_udp`] and [`serve_tcp`] are the
+//! listeners.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::decision::Caller;
+use crate::deny::Deny;
+use crate::host::{Host, HostName};
+use crate::metrics as m;
+use crate::proxy::Gateway;
+
+/// Largest query read, over UDP or TCP: a query carries one question and
+/// at most an OPT record, far below this.
+pub const MAX_QUERY: usize = 4096;
+/// The UDP payload sluice offers in its own EDNS, and the most it sends
+/// over UDP (RFC 9715's advice, below common path MTUs).
+pub const MAX_UDP_ANSWER: u16 = 1232;
+/// A UDP answer to a client without EDNS (RFC 1035).
+const CLASSIC_UDP: usize = 512;
+/// A TCP client that sends nothing for this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// How a query came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What the door answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A records, with their TTL.
+    Addresses(Vec<std::net::Ipv4Addr>, u32),
+    /// NOERROR with no records.
+    Empty,
+    NxDomain,
+    Refused,
+    FormErr,
+    ServFail,
+    NotImp,
+}
+
+/// Parses a query. `Err(Some(id))`: malformed, answered FORMERR with that
+/// ID; `Err(None)`: not even a header, or a response, dropped.
+pub fn parse(bytes: &[u8]) -> Result<Message, Option<u16>> {
+    if bytes.len() < 12 {
+        return Err(None);
+    }
+    let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+    // QR set: a response, never answered (no reflection loops).
+    if bytes[2] & 0x80 != 0 {
+        return Err(None);
+    }
+    if bytes.len() > MAX_QUERY {
+        return Err(Some(id));
+    }
+    Message::from_vec(bytes).map_err(|_| Some(id))
+}
+
+/// Builds the answer to `request` (pure): its ID, its question as sent,
+/// RD echoed, RA set, EDNS echoed with sluice's payload size; answers over
+/// `max_size` bytes are truncated (TC, no records).
+pub fn respond(request: &Message, answer: &Answer, max_size: usize) -> Vec<u8> {
+    let meta = &request.metadata;
+    let code = match answer {
+        Answer::Addresses(..) | Answer::Empty => ResponseCode::NoError,
+        Answer::NxDomain => ResponseCode::NXDomain,
+        Answer::Refused => ResponseCode::Refused,
+        Answer::FormErr => ResponseCode::FormErr,
+        Answer::ServFail => ResponseCode::ServFail,
+        Answer::NotImp => ResponseCode::NotImp,
+    };
+    let mut msg = Message::error_msg(meta.id, meta.op_code, code);
+    msg.metadata.recursion_desired = meta.recursion_desired;
+    msg.metadata.recursion_available = true;
+    msg.metadata.checking_disabled = meta.checking_disabled;
+    if *answer != Answer::FormErr {
+        msg.add_queries(request.queries.iter().cloned());
+    }
+    if request.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(MAX_UDP_ANSWER);
+        msg.set_edns(edns);
+    }
+    if let (Answer::Addresses(ips, ttl), Some(q)) = (answer, request.queries.first()) {
+        for ip in ips {
+            msg.add_answer(Record::from_rdata(q.name().clone(), *ttl, RData::A(A(*ip))));
+        }
+    }
+    let bytes = msg.to_vec().unwrap_or_default();
+    if bytes.len() <= max_size {
+        return bytes;
+    }
+    msg.truncate().to_vec().unwrap_or_default()
+}
+
+/// The most a UDP answer to `request` may be.
+pub fn udp_limit(request: &Message) -> usize {
+    match &request.edns {
+        Some(e) => usize::from(e.max_payload().clamp(512, MAX_UDP_ANSWER)),
+        None => CLASSIC_UDP,
+    }
+}
+
+/// The metric label of a query type: a closed set.
+pub fn qtype_label(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::HTTPS => "HTTPS",
+        RecordType::SVCB => "SVCB",
+        RecordType::TXT => "TXT",
+        RecordType::MX => "MX",
+        RecordType::PTR => "PTR",
+        RecordType::CNAME => "CNAME",
+        RecordType::NS => "NS",
+        RecordType::SOA => "SOA",
+        RecordType::SRV => "SRV",
+        RecordType::ANY => "ANY",
+        _ => "other",
+    }
+}
+
+/// The DNS door's state, shared by its listeners.
+pub struct Door {
+    gw: Arc<Gateway>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+/// One query's outcome, for the audit line and the metrics.
+struct Outcome<'a> {
+    source: IpAddr,
+    container: Option<&'a str>,
+    name: Option<String>,
+    qtype: &'static str,
+    decision: Result<(), Deny>,
+    answers: usize,
+}
+
+impl Outcome<'_> {
+    fn record(&self) {
+        let (decision, reason) = match self.decision {
+            Ok(()) => ("allow", "none"),
+            Err(d) => ("deny", d.as_str()),
+        };
+        ::metrics::counter!(
+            m::DNS_QUERIES_TOTAL,
+            "qtype" => self.qtype,
+            "decision" => decision,
+            "reason" => reason
+        )
+        .increment(1);
+        tracing::info!(
+            target: "sluice::audit",
+            protocol = "dns",
+            source = %self.source,
+            container_id = self.container.unwrap_or("-"),
+            name = self.name.as_deref().unwrap_or("-"),
+            qtype = self.qtype,
+            decision,
+            reason,
+            answers = self.answers,
+            "dns"
+        );
+    }
+}
+
+impl Door {
+    pub fn new(gw: Arc<Gateway>) -> Door {
+        let d = &gw.config.dns;
+        let rate = NonZeroU32::new(d.queries_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(d.burst).unwrap_or(NonZeroU32::MIN);
+        Door {
+            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            gw,
+        }
+    }
+
+    /// Forgets the rate-limit state of sources that have been quiet.
+    pub fn tidy(&self) {
+        self.limiter.retain_recent();
+    }
+
+    /// Answers one query from `source`; `None` when nothing is to be sent.
+    pub async fn answer(
+        &self,
+        source: IpAddr,
+        bytes: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let source = source.to_canonical();
+        let request = match parse(bytes) {
+            Ok(r) => r,
+            Err(None) => return None,
+            Err(Some(id)) => {
+                let outcome = Outcome {
+                    source,
+                    container: None,
+                    name: None,
+                    qtype: "other",
+                    decision: Err(Deny::BadRequest),
+                    answers: 0,
+                };
+                outcome.record();
+                let mut empty = Message::new(id, MessageType::Query, OpCode::Query);
+                empty.metadata.id = id;
+                return Some(respond(&empty, &Answer::FormErr, CLASSIC_UDP));
+            }
+        };
+        let limit = match transport {
+            Transport::Udp => udp_limit(&request),
+            Transport::Tcp => usize::from(u16::MAX),
+        };
+        let sandbox = self.gw.registry.get(source);
+        let mut outcome = Outcome {
+            source,
+            container: sandbox.as_deref().map(|s| s.container_id.as_str()),
+            name: request.queries.first().map(|q| q.name().to_ascii()),
+            qtype: request
+                .queries
+                .first()
+                .map(|q| qtype_label(q.query_type()))
+                .unwrap_or("other"),
+            decision: Ok(()),
+            answers: 0,
+        };
+        let answer = self.decide(&request, sandbox.clone(), &mut outcome).await;
+        if let Answer::Addresses(ips, _) = &answer {
+            outcome.answers = ips.len();
+        }
+        outcome.record();
+        Some(respond(&request, &answer, limit))
+    }
+
+    async fn decide(
+        &self,
+        request: &Message,
+        sandbox: Option<Arc<crate::identity::Sandbox>>,
+        outcome: &mut Outcome<'_>,
+    ) -> Answer {
+        let mut deny = |d: Deny, a: Answer| {
+            outcome.decision = Err(d);
+            a
+        };
+        let Some(sandbox) = sandbox else {
+            return deny(Deny::UnknownSource, Answer::Refused);
+        };
+        if self.limiter.check_key(&sandbox.source_ip).is_err() {
+            return deny(Deny::Overloaded, Answer::Refused);
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return deny(Deny::UnsupportedProtocol, Answer::NotImp);
+        }
+        let [query] = request.queries.as_slice() else {
+            return deny(Deny::BadRequest, Answer::FormErr);
+        };
+        if query.query_class() != DNSClass::IN {
+            return deny(Deny::UnsupportedProtocol, Answer::Refused);
+        }
+        if query.query_type() == RecordType::PTR {
+            return deny(Deny::HostNotAllowed, Answer::NxDomain);
+        }
+        let ascii = query.name().to_ascii();
+        let Ok(name) = HostName::parse(&ascii) else {
+            return deny(Deny::NoHost, Answer::NxDomain);
+        };
+        let policy = self.gw.policy();
+        let decision = self.gw.decision(&policy);
+        let caller = Caller::Sandbox(Arc::clone(&sandbox));
+        if let Err(d) = decision.authorize_name(&caller, &Host::Name(name.clone())) {
+            // Never sent upstream.
+            return deny(d, Answer::NxDomain);
+        }
+        match query.query_type() {
+            RecordType::A => {}
+            // No IPv6 through the gateway: an empty answer, so clients do
+            // not wait on addresses they cannot reach. Other types of an
+            // allowed name: empty too.
+            _ => return Answer::Empty,
+        }
+        let (addrs, ttl) = match policy.upstream.resolve_name(&name).await {
+            Ok(r) => r,
+            Err(d) => return deny(d, Answer::ServFail),
+        };
+        if addrs.is_empty() {
+            return deny(Deny::NoHost, Answer::NxDomain);
+        }
+        let allowed: Vec<std::net::Ipv4Addr> = addrs
+            .iter()
+            .filter(|ip| policy.upstream.guard_permits_ip(**ip))
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if allowed.is_empty() {
+            let had_v4 = addrs.iter().any(IpAddr::is_ipv4);
+            return if had_v4 {
+                deny(Deny::PrivateDestination, Answer::Empty)
+            } else {
+                Answer::Empty
+            };
+        }
+        let until = Instant::now() + Duration::from_secs(ttl.into());
+        for ip in &allowed {
+            sandbox.remember(IpAddr::V4(*ip), &name, until);
+        }
+        Answer::Addresses(allowed, ttl)
+    }
+}
+
+/// Answers queries on a UDP socket until shutdown. Each query runs on its
+/// own task, so a lookup that waits upstream does not hold up the others.
+pub async fn serve_udp(socket: UdpSocket, door: Arc<Door>) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; MAX_QUERY + 1];
+    let stopping = door.gw.shutdown.clone();
+    loop {
+        let (n, peer) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns recv failed");
+                    continue;
+                }
+            },
+            _ = stopping.stopping() => return,
+        };
+        let query = buf[..n].to_vec();
+        let (door, socket) = (Arc::clone(&door), Arc::clone(&socket));
+        tokio::spawn(async move {
+            if let Some(answer) = door.answer(peer.ip(), &query, Transport::Udp).await {
+                let _ = socket.send_to(&answer, peer).await;
+            }
+        });
+    }
+}
+
+/// Answers length-prefixed queries on TCP connections until shutdown.
+pub async fn serve_tcp(listener: TcpListener, door: Arc<Door>) {
+    let stopping = door.gw.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopping.stopping() => return,
+        };
+        let cap = door.gw.policy().gateway.max_connections_per_source;
+        let Some(slot) = door
+            .gw
+            .per_source
+            .try_acquire(&peer.ip().to_canonical(), cap)
+        else {
+            continue;
+        };
+        let door = Arc::clone(&door);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tcp_connection(stream, peer, &door).await;
+        });
+    }
+}
+
+async fn tcp_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    door: &Door,
+) -> std::io::Result<()> {
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        if len > MAX_QUERY {
+            return Ok(());
+        }
+        let mut query = vec![0u8; len];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let Some(answer) = door.answer(peer.ip(), &query, Transport::Tcp).await else {
+            return Ok(());
+        };
+        let Ok(n) = u16::try_from(answer.len()) else {
+            return Ok(());
+        };
+        let mut framed = Vec::with_capacity(answer.len() + 2);
+        framed.extend_from_slice(&n.to_be_bytes());
+        framed.extend_from_slice(&answer);
+        stream.write_all(&framed).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests;
