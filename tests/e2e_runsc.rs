@@ -188,6 +188,8 @@ rootfs = "{}"
 subnet = "198.18.8.0/29"
 rules_script = "{rules}"
 user_data_dir = "{}"
+[dns]
+listen = "0.0.0.0:15053"
 "#,
         rootfs.display(),
         users.display()
@@ -230,7 +232,17 @@ user_data_dir = "{}"
     let r = exec(&lab, &id, &["touch", "/mnt/user-data/uploads/x"]);
     assert_ne!(r.code, 0, "uploads writable: {r:?}");
 
-    // The allowed host answers, transparently and through the proxy.
+    // Names resolve through the gateway's DNS door: a read-only
+    // resolv.conf naming the gateway, and an /etc/hosts with localhost
+    // only (the rootfs's own, which names api.test, is hidden).
+    let r = exec(&lab, &id, &["cat", "/etc/resolv.conf", "/etc/hosts"]);
+    assert!(r.stdout.starts_with("nameserver 198.18.8.1\n"), "{r:?}");
+    assert!(!r.stdout.contains("api.test"), "{r:?}");
+    let r = exec(&lab, &id, &["sh", "-c", "echo x > /etc/resolv.conf"]);
+    assert_ne!(r.code, 0, "resolv.conf is writable: {r:?}");
+
+    // The allowed host answers, by name, transparently and through the
+    // proxy.
     let r = get(&lab, &id, "api.test", "/direct", false);
     assert!(
         r.stdout.contains(&format!("hello from {UP} /direct")),
@@ -243,9 +255,24 @@ user_data_dir = "{}"
         "{r:?}\n{}",
         lab.sluice_log()
     );
-    // Another host is 403, both ways.
-    for proxy in [false, true] {
-        let r = get(&lab, &id, "other.test", "/", proxy);
+    // Another host: its name does not resolve (NXDOMAIN from the DNS
+    // door); named to an allowed host's address, or through the proxy,
+    // it is 403.
+    let r = get(&lab, &id, "other.test", "/", false);
+    assert!(r.stderr.contains("bad address 'other.test'"), "{r:?}");
+    let lie = exec(
+        &lab,
+        &id,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "printf 'GET / HTTP/1.0\\r\\nHost: other.test\\r\\n\\r\\n' | nc -w 10 {UP} 80"
+            ),
+        ],
+    );
+    let proxied = get(&lab, &id, "other.test", "/", true);
+    for r in [lie, proxied] {
         assert!(
             r.stdout.starts_with("HTTP/1.1 403")
                 && r.stdout.contains("x-deny-reason: host_not_allowed"),
@@ -373,7 +400,21 @@ user_data_dir = "{}"
         .to_owned();
     let (status, _) = lab.admin_status("POST", "/v1/revocations", &json!({"jti": jti}));
     assert_eq!(status, 204);
+    // Its names no longer resolve (the token allows nothing now), and a
+    // request to the address it had is refused with the reason.
     let r = get(&lab, &id, "api.test", "/revoked", false);
+    assert!(r.stderr.contains("bad address 'api.test'"), "{r:?}");
+    let r = exec(
+        &lab,
+        &id,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "printf 'GET /revoked HTTP/1.0\\r\\nHost: api.test\\r\\n\\r\\n' | nc -w 10 {UP} 80"
+            ),
+        ],
+    );
     assert!(r.stdout.contains("x-deny-reason: token_revoked"), "{r:?}");
     let r = get(&lab, &id, "api.test", "/revoked", true);
     assert!(
@@ -418,6 +459,18 @@ user_data_dir = "{}"
     assert_eq!(b["source_ip"], "198.18.8.2");
     let id_b = b["container_id"].as_str().unwrap().to_owned();
     let r = get(&lab, &id_b, "api.test", "/old-permissions", false);
+    assert!(r.stderr.contains("bad address 'api.test'"), "{r:?}");
+    let r = exec(
+        &lab,
+        &id_b,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "printf 'GET /old-permissions HTTP/1.0\\r\\nHost: api.test\\r\\n\\r\\n' | nc -w 10 {UP} 80"
+            ),
+        ],
+    );
     assert!(
         r.stdout.contains("x-deny-reason: host_not_allowed"),
         "{r:?}"

@@ -260,7 +260,8 @@ impl Lab {
         assert!(ok, "nothing listening in {ns}");
     }
 
-    fn spawn(&mut self, ns: &str, args: &[&str], log: Option<&PathBuf>) {
+    /// Starts a program inside a namespace, ended when the lab drops.
+    pub fn spawn(&mut self, ns: &str, args: &[&str], log: Option<&PathBuf>) {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", Self::ns_path(ns)))
             .args(args)
@@ -448,6 +449,40 @@ listen = "127.0.0.1:9090"
         }
     }
 
+    /// A command in a namespace through `ip netns exec`, which also binds
+    /// /etc/netns/<ns>/resolv.conf over /etc/resolv.conf: a client whose
+    /// only configuration is that file.
+    pub fn exec_in(&self, ns: &str, env: &[(&str, &str)], args: &[&str]) -> CurlOut {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "timeout", "60"]).args(args);
+        for var in [
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        CurlOut {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Writes /etc/netns/<ns>/resolv.conf (removed when the lab drops).
+    pub fn resolv_conf(&self, ns: &str, contents: &str) {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), contents).unwrap();
+    }
+
     /// curl from the sandbox.
     pub fn curl(&self, args: &[&str]) -> CurlOut {
         self.curl_in(&self.sb, args)
@@ -604,6 +639,7 @@ impl Drop for Lab {
             .chain(&self.extra_ns)
         {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
         }
     }
 }
