@@ -229,5 +229,66 @@ fn identity(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parsers, dribbles, allowlists, identity);
+/// The DNS door's path for a name in the cache: parse the query, match
+/// the name against the allowlist (any port), take the addresses from the
+/// shared resolver's cache entry, build the answer.
+fn dns_cache_hit(c: &mut Criterion) {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    use sluice::dns::{Answer, parse, respond, udp_limit};
+    use sluice::resolver::Resolver;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // No upstream answers here: the name comes from /etc/hosts, and after
+    // the first lookup from the cache.
+    let config = sluice::config::DnsConfig {
+        upstream: vec!["127.0.0.1:9".parse().unwrap()],
+        ..Default::default()
+    };
+    let resolver = rt.block_on(async { Resolver::new(&config).unwrap() });
+    let localhost = HostName::parse("localhost").unwrap();
+    rt.block_on(resolver.resolve(&localhost)).unwrap();
+    let allowlist = Allowlist::new(
+        (0..1_000)
+            .map(|i| format!("host-{i}.example.test"))
+            .chain(["localhost".to_owned()])
+            .map(|p| p.parse::<HostPattern>().unwrap()),
+    );
+    let mut q = Message::new(7, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(
+        Name::from_ascii("localhost.").unwrap(),
+        RecordType::A,
+    ));
+    let bytes = q.to_vec().unwrap();
+    c.bench_function("dns/cache_hit_answer", |b| {
+        b.iter(|| {
+            let request = parse(black_box(&bytes)).unwrap();
+            let name = HostName::parse(&request.queries[0].name().to_ascii()).unwrap();
+            let host = Host::Name(name.clone());
+            assert!(allowlist.admits_name(&host));
+            let resolved = rt.block_on(resolver.resolve(&name)).unwrap();
+            let ips = resolved
+                .addrs
+                .iter()
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            respond(&request, &Answer::Addresses(ips, 30), udp_limit(&request))
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    parsers,
+    dribbles,
+    allowlists,
+    identity,
+    dns_cache_hit
+);
 criterion_main!(benches);
