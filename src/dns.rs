@@ -124,7 +124,15 @@ pub fn respond(request: &Message, answer: &Answer, max_size: usize) -> Vec<u8> {
     if bytes.len() <= max_size {
         return bytes;
     }
-    msg.truncate().to_vec().unwrap_or_default()
+    let truncated = msg.truncate().to_vec().unwrap_or_default();
+    if truncated.len() <= max_size {
+        return truncated;
+    }
+    // Even the questions do not fit (a message with many): the header
+    // alone, with TC.
+    let mut bare = Message::error_msg(meta.id, meta.op_code, code);
+    bare.metadata.truncation = true;
+    bare.to_vec().unwrap_or_default()
 }
 
 /// The most a UDP answer to `request` may be.
