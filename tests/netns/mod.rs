@@ -23,11 +23,16 @@ pub const MAC_B: &str = "02:00:5e:00:00:0b";
 
 /// Root and the tools, or a skip with a reason (a failure under CI=true).
 pub fn require_root(test: &str) -> bool {
+    require_root_and(test, &[])
+}
+
+/// As [`require_root`], with more tools the test needs.
+pub fn require_root_and(test: &str, more: &[&str]) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root".to_owned());
     }
-    for tool in [
+    let base = [
         "ip",
         "iptables",
         "ip6tables",
@@ -35,7 +40,8 @@ pub fn require_root(test: &str) -> bool {
         "curl",
         "openssl",
         "timeout",
-    ] {
+    ];
+    for tool in base.iter().chain(more) {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -43,7 +49,7 @@ pub fn require_root(test: &str) -> bool {
             .map(|s| s.success())
             .unwrap_or(false);
         if !found {
-            missing.push(tool.to_owned());
+            missing.push((*tool).to_owned());
         }
     }
     if missing.is_empty() {
@@ -428,25 +434,7 @@ listen = "127.0.0.1:9090"
         cmd.arg(format!("--net={}", Self::ns_path(ns)))
             .args(["timeout", "60"])
             .args(args);
-        for var in [
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "NO_PROXY",
-            "ALL_PROXY",
-            "all_proxy",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.envs(env.iter().copied());
-        let out = cmd.output().unwrap();
-        CurlOut {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        output(cmd, env)
     }
 
     /// A command in a namespace through `ip netns exec`, which also binds
@@ -455,25 +443,7 @@ listen = "127.0.0.1:9090"
     pub fn exec_in(&self, ns: &str, env: &[(&str, &str)], args: &[&str]) -> CurlOut {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, "timeout", "60"]).args(args);
-        for var in [
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "NO_PROXY",
-            "ALL_PROXY",
-            "all_proxy",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.envs(env.iter().copied());
-        let out = cmd.output().unwrap();
-        CurlOut {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        output(cmd, env)
     }
 
     /// Writes /etc/netns/<ns>/resolv.conf (removed when the lab drops).
@@ -641,6 +611,29 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
         }
+    }
+}
+
+/// Runs `cmd` with `env` and no proxy variables but those given.
+fn output(mut cmd: Command, env: &[(&str, &str)]) -> CurlOut {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    CurlOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
