@@ -48,12 +48,9 @@ impl AdminState {
         self.store
             .save(&self.registry, &self.verifier)
             .map_err(|e| {
-                tracing::error!(error = %e, "cannot persist the registry");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "persist_failed",
-                    e.to_string(),
-                )
+                let detail = crate::error_chain(&e);
+                tracing::error!(error = %detail, "cannot persist the registry");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
             })
     }
 }
@@ -264,7 +261,7 @@ async fn register(
     };
     let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered).with_mac(mac);
     let sandbox = state.sandboxes.register(sandbox).await.map_err(|e| {
-        let detail = error_chain(&e);
+        let detail = crate::error_chain(&e);
         match e {
             RegisterError::Taken(BindError::AddressTaken(_)) => {
                 ApiError::new(StatusCode::CONFLICT, "address_taken", detail)
@@ -292,18 +289,6 @@ async fn register(
             "expires_at": sandbox.grant.claims.exp,
         })),
     ))
-}
-
-/// An error and its causes, each once.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn view(s: &Sandbox, registry: &Registry) -> Value {

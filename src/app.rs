@@ -31,19 +31,19 @@ use crate::shutdown::Shutdown;
 pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("keys: {0}")]
+    #[error("keys")]
     Keys(#[from] KeyError),
-    #[error("registry: {0}")]
+    #[error("registry")]
     Store(#[from] StoreError),
-    #[error("dns: {0}")]
+    #[error("dns")]
     Resolver(#[from] crate::resolver::ResolveError),
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}")]
     State {
         path: String,
         source: std::io::Error,
@@ -211,6 +211,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     ));
 
     let signer = state.signer.map(Arc::new);
+    let signing = signer.is_some();
     let sandboxes = Arc::new(Sandboxes::new(
         Arc::clone(&config),
         Arc::clone(&registry),
@@ -294,12 +295,19 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         shutdown.clone(),
     ));
 
+    // One line that says what runs where (the whole configuration is at
+    // debug level).
     tracing::info!(
         transparent = %transparent_addr,
         proxy = %proxy_addr,
+        dns = %dns_addr,
         admin = %admin_addr,
         metrics = %metrics_addr,
-        dns = %dns_addr,
+        keys = verifier.jwks().len(),
+        jwks = %config.jwks_path().display(),
+        signing,
+        store = %config.state_dir.display(),
+        sandboxes = registry.len(),
         "sluice listening"
     );
     servers.push(tokio::spawn(jwks_watcher(
@@ -345,7 +353,7 @@ async fn reaper(
         if (removed || purged)
             && let Err(e) = store.save(&registry, &verifier)
         {
-            tracing::error!(error = %e, "cannot persist the registry");
+            tracing::error!(error = %crate::error_chain(&e), "cannot persist the registry");
         }
     }
 }
@@ -359,7 +367,7 @@ fn reload_jwks(verifier: &Verifier, path: &Path) -> Result<usize, KeyError> {
             Ok(keys)
         }
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "JWKS not reloaded; keeping the last good set");
+            tracing::warn!(path = %path.display(), error = %crate::error_chain(&e), "JWKS not reloaded; keeping the last good set");
             Err(e)
         }
     }

@@ -17,7 +17,7 @@ use crate::host::HostName;
 /// each with the key it belongs to.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -273,6 +273,48 @@ impl Default for SandboxConfig {
     }
 }
 
+/// Reads one section. A key that does not parse is an error with its full
+/// key; it is set aside and the rest of the section read again, so every
+/// bad key of a section is named in one run. `None` if the section could
+/// not be read even so (it then keeps its defaults).
+fn section<T: serde::de::DeserializeOwned + Default>(
+    name: &str,
+    mut value: toml::Value,
+    errors: &mut Vec<KeyError>,
+) -> Option<T> {
+    // Bounded: each round removes a key, or ends.
+    for _ in 0..=64 {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            // What is left is validated with the rest (a key set aside
+            // keeps its default, which is valid).
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let path = e.path().to_string();
+                let key = if path == "." || path.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{name}.{path}")
+                };
+                // toml adds "in `key`" lines: the key is named already.
+                let message = e.into_inner().to_string();
+                let message = message.lines().next().unwrap_or("").trim().to_owned();
+                errors.push(KeyError { key, message });
+                let first = path.split('.').next().unwrap_or("").to_owned();
+                let removed = match &mut value {
+                    toml::Value::Table(t) if !first.is_empty() && first != "?" => {
+                        t.remove(&first).is_some()
+                    }
+                    _ => false,
+                };
+                if !removed {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -289,14 +331,66 @@ impl Config {
         })
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text. Every error is reported, not only
+    /// the first: what parses is kept, each section is read on its own
+    /// (a key that does not parse is named and set aside, and the rest of
+    /// its section read again), then every section is validated. Only a
+    /// file that is not TOML at all stops at its one syntax error.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
-        })?;
-        config.validate()?;
-        Ok(config)
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: PathBuf::from("<config>"),
+                message: e.to_string(),
+            })?;
+        let mut errors = Vec::new();
+        let mut config = Config::default();
+        let mut broken: Vec<&'static str> = Vec::new();
+        for (key, value) in table {
+            let ok = match key.as_str() {
+                "state_dir" => section(&key, value, &mut errors).map(|v| config.state_dir = v),
+                "gateway" => section(&key, value, &mut errors).map(|v| config.gateway = v),
+                "auth" => section(&key, value, &mut errors).map(|v| config.auth = v),
+                "admin" => section(&key, value, &mut errors).map(|v| config.admin = v),
+                "metrics" => section(&key, value, &mut errors).map(|v| config.metrics = v),
+                "sandbox" => section(&key, value, &mut errors).map(|v| config.sandbox = v),
+                "dns" => section(&key, value, &mut errors).map(|v| config.dns = v),
+                _ => {
+                    errors.push(KeyError {
+                        key: key.clone(),
+                        message:
+                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns)"
+                                .into(),
+                    });
+                    Some(())
+                }
+            };
+            if ok.is_none() {
+                broken.push(match key.as_str() {
+                    "gateway" => "gateway",
+                    "auth" => "auth",
+                    "admin" => "admin",
+                    "metrics" => "metrics",
+                    "sandbox" => "sandbox",
+                    "dns" => "dns",
+                    _ => "state_dir",
+                });
+            }
+        }
+        if let Err(ConfigError::Invalid(invalid)) = config.validate() {
+            // A section that did not parse was validated at its defaults:
+            // what it reports then says nothing about the file.
+            errors.extend(invalid.into_iter().filter(|e| {
+                !broken
+                    .iter()
+                    .any(|b| e.key == *b || e.key.starts_with(&format!("{b}.")))
+            }));
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
     }
 
     /// Every problem with the values, each naming its key.
@@ -480,6 +574,31 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_error_of_a_file_is_reported_with_its_key() {
+        let text = "state_dir = 7\nbogus = 1\n[gateway]\npeek_timeout_ms = \"soon\"\nnot_a_key = true\nmax_connections = 0\n\
+                    [auth]\nleeway_s = -1\n[metrics]\nlisten = \"nowhere\"\n[dns]\nmax_ttl_s = 0\n";
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("accepted");
+        };
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "state_dir",
+            "bogus",
+            "gateway.peek_timeout_ms",
+            "gateway.not_a_key",
+            "gateway.max_connections",
+            "auth.leeway_s",
+            "metrics.listen",
+            "dns.max_ttl_s",
+        ] {
+            assert!(
+                keys.iter().any(|k| k.starts_with(want)),
+                "{want} not in {keys:?}"
+            );
+        }
+    }
     use super::*;
 
     #[test]

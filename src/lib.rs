@@ -7,6 +7,20 @@
 //! and [`proxy::relay`] moves the bytes. Beside them: [`config`],
 //! [`admin`], [`metrics`] and [`app`], which wires everything together.
 
+/// An error and each of its causes, once: `a: b: c`. What every place
+/// that prints a library error prints (the errors' own messages never
+/// repeat their source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 pub mod admin;
 pub mod app;
 pub mod audit;

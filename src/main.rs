@@ -26,21 +26,26 @@ struct Cli {
 enum Command {
     /// Run the gateway (embedded defaults without --config).
     Serve {
+        /// The TOML config file; without it, state in ./.sluice and every
+        /// listener on 127.0.0.1.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Write an ES256 key pair and its JWKS into a directory.
     Keygen {
+        /// The directory for private-key.pem (0600), public-key.pem and jwks.json.
         #[arg(long)]
         out: PathBuf,
+        /// The key id, named in every token's header and in the JWKS.
         #[arg(long, default_value = "sluice-1")]
         kid: String,
     },
     /// Mint or verify tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Validate a config file.
+    /// Validate a config file: every error, each with its key.
     Check {
+        /// The TOML config file to check.
         #[arg(long)]
         config: PathBuf,
     },
@@ -50,35 +55,46 @@ enum Command {
 enum TokenCommand {
     /// Print one ES256 JWT on stdout.
     Mint {
+        /// The private key (PEM, PKCS#8), as `keygen` writes it.
         #[arg(long)]
         key: PathBuf,
-        #[arg(long)]
+        /// The key id put in the token's header (as `keygen --kid`).
+        #[arg(long, default_value = "sluice-1")]
         kid: String,
+        /// The sandbox the token is for (claim `container_id`).
         #[arg(long)]
         container_id: String,
+        /// Who the sandbox runs for (claim `user_id`).
         #[arg(long)]
         user_id: String,
-        /// Comma-separated allowlist entries.
+        /// Comma-separated allowlist entries: name, *.suffix, host:port, IP.
         #[arg(long, value_delimiter = ',', required = true)]
         allow: Vec<String>,
         /// Lifetime: 90s, 30m, 4h, 2d, or plain seconds.
         #[arg(long, default_value = "4h", value_parser = parse_ttl)]
         ttl: Duration,
+        /// The issuer claim; the gateway's `auth.issuer` must match.
         #[arg(long, default_value = "secure-egress-control")]
         issuer: String,
+        /// The audience claim; the gateway's `auth.audience` must match.
         #[arg(long, default_value = "egress-proxy")]
         audience: String,
     },
-    /// Print a token's verified claims as JSON.
+    /// Print a token's verified claims as JSON (exit 1 with the reason).
     Verify {
+        /// The JWKS to verify against (several keys: chosen by kid).
         #[arg(long)]
         jwks: PathBuf,
+        /// The issuer the token must name.
         #[arg(long, default_value = "secure-egress-control")]
         issuer: String,
+        /// The audience the token must name.
         #[arg(long, default_value = "egress-proxy")]
         audience: String,
+        /// Seconds of clock skew allowed on exp and nbf.
         #[arg(long, default_value_t = 30)]
         leeway: u64,
+        /// The token (a JWT).
         token: String,
     },
 }
@@ -164,7 +180,7 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "configuration");
+    tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "configuration");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -172,8 +188,12 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let running = sluice::app::run(config, sluice::app::Options::default()).await?;
         eprintln!(
-            "sluice: transparent {} proxy {} admin {} metrics {}",
-            running.transparent_addr, running.proxy_addr, running.admin_addr, running.metrics_addr
+            "sluice: transparent {} proxy {} dns {} admin {} metrics {}",
+            running.transparent_addr,
+            running.proxy_addr,
+            running.dns_addr,
+            running.admin_addr,
+            running.metrics_addr
         );
         wait_for_stop(&running, config_path).await?;
         tracing::info!("shutting down: draining live connections");
@@ -203,7 +223,7 @@ async fn wait_for_stop(
                 if let Some(path) = config_path {
                     match Config::load(path).map(|c| running.reload_config(&c)) {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "config not reloaded"),
+                        Ok(Err(e)) | Err(e) => tracing::warn!(error = %sluice::error_chain(&e), "config not reloaded"),
                     }
                 }
             }
@@ -275,7 +295,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", sluice::error_chain(&e));
             Ok(ExitCode::FAILURE)
         }
     }

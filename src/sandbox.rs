@@ -236,7 +236,12 @@ impl Sandboxes {
     fn persist(&self) -> Result<(), LaunchError> {
         self.store
             .save(&self.registry, &self.verifier)
-            .map_err(|e| LaunchError::Failed(format!("cannot persist the registry: {e}")))
+            .map_err(|e| {
+                LaunchError::Failed(format!(
+                    "cannot persist the registry: {}",
+                    crate::error_chain(&e)
+                ))
+            })
     }
 
     /// Registers a sandbox started elsewhere: on a bridge that several

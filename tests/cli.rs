@@ -421,3 +421,74 @@ fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
         "the accept loop spun: {cpu_ticks} ticks of CPU"
     );
 }
+
+#[test]
+fn errors_name_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = dir.path().join("taken.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:{port}\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = sluice(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot bind gateway.transparent_listen on 127.0.0.1:{port}: Address already in use"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+
+    // A short admin token: said once.
+    let state = dir.path().join("short");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("admin-token"), "short\n").unwrap();
+    let cfg = dir.path().join("short.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let out = sluice(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("at least 16 characters").count(), 1, "{err}");
+}
+
+#[test]
+fn check_names_all_four_errors_of_a_file_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("four.toml");
+    std::fs::write(
+        &bad,
+        "state_dir = 7\n[gateway]\npeek_timeout_ms = \"soon\"\nnot_a_key = true\n[dns]\nmax_ttl_s = 0\n",
+    )
+    .unwrap();
+    let out = sluice(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for key in [
+        "state_dir:",
+        "gateway.peek_timeout_ms:",
+        "gateway.not_a_key:",
+        "dns.max_ttl_s:",
+    ] {
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    assert_eq!(
+        err.lines().filter(|l| !l.trim().is_empty()).count(),
+        4,
+        "{err}"
+    );
+}
