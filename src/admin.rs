@@ -40,6 +40,8 @@ pub struct AdminState {
     pub admin_token: String,
     pub store: Arc<Store>,
     pub sandboxes: Arc<Sandboxes>,
+    /// The data plane, whose decision `GET /v1/explain` asks.
+    pub gateway: Arc<crate::proxy::Gateway>,
 }
 
 impl AdminState {
@@ -129,6 +131,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/sandboxes/{id}", get(show).delete(unregister))
         .route("/sandboxes/{id}/exec", post(exec))
         .route("/revocations", post(revoke))
+        .route("/explain", get(explain))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -434,4 +437,39 @@ async fn revoke(
     state.persist()?;
     tracing::info!(jti, "token revoked");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExplainQuery {
+    container_id: String,
+    host: String,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+/// The decision the data plane would make for a registered sandbox and a
+/// target, with the allowlist entry that matched.
+async fn explain(
+    State(state): State<Arc<AdminState>>,
+    query: Result<axum::extract::Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
+    let sandbox = state
+        .registry
+        .get_by_id(&q.container_id)
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {:?}", q.container_id)))?;
+    let (host, port) = crate::host::split_authority(q.host.trim())
+        .map_err(|e| ApiError::bad_request(format!("host {:?}: {e}", q.host)))?;
+    let port = q.port.or(port).unwrap_or(443);
+    if port == 0 {
+        return Err(ApiError::bad_request("port must be 1-65535"));
+    }
+    let policy = state.gateway.policy();
+    let explained = state.gateway.decision(&policy).explain(
+        &crate::decision::Caller::Sandbox(sandbox),
+        &crate::decision::Target { host, port },
+    );
+    Ok(Json(explained.to_json()))
 }

@@ -174,12 +174,15 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         source,
     })?;
 
-    let verifier = Arc::new(Verifier::new(
-        state.jwks,
-        &config.auth.issuer,
-        &config.auth.audience,
-        config.auth.leeway_s,
-    ));
+    let verifier = Arc::new(
+        Verifier::new(
+            state.jwks,
+            &config.auth.issuer,
+            &config.auth.audience,
+            config.auth.leeway_s,
+        )
+        .with_presets(Arc::clone(&state.presets)),
+    );
     let registry = Arc::new(Registry::new());
     let store = Arc::new(Store::new(&config.state_dir));
     let dropped = store.restore(&registry, &verifier)?;
@@ -272,6 +275,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         admin_token: state.admin_token.clone(),
         store: Arc::clone(&store),
         sandboxes: Arc::clone(&sandboxes),
+        gateway: Arc::clone(&gateway),
     }));
     servers.push(tokio::spawn(reaper(
         Arc::clone(&sandboxes),
@@ -413,6 +417,7 @@ struct State {
     jwks: Jwks,
     signer: Option<Signer>,
     admin_token: String,
+    presets: Arc<crate::presets::Presets>,
 }
 
 /// Creates what a first start needs (state dir 0700, an ES256 key pair,
@@ -430,6 +435,13 @@ fn prepare_state(config: &Config) -> Result<State, AppError> {
             .create(&config.state_dir)
             .map_err(state_err(&config.state_dir))?;
     }
+    // Validated with the config: a bad preset never gets this far.
+    let presets = Arc::new(crate::presets::Presets::new(&config.presets).map_err(|e| {
+        AppError::Config(ConfigError::Invalid(vec![crate::config::KeyError {
+            key: "presets".into(),
+            message: e.to_string(),
+        }]))
+    })?);
     let key_path = config.signing_key_path();
     let jwks_path = config.jwks_path();
     let kid = &config.auth.signing_kid;
@@ -444,12 +456,10 @@ fn prepare_state(config: &Config) -> Result<State, AppError> {
     }
     let jwks = Jwks::load(&jwks_path)?;
     let signer = if key_path.exists() {
-        Some(Signer::load(
-            &key_path,
-            kid,
-            &config.auth.issuer,
-            &config.auth.audience,
-        )?)
+        Some(
+            Signer::load(&key_path, kid, &config.auth.issuer, &config.auth.audience)?
+                .with_presets(Arc::clone(&presets)),
+        )
     } else {
         tracing::warn!(key = %key_path.display(), "no signing key: POST /v1/tokens is unavailable");
         None
@@ -489,6 +499,7 @@ fn prepare_state(config: &Config) -> Result<State, AppError> {
         jwks,
         signer,
         admin_token,
+        presets,
     })
 }
 

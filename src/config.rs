@@ -46,6 +46,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub sandbox: SandboxConfig,
     pub dns: DnsConfig,
+    /// Named host groups for allowlists (`@name`), beside the built-in
+    /// `package_managers` and `os_updates`.
+    pub presets: BTreeMap<String, Vec<String>>,
 }
 
 /// `[dns]`: the DNS door for sandboxes, and the resolver sluice itself
@@ -174,6 +177,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             sandbox: SandboxConfig::default(),
             dns: DnsConfig::default(),
+            presets: BTreeMap::new(),
         }
     }
 }
@@ -355,11 +359,12 @@ impl Config {
                 "metrics" => section(&key, value, &mut errors).map(|v| config.metrics = v),
                 "sandbox" => section(&key, value, &mut errors).map(|v| config.sandbox = v),
                 "dns" => section(&key, value, &mut errors).map(|v| config.dns = v),
+                "presets" => section(&key, value, &mut errors).map(|v| config.presets = v),
                 _ => {
                     errors.push(KeyError {
                         key: key.clone(),
                         message:
-                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns)"
+                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, presets)"
                                 .into(),
                     });
                     Some(())
@@ -373,6 +378,7 @@ impl Config {
                     "metrics" => "metrics",
                     "sandbox" => "sandbox",
                     "dns" => "dns",
+                    "presets" => "presets",
                     _ => "state_dir",
                 });
             }
@@ -451,6 +457,9 @@ impl Config {
                 "gateway.max_request_head_bytes",
                 "must be between 1024 and 1048576".into(),
             );
+        }
+        if let Err(e) = crate::presets::Presets::new(&self.presets) {
+            err("presets", e.to_string());
         }
         let d = &self.dns;
         for (key, value) in [

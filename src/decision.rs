@@ -166,6 +166,27 @@ impl Decision<'_> {
         }
     }
 
+    /// What the gateway would decide for `caller` and `target`, and the
+    /// allowlist entry that admitted it: `sluice explain` and
+    /// `GET /v1/explain`, from the same [`authorize`](Self::authorize) the
+    /// doors call.
+    pub fn explain(&self, caller: &Caller, target: &Target) -> Explanation {
+        match self.authorize(caller, target) {
+            Ok(a) => Explanation {
+                decision: Ok(()),
+                matched: a.grant.allowlist.matched(
+                    &target.host,
+                    target.port,
+                    &self.gateway.allowed_ports,
+                ),
+            },
+            Err(d) => Explanation {
+                decision: Err(d),
+                matched: None,
+            },
+        }
+    }
+
     /// [`authorize`](Self::authorize), then one connection slot from the
     /// container's counter (`overloaded` when it holds its share).
     pub fn decide(&self, caller: &Caller, target: &Target) -> Result<Permit, Deny> {
@@ -186,6 +207,25 @@ impl Decision<'_> {
             explicit_port,
             slot,
         })
+    }
+}
+
+/// A decision, explained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub decision: Result<(), Deny>,
+    /// The entry that admitted the target, as written (with the preset it
+    /// came from).
+    pub matched: Option<String>,
+}
+
+impl Explanation {
+    pub fn to_json(&self) -> serde_json::Value {
+        let (decision, reason) = match self.decision {
+            Ok(()) => ("allow", "none"),
+            Err(d) => ("deny", d.as_str()),
+        };
+        serde_json::json!({"decision": decision, "reason": reason, "matched": self.matched})
     }
 }
 

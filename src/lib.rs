@@ -34,6 +34,7 @@ pub mod invariants;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod presets;
 pub mod proxy;
 pub mod resolver;
 pub mod sandbox;

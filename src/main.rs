@@ -43,6 +43,24 @@ enum Command {
     /// Mint or verify tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The decision the gateway would make for a token and a target, and
+    /// the allowlist entry that matched (exit 0 allowed, 1 denied).
+    Explain {
+        /// The gateway's config (its keys, presets, ports); defaults
+        /// without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The sandbox's token.
+        #[arg(long)]
+        token: String,
+        /// The host the sandbox would reach (a name or an IP; `host:port`
+        /// works too).
+        #[arg(long)]
+        host: String,
+        /// The port (default: the one in --host, else 443).
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Validate a config file: every error, each with its key.
     Check {
         /// The TOML config file to check.
@@ -79,6 +97,10 @@ enum TokenCommand {
         /// The audience claim; the gateway's `auth.audience` must match.
         #[arg(long, default_value = "egress-proxy")]
         audience: String,
+        /// A gateway config whose `[presets]` the `@name` entries may use
+        /// (the built-in ones are always known).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print a token's verified claims as JSON (exit 1 with the reason).
     Verify {
@@ -129,6 +151,12 @@ fn main() -> ExitCode {
         Command::Keygen { out, kid } => keygen(&out, &kid),
         Command::Token(cmd) => token(cmd),
         Command::Check { config } => check(&config),
+        Command::Explain {
+            config,
+            token,
+            host,
+            port,
+        } => explain(config.as_deref(), &token, &host, port),
     };
     match result {
         Ok(code) => code,
@@ -255,8 +283,14 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             ttl,
             issuer,
             audience,
+            config,
         } => {
-            let signer = Signer::load(&key, &kid, &issuer, &audience)?;
+            let presets = match config {
+                Some(p) => sluice::presets::Presets::new(&Config::load(&p)?.presets)?,
+                None => sluice::presets::Presets::default(),
+            };
+            let signer = Signer::load(&key, &kid, &issuer, &audience)?
+                .with_presets(std::sync::Arc::new(presets));
             let minted = signer.mint(&MintRequest {
                 container_id,
                 user_id,
@@ -299,4 +333,48 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn explain(
+    config_path: Option<&Path>,
+    token: &str,
+    host: &str,
+    port: Option<u16>,
+) -> anyhow::Result<ExitCode> {
+    use sluice::decision::{Caller, Credentials, Decision, Target};
+    let config = match config_path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let presets = std::sync::Arc::new(sluice::presets::Presets::new(&config.presets)?);
+    let jwks = Jwks::load(&config.jwks_path())?;
+    let verifier = Verifier::new(
+        jwks,
+        &config.auth.issuer,
+        &config.auth.audience,
+        config.auth.leeway_s,
+    )
+    .with_presets(presets);
+    let (host, host_port) = sluice::host::split_authority(host.trim())
+        .map_err(|e| anyhow::anyhow!("--host {host:?}: {e}"))?;
+    let port = port.or(host_port).unwrap_or(443);
+    if port == 0 {
+        bail!("--port must be 1-65535");
+    }
+    let connections = std::sync::Arc::default();
+    let decision = Decision {
+        verifier: &verifier,
+        connections: &connections,
+        gateway: &config.gateway,
+    };
+    let explained = decision.explain(
+        &Caller::Credentials(Credentials::Bearer(token.trim().to_owned())),
+        &Target { host, port },
+    );
+    println!("{}", explained.to_json());
+    Ok(if explained.decision.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -38,12 +38,23 @@ pub struct Allowlist {
     wildcard: HashMap<Box<str>, PortRule>,
     ips: HashMap<IpAddr, PortRule>,
     entries: Vec<HostPattern>,
+    /// For each entry, the preset it came from (`@package_managers`), if
+    /// it was expanded from one.
+    presets: Vec<Option<std::sync::Arc<str>>>,
 }
 
 impl Allowlist {
     pub fn new(patterns: impl IntoIterator<Item = HostPattern>) -> Self {
+        Self::with_presets(patterns.into_iter().map(|p| (p, None)))
+    }
+
+    /// Entries, each with the preset it was expanded from, if any.
+    pub fn with_presets(
+        patterns: impl IntoIterator<Item = (HostPattern, Option<std::sync::Arc<str>>)>,
+    ) -> Self {
         let mut list = Allowlist::default();
-        for pattern in patterns {
+        for (pattern, preset) in patterns {
+            list.presets.push(preset);
             match &pattern {
                 HostPattern::Exact(name, port) => list
                     .exact
@@ -74,6 +85,41 @@ impl Allowlist {
 
     pub fn entries(&self) -> &[HostPattern] {
         &self.entries
+    }
+
+    /// The entry that admits `host` on `port`, as an operator reads it
+    /// (`pypi.org (@package_managers)`): what `explain` shows. A scan of the
+    /// entries, for explaining, never on a connection's path; an entry
+    /// naming the port explicitly is preferred.
+    pub fn matched(&self, host: &Host, port: u16, allowed_ports: &[u16]) -> Option<String> {
+        let covers = |p: &HostPattern| -> Option<bool> {
+            let (hit, entry_port) = match (p, host) {
+                (HostPattern::Exact(n, ep), Host::Name(h)) => (n == h, *ep),
+                (HostPattern::Wildcard(n, ep), Host::Name(h)) => {
+                    (h.parents().any(|parent| parent == n.as_str()), *ep)
+                }
+                (HostPattern::Ip(ip, ep), Host::Ip(h)) => (ip == h, *ep),
+                _ => (false, None),
+            };
+            match (hit, entry_port) {
+                (false, _) => None,
+                (true, Some(ep)) => (ep == port).then_some(true),
+                (true, None) => allowed_ports.contains(&port).then_some(false),
+            }
+        };
+        let mut best: Option<(bool, usize)> = None;
+        for (i, p) in self.entries.iter().enumerate() {
+            if let Some(explicit) = covers(p)
+                && best.is_none_or(|(e, _)| explicit && !e)
+            {
+                best = Some((explicit, i));
+            }
+        }
+        let (_, i) = best?;
+        Some(match &self.presets[i] {
+            Some(preset) => format!("{} ({preset})", self.entries[i]),
+            None => self.entries[i].to_string(),
+        })
     }
 
     pub fn is_empty(&self) -> bool {

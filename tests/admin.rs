@@ -386,3 +386,102 @@ async fn exec_needs_a_launched_sandbox() {
         .await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test]
+async fn presets_expand_and_explain_names_the_entry_that_matched() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let gw = start(up.addr, |c| {
+        c.presets
+            .insert("local".into(), vec![format!("api.test:{port}")]);
+    })
+    .await;
+    // An unknown preset is refused at mint; a known one is listed in the
+    // token as given.
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["@nope"]})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown preset @nope"),
+        "{body}"
+    );
+    let token = gw
+        .register(
+            "c1",
+            "127.0.0.1",
+            &["@package_managers", "@local", "*.wild.test", "ssh.test:22"],
+            600,
+        )
+        .await;
+    let grant = gw.running.verifier.verify(&token).unwrap();
+    assert_eq!(
+        grant.claims.allowed_hosts.0,
+        vec!["@package_managers", "@local", "*.wild.test", "ssh.test:22"]
+    );
+
+    let explain = |host: &str, port: Option<u16>| {
+        let path = match port {
+            Some(p) => format!("/v1/explain?container_id=c1&host={host}&port={p}"),
+            None => format!("/v1/explain?container_id=c1&host={host}"),
+        };
+        let gw = &gw;
+        async move { gw.admin("GET", &path, None).await }
+    };
+    // host, port, decision, reason, the entry that matched
+    type Explained<'a> = (&'a str, Option<u16>, &'a str, &'a str, Option<&'a str>);
+    let cases: &[Explained] = &[
+        (
+            "pypi.org",
+            None,
+            "allow",
+            "none",
+            Some("pypi.org (@package_managers)"),
+        ),
+        ("deb.debian.org", Some(80), "deny", "host_not_allowed", None),
+        (
+            "a.b.wild.test",
+            Some(443),
+            "allow",
+            "none",
+            Some("*.wild.test"),
+        ),
+        ("ssh.test", Some(22), "allow", "none", Some("ssh.test:22")),
+        ("ssh.test", Some(443), "deny", "port_not_allowed", None),
+        ("elsewhere.test", None, "deny", "host_not_allowed", None),
+    ];
+    for (host, port, decision, reason, matched) in cases {
+        let (status, body) = explain(host, *port).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["decision"], *decision, "{host}: {body}");
+        assert_eq!(body["reason"], *reason, "{host}: {body}");
+        assert_eq!(body["matched"].as_str(), *matched, "{host}: {body}");
+    }
+    let (status, _) = gw
+        .admin("GET", "/v1/explain?container_id=nope&host=a.test", None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = gw
+        .admin("GET", "/v1/explain?container_id=c1&host=a%20b", None)
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = gw.admin("GET", "/v1/explain?container_id=c1", None).await;
+    assert_eq!(status, 400);
+
+    // The data plane expands the preset the same way.
+    let answer = gw
+        .request_from(
+            "127.0.0.1",
+            format!("GET / HTTP/1.1\r\nHost: api.test:{port}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -492,3 +492,134 @@ fn check_names_all_four_errors_of_a_file_in_one_run() {
         "{err}"
     );
 }
+
+#[test]
+fn explain_says_what_the_gateway_would_decide_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(
+        sluice(&["keygen", "--out", keys.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\njwks_file = \"{}\"\n[presets]\nml = [\"huggingface.co\", \"*.hf.co\"]\n",
+            keys.join("jwks.json").display()
+        ),
+    )
+    .unwrap();
+    // --kid defaults to keygen's.
+    let out = sluice(&[
+        "token",
+        "mint",
+        "--key",
+        keys.join("private-key.pem").to_str().unwrap(),
+        "--container-id",
+        "sb1",
+        "--user-id",
+        "u",
+        "--allow",
+        "@package_managers,@ml,*.wild.test,db.test:5432",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    let explain = |host: &str, port: Option<&str>| {
+        let mut args = vec![
+            "explain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--token",
+            &token,
+            "--host",
+            host,
+        ];
+        if let Some(p) = port {
+            args.extend(["--port", p]);
+        }
+        let out = sluice(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{host}: {}", text(&out.stderr)));
+        (out.status.code(), v)
+    };
+    // A preset name, a custom preset's wildcard, a wildcard, a host off the
+    // list and a port off the list.
+    // host, port, exit code, decision, reason, the entry that matched
+    type Explained<'a> = (
+        &'a str,
+        Option<&'a str>,
+        i32,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: &[Explained] = &[
+        (
+            "files.pythonhosted.org",
+            None,
+            0,
+            "allow",
+            "none",
+            Some("files.pythonhosted.org (@package_managers)"),
+        ),
+        (
+            "cdn.hf.co",
+            Some("443"),
+            0,
+            "allow",
+            "none",
+            Some("*.hf.co (@ml)"),
+        ),
+        (
+            "x.wild.test",
+            Some("80"),
+            0,
+            "allow",
+            "none",
+            Some("*.wild.test"),
+        ),
+        (
+            "db.test:5432",
+            None,
+            0,
+            "allow",
+            "none",
+            Some("db.test:5432"),
+        ),
+        ("elsewhere.test", None, 1, "deny", "host_not_allowed", None),
+        ("db.test", Some("22"), 1, "deny", "port_not_allowed", None),
+    ];
+    for (host, port, code, decision, reason, matched) in cases {
+        let (status, v) = explain(host, *port);
+        assert_eq!(status, Some(*code), "{host}: {v}");
+        assert_eq!(
+            (
+                v["decision"].as_str(),
+                v["reason"].as_str(),
+                v["matched"].as_str()
+            ),
+            (Some(*decision), Some(*reason), *matched),
+            "{host}"
+        );
+    }
+    // A token that does not verify: the reason.
+    let out = sluice(&[
+        "explain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--token",
+        "x.y.z",
+        "--host",
+        "pypi.org",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("token_invalid"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -26,6 +26,7 @@ use crate::deny::Deny;
 use crate::host::HostPattern;
 use crate::metrics as m;
 use crate::policy::Allowlist;
+use crate::presets::Presets;
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -385,6 +386,8 @@ pub struct Verifier {
     /// `jti` → cancelled when that token is revoked: live connections
     /// holding it close.
     watchers: DashMap<String, (u64, CancellationToken)>,
+    /// `@name` entries expand from these.
+    presets: Arc<Presets>,
 }
 
 struct UntilExpiry {
@@ -427,7 +430,14 @@ impl Verifier {
                 .build(),
             revoked: DashMap::new(),
             watchers: DashMap::new(),
+            presets: Arc::default(),
         }
+    }
+
+    /// Uses these presets (built in and `[presets]`) for `@name` entries.
+    pub fn with_presets(mut self, presets: Arc<Presets>) -> Verifier {
+        self.presets = presets;
+        self
     }
 
     /// Refuses the token with this `jti` from now on (until `exp`), and
@@ -570,7 +580,7 @@ impl Verifier {
         if claims.container_id.is_empty() {
             return Err(TokenError::MissingClaim("container_id".into()));
         }
-        let allowlist = compile_hosts(&claims.allowed_hosts.0)?;
+        let allowlist = compile_hosts(&claims.allowed_hosts.0, &self.presets)?;
         Ok(Grant { claims, allowlist })
     }
 }
@@ -603,16 +613,25 @@ fn header_of(token: &str) -> Result<Header, TokenError> {
     Ok(header)
 }
 
-/// Compiles `allowed_hosts`; one bad entry makes the whole token invalid.
-pub fn compile_hosts(hosts: &[String]) -> Result<Allowlist, TokenError> {
+/// Compiles `allowed_hosts`, `@name` entries expanded from `presets`; one
+/// bad entry (or an unknown preset) makes the whole token invalid.
+pub fn compile_hosts(hosts: &[String], presets: &Presets) -> Result<Allowlist, TokenError> {
     let mut patterns = Vec::with_capacity(hosts.len());
     for h in hosts {
+        if let Some(name) = h.trim().strip_prefix('@') {
+            let group = presets
+                .expand(name)
+                .map_err(|e| TokenError::BadAllowedHosts(h.clone(), e.to_string()))?;
+            let label: Arc<str> = Arc::from(h.trim());
+            patterns.extend(group.iter().map(|p| (p.clone(), Some(Arc::clone(&label)))));
+            continue;
+        }
         let p: HostPattern = h.parse().map_err(|e: crate::host::HostError| {
             TokenError::BadAllowedHosts(h.clone(), e.to_string())
         })?;
-        patterns.push(p);
+        patterns.push((p, None));
     }
-    Ok(Allowlist::new(patterns))
+    Ok(Allowlist::with_presets(patterns))
 }
 
 /// What to mint.
@@ -645,6 +664,7 @@ pub struct Signer {
     key: EncodingKey,
     issuer: String,
     audience: String,
+    presets: Arc<Presets>,
 }
 
 /// Is `s` a safe identifier (container or user id)? Letters, digits, `_`,
@@ -671,7 +691,14 @@ impl Signer {
             key,
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
+            presets: Arc::default(),
         })
+    }
+
+    /// Checks `@name` entries against these presets when minting.
+    pub fn with_presets(mut self, presets: Arc<Presets>) -> Signer {
+        self.presets = presets;
+        self
     }
 
     pub fn load(path: &Path, kid: &str, issuer: &str, audience: &str) -> Result<Signer, KeyError> {
@@ -693,7 +720,8 @@ impl Signer {
         if req.allowed_hosts.is_empty() {
             return Err(MintError::BadRequest("allowed_hosts is empty".into()));
         }
-        compile_hosts(&req.allowed_hosts).map_err(|e| MintError::BadRequest(e.to_string()))?;
+        compile_hosts(&req.allowed_hosts, &self.presets)
+            .map_err(|e| MintError::BadRequest(e.to_string()))?;
         if req.ttl.is_zero() {
             return Err(MintError::BadRequest("ttl must be positive".into()));
         }
