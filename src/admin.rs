@@ -310,14 +310,34 @@ fn view(s: &Sandbox, registry: &Registry) -> Value {
     })
 }
 
-async fn list(State(state): State<Arc<AdminState>>) -> Json<Value> {
-    let all: Vec<Value> = state
-        .registry
-        .list()
-        .iter()
-        .map(|s| view(s, &state.registry))
-        .collect();
-    Json(json!({ "sandboxes": all }))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// Registered sandboxes, a page at a time in container-id order.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+async fn list(
+    State(state): State<Arc<AdminState>>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let (page, next) = state.registry.page(q.after.as_deref(), limit);
+    let all: Vec<Value> = page.iter().map(|s| view(s, &state.registry)).collect();
+    Ok(Json(json!({ "sandboxes": all, "next": next })))
 }
 
 async fn show(

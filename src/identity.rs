@@ -209,8 +209,9 @@ pub struct Registry {
     by_ip: DashMap<IpAddr, Arc<Sandbox>>,
     by_id: DashMap<String, IpAddr>,
     connections: Arc<ConnectionCounts>,
-    /// Serialises writers so the two maps always agree.
-    write: Mutex<()>,
+    /// Container ids in order, for paging; its lock also serialises
+    /// writers so the maps always agree.
+    ordered: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Registry {
@@ -219,7 +220,7 @@ impl Registry {
     }
 
     pub fn bind(&self, sandbox: Sandbox) -> Result<Arc<Sandbox>, BindError> {
-        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ordered = self.ordered.lock().unwrap_or_else(|p| p.into_inner());
         if self.by_ip.contains_key(&sandbox.source_ip) {
             return Err(BindError::AddressTaken(sandbox.source_ip));
         }
@@ -227,6 +228,7 @@ impl Registry {
             return Err(BindError::ContainerTaken(sandbox.container_id));
         }
         let sandbox = Arc::new(sandbox);
+        ordered.insert(sandbox.container_id.clone());
         self.by_id
             .insert(sandbox.container_id.clone(), sandbox.source_ip);
         self.by_ip.insert(sandbox.source_ip, Arc::clone(&sandbox));
@@ -247,8 +249,9 @@ impl Registry {
     /// revoking its token (the control plane does both), which also closes
     /// them on the proxy door.
     pub fn unbind(&self, container_id: &str) -> Option<Arc<Sandbox>> {
-        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ordered = self.ordered.lock().unwrap_or_else(|p| p.into_inner());
         let (_, ip) = self.by_id.remove(container_id)?;
+        ordered.remove(container_id);
         let (_, sandbox) = self.by_ip.remove(&ip)?;
         ::metrics::gauge!(m::REGISTERED_SANDBOXES).set(self.by_ip.len() as f64);
         Some(sandbox)
@@ -283,6 +286,34 @@ impl Registry {
         let mut all: Vec<_> = self.by_ip.iter().map(|e| Arc::clone(e.value())).collect();
         all.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         all
+    }
+
+    /// Up to `limit` sandboxes in container-id order, after `after`; and
+    /// the id to ask after next, if there are more.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<Arc<Sandbox>>, Option<String>) {
+        use std::ops::Bound;
+        let ids: Vec<String> = {
+            let ordered = self.ordered.lock().unwrap_or_else(|p| p.into_inner());
+            let start = match after {
+                Some(a) => Bound::Excluded(a.to_owned()),
+                None => Bound::Unbounded,
+            };
+            ordered
+                .range((start, Bound::Unbounded))
+                .take(limit.saturating_add(1))
+                .cloned()
+                .collect()
+        };
+        let more = ids.len() > limit;
+        let page: Vec<Arc<Sandbox>> = ids
+            .iter()
+            .take(limit)
+            .filter_map(|id| self.get_by_id(id))
+            .collect();
+        let next = more
+            .then(|| page.last().map(|s| s.container_id.clone()))
+            .flatten();
+        (page, next)
     }
 
     pub fn len(&self) -> usize {

@@ -485,3 +485,58 @@ async fn presets_expand_and_explain_names_the_entry_that_matched() {
         .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test]
+async fn the_sandbox_list_pages_in_container_id_order() {
+    let gw = gw().await;
+    for i in [3, 1, 4, 0, 2] {
+        gw.register(
+            &format!("c{i}"),
+            &format!("198.18.0.{}", 10 + i),
+            &["api.test"],
+            600,
+        )
+        .await;
+    }
+    let page = |q: &str| {
+        let gw = &gw;
+        let path = format!("/v1/sandboxes{q}");
+        async move { gw.admin("GET", &path, None).await }
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["container_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, all) = page("").await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&all), ["c0", "c1", "c2", "c3", "c4"]);
+    assert!(all["next"].is_null());
+    let (_, first) = page("?limit=2").await;
+    assert_eq!(
+        (ids(&first), first["next"].as_str()),
+        (vec!["c0".to_owned(), "c1".to_owned()], Some("c1"))
+    );
+    let (_, second) = page("?limit=2&after=c1").await;
+    assert_eq!(
+        (ids(&second), second["next"].as_str()),
+        (vec!["c2".to_owned(), "c3".to_owned()], Some("c3"))
+    );
+    let (_, last) = page("?limit=2&after=c3").await;
+    assert_eq!(ids(&last), ["c4"]);
+    assert!(last["next"].is_null());
+    // After an id that is not (or no longer) registered: from the next one.
+    let (_, from) = page("?after=c20").await;
+    assert_eq!(ids(&from), ["c3", "c4"]);
+    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?bogus=1"] {
+        let (status, body) = page(bad).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
+    }
+}
