@@ -230,8 +230,13 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         proxy_addr.port(),
     ));
     sandboxes.reconcile(&dropped).await;
+    let verify_pass = tokio::spawn(verify_restored(
+        Arc::clone(&sandboxes),
+        Arc::clone(&registry),
+        Arc::clone(&verifier),
+    ));
 
-    let mut servers = Vec::new();
+    let mut servers = vec![verify_pass];
     servers.push(tokio::spawn(accept_loop(
         transparent,
         Arc::clone(&gateway),
@@ -517,4 +522,53 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// After a restore: every restored token verified in full (ES256), on the
+/// blocking pool, a few hundred at a time, while the gateway already
+/// serves. A token that no longer verifies (its key gone, a bad signature)
+/// has its sandbox removed; the cache keeps the good ones, so their first
+/// connections do not pay for it.
+async fn verify_restored(
+    sandboxes: Arc<Sandboxes>,
+    registry: Arc<Registry>,
+    verifier: Arc<Verifier>,
+) {
+    use crate::deny::Deny;
+    let all = registry.list();
+    let started = std::time::Instant::now();
+    let mut failed: Vec<String> = Vec::new();
+    for chunk in all.chunks(256) {
+        let chunk: Vec<_> = chunk.to_vec();
+        let v = Arc::clone(&verifier);
+        let bad = tokio::task::spawn_blocking(move || {
+            chunk
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s.current_grant(&v),
+                        Err(d) if !matches!(d, Deny::TokenExpired | Deny::TokenRevoked)
+                    )
+                })
+                .map(|s| s.container_id.clone())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        failed.extend(bad);
+    }
+    for id in &failed {
+        tracing::warn!(container_id = %id, "a restored token does not verify: sandbox removed");
+        if let Err(e) = sandboxes.destroy(id).await {
+            tracing::error!(container_id = %id, error = %crate::error_chain(&e), "cannot remove it");
+        }
+    }
+    if !all.is_empty() {
+        tracing::info!(
+            verified = all.len() - failed.len(),
+            removed = failed.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "restored tokens verified"
+        );
+    }
 }

@@ -416,3 +416,78 @@ async fn a_policy_reload_changes_new_connections_and_drops_none() {
         "{resp}"
     );
 }
+
+/// A restart serves at once from the stored claims; every restored token
+/// is then verified in full, and one that no longer verifies is refused on
+/// its first use and its sandbox removed.
+#[tokio::test]
+async fn a_restart_verifies_restored_tokens_without_waiting_for_them() {
+    let up = http_upstream().await;
+    let gw = start(up.addr, |_| {}).await;
+    let host = format!("api.test:{}", up.addr.port());
+    gw.register("good", "127.0.0.1", &[&host], 600).await;
+    gw.register("forged", "127.0.0.5", &[&host], 600).await;
+    let Gw { running, dir } = gw;
+    running.shutdown().await;
+
+    // The stored token of "forged" gets another token's signature: its
+    // claims still read, but it no longer verifies.
+    let path = dir.path().join("registry.json");
+    let mut snap: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let sandboxes = snap["sandboxes"].as_array_mut().unwrap();
+    let sig_of = |s: &serde_json::Value| {
+        s["token"]
+            .as_str()
+            .unwrap()
+            .rsplit('.')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let good_sig = sig_of(
+        sandboxes
+            .iter()
+            .find(|s| s["container_id"] == "good")
+            .unwrap(),
+    );
+    for s in sandboxes.iter_mut() {
+        if s["container_id"] == "forged" {
+            let token = s["token"].as_str().unwrap();
+            let (head, _) = token.rsplit_once('.').unwrap();
+            s["token"] = json!(format!("{head}.{good_sig}"));
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&snap).unwrap()).unwrap();
+
+    let gw = start_in(dir, up.addr, |_| {}).await;
+    let resp = gw
+        .request_from(
+            "127.0.0.5",
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    assert!(
+        resp.contains("x-deny-reason: token_invalid")
+            || resp.contains("x-deny-reason: unknown_source"),
+        "{resp}"
+    );
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // The background pass removes the forged registration.
+    let mut gone = false;
+    for _ in 0..100 {
+        let (status, _) = gw.admin("GET", "/v1/sandboxes/forged", None).await;
+        if status == 404 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the forged registration was not removed");
+    let (status, _) = gw.admin("GET", "/v1/sandboxes/good", None).await;
+    assert_eq!(status, 200);
+}

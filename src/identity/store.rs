@@ -155,10 +155,12 @@ impl Store {
         }
         let mut dropped = Vec::new();
         for record in snap.sandboxes {
-            // Signature and lifetime only: a revoked token's registration
-            // stays (its connections are denied token_revoked, and its
-            // address stays taken) until it expires.
-            let grant = match verifier.verify_uncached(&record.token) {
+            // Lifetime only, not the signature: a restart serves at once,
+            // and each token is verified in full on its first use and by
+            // the pass that follows (`app::verify_restored`). A revoked
+            // token's registration stays (its connections are denied
+            // token_revoked, and its address stays taken) until it expires.
+            let grant = match verifier.decode_unverified(&record.token) {
                 Ok(g) => std::sync::Arc::new(g),
                 Err(e) => {
                     tracing::warn!(container_id = %record.container_id, error = %e, "not restoring a registration");

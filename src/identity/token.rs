@@ -585,6 +585,29 @@ impl Verifier {
     }
 }
 
+impl Verifier {
+    /// A stored token's claims, read without checking its signature: what a
+    /// restart restores before serving, so it does not wait for every
+    /// token's ES256 verification. Each is verified in full on its first
+    /// use (through the cache, as always) and by the background pass that
+    /// follows a restore; an expired token is refused here already.
+    pub fn decode_unverified(&self, token: &str) -> Result<Grant, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let grant = Grant {
+            allowlist: compile_hosts(&claims.allowed_hosts.0, &self.presets)?,
+            claims,
+        };
+        if grant.expired_at(now_s(), self.leeway) {
+            return Err(TokenError::Expired);
+        }
+        Ok(grant)
+    }
+}
+
 /// serde's "missing field `exp` at …" names the claim.
 fn missing_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("missing field `")?;
