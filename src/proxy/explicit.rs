@@ -277,7 +277,9 @@ async fn tunnel(
         permit,
         upstream,
     };
-    relay_opening(conn, allowed, &opening, buf, tunnel_answer).await;
+    let http = matches!(opening, Opening::Http(_));
+    drop(opening);
+    relay_opening(conn, allowed, http, buf, tunnel_answer).await;
 }
 
 /// Inside a tunnel the client speaks to the origin: refusals are the

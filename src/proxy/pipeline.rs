@@ -96,12 +96,13 @@ pub struct Allowed {
     pub upstream: TcpStream,
 }
 
-/// Relays an allowed connection whose first bytes (`opening`, in `buf`)
-/// are known, until it ends; the record gets the ending.
+/// Relays an allowed connection whose first bytes (in `buf`) are known,
+/// until it ends: request by request when they are HTTP (`http`), raw
+/// otherwise; the record gets the ending.
 pub async fn relay_opening(
     conn: &mut Conn,
     allowed: Allowed,
-    opening: &Opening,
+    http: bool,
     buf: Vec<u8>,
     answer: fn(Deny) -> Vec<u8>,
 ) {
@@ -116,7 +117,7 @@ pub async fn relay_opening(
     let idle = Duration::from_millis(g.idle_timeout_ms);
     let upstream = Arc::new(upstream);
     let traffic = Arc::clone(&conn.record.traffic);
-    if let Opening::Http(_) = opening {
+    if http {
         let ex = Exchange {
             client: Arc::clone(&conn.client),
             upstream,
