@@ -93,6 +93,7 @@ listen = "127.0.0.1:{admin}"
 listen = "127.0.0.1:{}"
 [dns]
 listen = "127.0.0.1:0"
+upstream = ["127.0.0.1:9"]
 "#,
             dir.path().join("state").display(),
             free_port(),

@@ -33,6 +33,9 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.admin.listen = any;
     c.metrics.listen = any;
     c.dns.listen = any;
+    // Names not in [gateway.resolve] go nowhere: never to the machine's
+    // own resolver (the discard port on loopback answers nothing).
+    c.dns.upstream = vec!["127.0.0.1:9".parse().unwrap()];
     c.gateway.allow_destinations = vec!["127.0.0.0/8".parse().unwrap()];
     c.gateway.upstream_mark = 0;
     c.auth.leeway_s = 0;
