@@ -182,6 +182,7 @@ fn identity(c: &mut Criterion) {
         let mut claims = grant.claims.clone();
         claims.container_id = format!("c{i}");
         let g = Grant {
+            container: Arc::from(claims.container_id.as_str()),
             claims,
             allowlist: grant.allowlist.clone(),
         };

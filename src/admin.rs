@@ -306,7 +306,7 @@ fn view(s: &Sandbox, registry: &Registry) -> Value {
         "expires_at": c.exp,
         "registered_at": s.registered_at,
         "origin": s.origin,
-        "live_connections": registry.connections().live(&s.container_id),
+        "live_connections": registry.connections().live(s.container_id.as_str()),
     })
 }
 

@@ -196,10 +196,7 @@ impl Decision<'_> {
         } = self.authorize(caller, target)?;
         let slot = self
             .connections
-            .try_acquire(
-                &grant.claims.container_id,
-                self.gateway.max_connections_per_sandbox,
-            )
+            .try_acquire(&grant.container, self.gateway.max_connections_per_sandbox)
             .ok_or(Deny::Overloaded)?;
         Ok(Permit {
             revoked: self.verifier.watch(&grant),

@@ -328,7 +328,7 @@ impl Registry {
 /// Live connections per key, capped: one counter per container, shared by
 /// both doors (a launched sandbox that also uses the proxy has one budget),
 /// and one per source address from accept on.
-pub struct ConnectionCounts<K = String> {
+pub struct ConnectionCounts<K = Arc<str>> {
     counts: DashMap<K, usize>,
 }
 
@@ -356,13 +356,17 @@ impl<K: std::hash::Hash + Eq + Clone> ConnectionCounts<K> {
     }
 
     /// How many slots `key` holds.
-    pub fn live(&self, key: &K) -> usize {
+    pub fn live<Q>(&self, key: &Q) -> usize
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         self.counts.get(key).map(|n| *n).unwrap_or(0)
     }
 }
 
 /// Gives its slot back on drop.
-pub struct CountGuard<K: std::hash::Hash + Eq + Clone = String> {
+pub struct CountGuard<K: std::hash::Hash + Eq + Clone = Arc<str>> {
     counts: Arc<ConnectionCounts<K>>,
     key: K,
 }

@@ -182,6 +182,9 @@ pub struct Claims {
 pub struct Grant {
     pub claims: Claims,
     pub allowlist: Allowlist,
+    /// `claims.container_id`, shared: what each connection's slot and
+    /// record hold without copying it.
+    pub container: Arc<str>,
 }
 
 impl Grant {
@@ -581,7 +584,11 @@ impl Verifier {
             return Err(TokenError::MissingClaim("container_id".into()));
         }
         let allowlist = compile_hosts(&claims.allowed_hosts.0, &self.presets)?;
-        Ok(Grant { claims, allowlist })
+        Ok(Grant {
+            container: Arc::from(claims.container_id.as_str()),
+            claims,
+            allowlist,
+        })
     }
 }
 
@@ -599,6 +606,7 @@ impl Verifier {
             .map_err(|e| TokenError::Malformed(e.to_string()))?;
         let grant = Grant {
             allowlist: compile_hosts(&claims.allowed_hosts.0, &self.presets)?,
+            container: Arc::from(claims.container_id.as_str()),
             claims,
         };
         if grant.expired_at(now_s(), self.leeway) {

@@ -171,7 +171,7 @@ async fn session(
             return None;
         }
     };
-    conn.record.container_id = Some(permit.container_id().to_owned());
+    conn.record.container_id = Some(std::sync::Arc::clone(&permit.grant.container));
     conn.record.set_target(protocol, &target.host, target.port);
     let upstream = match Box::pin(conn.connect(&target)).await {
         Ok(u) => u,

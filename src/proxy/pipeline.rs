@@ -112,26 +112,40 @@ pub async fn relay_opening(
         permit,
         upstream,
     } = allowed;
-    let policy = conn.gw.policy();
-    let g = &policy.gateway;
-    let idle = Duration::from_millis(g.idle_timeout_ms);
+    let (idle, max_head) = {
+        let policy = conn.gw.policy();
+        let g = &policy.gateway;
+        (
+            Duration::from_millis(g.idle_timeout_ms),
+            g.max_request_head_bytes,
+        )
+    };
     let upstream = Arc::new(upstream);
-    let traffic = Arc::clone(&conn.record.traffic);
     if http {
         let ex = Exchange {
             client: Arc::clone(&conn.client),
             upstream,
-            traffic,
-            max_head: g.max_request_head_bytes,
+            traffic: Arc::clone(&conn.record.traffic),
+            max_head,
             rewrite: Rewrite::StripProxyAuth,
             check: same_host_check(&conn.gw, caller, target),
             answer,
         };
-        let (end, http_end) =
-            http::relay(ex, buf, idle, &permit.revoked, conn.gw.shutdown.hard()).await;
+        // Boxed: a raw connection, the common case, does not carry the
+        // HTTP exchange's state in its own.
+        let (end, http_end) = Box::pin(http::relay(
+            ex,
+            buf,
+            idle,
+            &permit.revoked,
+            conn.gw.shutdown.hard(),
+        ))
+        .await;
         finish_http(conn, end, http_end).await;
         return;
     }
+    // Not needed while the bytes flow.
+    drop((caller, target));
     let end = raw(conn, upstream, buf, idle, &permit).await;
     conn.record.end = end.as_str();
 }

@@ -21,7 +21,7 @@ pub struct Record {
     pub mode: Mode,
     pub source: SocketAddr,
     pub protocol: Protocol,
-    pub container_id: Option<String>,
+    pub container_id: Option<std::sync::Arc<str>>,
     pub host: Option<Host>,
     /// The destination port, as soon as it is known (the original
     /// destination's, before a byte is read).
