@@ -48,12 +48,12 @@ pub async fn handle(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
 type Ready = (Allowed, bool, Vec<u8>);
 
 /// Refuses, and says there is nothing to relay.
-async fn refused(
+async fn refused<T>(
     conn: &mut Conn,
     protocol: Protocol,
     d: Deny,
     answer: Option<Vec<u8>>,
-) -> Option<Ready> {
+) -> Option<T> {
     conn.refuse(protocol, d, answer).await;
     None
 }
@@ -156,7 +156,24 @@ async fn admit(conn: &mut Conn, peer: SocketAddr) -> Option<Ready> {
         let d = Deny::UnknownSource;
         return refused(conn, protocol, d, refusal(protocol, d)).await;
     };
-    let permit = match conn.gw.decision(&policy).decide(&caller, &target) {
+    let http = matches!(opening, Opening::Http(_));
+    drop(opening);
+    let allowed = allow(conn, protocol, caller, target).await?;
+    Some((allowed, http, buf))
+}
+
+/// The one decision for a caller and a target, then the dial; refused in
+/// `protocol`'s form when either fails.
+async fn allow(
+    conn: &mut Conn,
+    protocol: Protocol,
+    caller: Caller,
+    target: Target,
+) -> Option<Allowed> {
+    let policy = conn.gw.policy();
+    let decided = conn.gw.decision(&policy).decide(&caller, &target);
+    drop(policy);
+    let permit = match decided {
         Ok(p) => p,
         Err(d) => return refused(conn, protocol, d, refusal(protocol, d)).await,
     };
@@ -165,13 +182,12 @@ async fn admit(conn: &mut Conn, peer: SocketAddr) -> Option<Ready> {
         Err(d) => return refused(conn, protocol, d, refusal(protocol, d)).await,
     };
     conn.record.decide(Ok(()));
-    let allowed = Allowed {
+    Some(Allowed {
         caller,
         target,
         permit,
         upstream,
-    };
-    Some((allowed, matches!(opening, Opening::Http(_)), buf))
+    })
 }
 
 /// What a refused client is sent, by protocol.
@@ -208,22 +224,7 @@ fn server_first_target(
 async fn serve_known(conn: &mut Conn, caller: Caller, target: Target) -> Option<Ready> {
     conn.record
         .set_target(Protocol::Other, &target.host, target.port);
-    let policy = conn.gw.policy();
-    let permit = match conn.gw.decision(&policy).decide(&caller, &target) {
-        Ok(p) => p,
-        Err(d) => return refused(conn, Protocol::Other, d, None).await,
-    };
-    let upstream = match Box::pin(conn.connect(&target)).await {
-        Ok(u) => u,
-        Err(d) => return refused(conn, Protocol::Other, d, None).await,
-    };
-    conn.record.decide(Ok(()));
-    let allowed = Allowed {
-        caller,
-        target,
-        permit,
-        upstream,
-    };
+    let allowed = allow(conn, Protocol::Other, caller, target).await?;
     Some((allowed, false, Vec::new()))
 }
 
