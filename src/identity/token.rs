@@ -476,6 +476,11 @@ impl Verifier {
             t.cancel();
             return t;
         }
+        // Every connection asks: the common case (the token is watched
+        // already) takes a read lock and copies nothing.
+        if let Some(w) = self.watchers.get(jti.as_str()) {
+            return w.1.clone();
+        }
         self.watchers
             .entry(jti.clone())
             .or_insert_with(|| (grant.claims.exp, CancellationToken::new()))
