@@ -546,9 +546,19 @@ async fn connections_are_counted_per_source_from_accept() {
         ) >= 1.0,
         "{page}"
     );
-    // The transparent door counts the same source apart from accept too.
-    let _c = gw.connect_from("127.0.0.1").await;
-    let _d = gw.connect_from("127.0.0.1").await;
+    // One count per source for both doors: with the source's share held on
+    // the proxy door, the transparent door closes a third connection too.
+    let mut transparent = gw.connect_from("127.0.0.1").await;
+    let closed = tokio::time::timeout(Duration::from_secs(2), read_all(&mut transparent)).await;
+    assert!(matches!(closed, Ok(ref b) if b.is_empty()), "{closed:?}");
+    let page = gw.metrics().await;
+    assert!(
+        metric(
+            &page,
+            r#"sluice_connections_total{mode="transparent",protocol="other",decision="deny",reason="overloaded"}"#
+        ) >= 1.0,
+        "{page}"
+    );
 }
 
 #[tokio::test]
