@@ -133,10 +133,11 @@ impl Lab {
     }
 
     /// Starts the upstream server (this binary, `--role server`).
-    pub fn start_upstream(&mut self) -> Result<()> {
+    pub fn start_upstream(&mut self, endpoints: &str) -> Result<()> {
         let exe = std::env::current_exe()?;
         let child = in_ns(&self.upstream, &exe.to_string_lossy())
             .args(["--role", "server", "--listen", UPSTREAM])
+            .args(["--endpoints", endpoints])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

@@ -6,7 +6,9 @@
 //! - `sluice`: `sluice serve`, the client registered with a token allowing
 //!   the three names, resolved by `[gateway.resolve]`.
 //! - `haproxy`: Debian's HAProxy in TCP mode, `req.ssl_sni` allowlist,
-//!   splice on in both directions.
+//!   splice on in both directions, default (64 KiB) pipes.
+//! - `haproxy-1m`: the same with `tune.pipesize 1048576`, HAProxy's own
+//!   answer to single-stream throughput.
 //! - `nginx`: Debian's nginx, stream module, `ssl_preread` and a `map`
 //!   allowlist.
 
@@ -22,14 +24,16 @@ pub enum Target {
     Direct,
     Sluice,
     Haproxy,
+    Haproxy1m,
     Nginx,
 }
 
 impl Target {
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 5] = [
         Target::Direct,
         Target::Sluice,
         Target::Haproxy,
+        Target::Haproxy1m,
         Target::Nginx,
     ];
 
@@ -38,6 +42,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Sluice => "sluice",
             Target::Haproxy => "haproxy",
+            Target::Haproxy1m => "haproxy-1m",
             Target::Nginx => "nginx",
         }
     }
@@ -50,7 +55,7 @@ impl Target {
     pub fn missing(self) -> Option<String> {
         let program = match self {
             Target::Direct | Target::Sluice => return None,
-            Target::Haproxy => "haproxy",
+            Target::Haproxy | Target::Haproxy1m => "haproxy",
             Target::Nginx => "nginx",
         };
         let found = std::env::var_os("PATH")
@@ -75,7 +80,8 @@ impl Gateway {
         let child = match target {
             Target::Direct => None,
             Target::Sluice => Some(start_sluice(lab, max_conns)?),
-            Target::Haproxy => Some(start_haproxy(lab, max_conns)?),
+            Target::Haproxy => Some(start_haproxy(lab, max_conns, None)?),
+            Target::Haproxy1m => Some(start_haproxy(lab, max_conns, Some(1 << 20))?),
             Target::Nginx => Some(start_nginx(lab, max_conns)?),
         };
         let gw = Gateway { child };
@@ -227,8 +233,12 @@ fn register(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-fn start_haproxy(lab: &Lab, max_conns: usize) -> Result<Child> {
+/// HAProxy, with `tune.pipesize` when `pipesize` is given.
+fn start_haproxy(lab: &Lab, max_conns: usize, pipesize: Option<usize>) -> Result<Child> {
     let config = lab.dir.path().join("haproxy.cfg");
+    let tune = pipesize
+        .map(|n| format!("    tune.pipesize {n}\n"))
+        .unwrap_or_default();
     std::fs::write(
         &config,
         format!(
@@ -236,7 +246,7 @@ fn start_haproxy(lab: &Lab, max_conns: usize) -> Result<Child> {
     maxconn {max}
     maxpipes 512
     nbthread 2
-defaults
+{tune}defaults
     mode tcp
     timeout connect 5s
     timeout client 300s
@@ -321,7 +331,7 @@ pub fn log_of(lab: &Lab, target: Target) -> String {
     let name = match target {
         Target::Direct => return String::new(),
         Target::Sluice => "sluice.log",
-        Target::Haproxy => "haproxy.log",
+        Target::Haproxy | Target::Haproxy1m => "haproxy.log",
         Target::Nginx => "nginx/logs/error.log",
     };
     let text = std::fs::read_to_string(lab.dir.path().join(name)).unwrap_or_default();
