@@ -120,11 +120,10 @@ pub async fn relay_opening(
             g.max_request_head_bytes,
         )
     };
-    let upstream = Arc::new(upstream);
     if http {
         let ex = Exchange {
             client: Arc::clone(&conn.client),
-            upstream,
+            upstream: Arc::new(upstream),
             traffic: Arc::clone(&conn.record.traffic),
             max_head,
             rewrite: Rewrite::StripProxyAuth,
@@ -146,42 +145,23 @@ pub async fn relay_opening(
     }
     // Not needed while the bytes flow.
     drop((caller, target));
-    let end = raw(conn, upstream, buf, idle, &permit).await;
+    let end = raw(conn, &upstream, buf, idle, &permit).await;
     conn.record.end = end.as_str();
 }
 
 /// Both directions raw, the bytes already read first.
 async fn raw(
     conn: &Conn,
-    upstream: Arc<TcpStream>,
+    upstream: &TcpStream,
     buf: Vec<u8>,
     idle: Duration,
     permit: &Permit,
 ) -> RelayEnd {
-    let traffic = &conn.record.traffic;
-    // The directions are made and spawned here, so the state this
-    // connection keeps while they run is only their handles.
-    let up = {
-        let (c, u, t) = (
-            Arc::clone(&conn.client),
-            Arc::clone(&upstream),
-            Arc::clone(traffic),
-        );
-        async move {
-            relay::send(&u, &buf, &t.to_upstream, &t).await?;
-            // Not held for the life of the connection.
-            drop(buf);
-            relay::pipe(&c, &u, &t.to_upstream, &t).await
-        }
-    };
-    let down = {
-        let (c, u, t) = (Arc::clone(&conn.client), upstream, Arc::clone(traffic));
-        async move { relay::pipe(&u, &c, &t.to_client, &t).await }
-    };
-    relay::run_pair(
-        up,
-        down,
-        traffic,
+    relay::raw_pair(
+        &conn.client,
+        upstream,
+        buf,
+        &conn.record.traffic,
         idle,
         &permit.revoked,
         conn.gw.shutdown.hard(),

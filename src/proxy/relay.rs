@@ -1,25 +1,31 @@
 //! Relay: moves bytes between a client and its upstream until both sides
-//! are done. Each direction runs as its own task, so a saturated one never
-//! starves the other; in the common case it is `splice(2)` through a pipe
-//! (socket → pipe → socket, no copy into user space), with a plain copy
-//! where the kernel refuses splice. Pipes come from a pool and are held
-//! only while bytes are in flight, so an idle connection holds none. EOF
-//! on one side shuts down the other side's write half and the reverse
-//! direction keeps flowing. Byte counts live in atomics so they survive
-//! every ending: EOF, reset, idle timeout, cancellation.
+//! are done, in the connection's own task. A raw connection (the common
+//! case) is [`raw_pair`]: one hand-written state machine that drives both
+//! directions by `splice(2)` through a pipe (socket → pipe → socket, no copy
+//! into user space), with a plain copy where the kernel refuses splice. An
+//! HTTP exchange's two directions are futures polled together by
+//! [`run_pair`], also without a task of their own. Pipes come from a pool
+//! and are held only while bytes are in flight, so an idle connection holds
+//! none; a pipe starts at the kernel's default size and grows (up to 1 MiB)
+//! while a direction keeps filling it. EOF on one side shuts down the other
+//! side's write half while the reverse direction goes on; the last
+//! direction to end leaves the FIN to the close. Byte counts live in
+//! atomics so they survive every ending: EOF, reset, idle timeout,
+//! cancellation.
 
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::net::shutdown_write;
 
@@ -89,85 +95,54 @@ impl Traffic {
     }
 }
 
-/// Runs the two directions of a connection, each as its own task, until
-/// both end, one fails or is denied, the pair is idle for `idle`, or one of
-/// the tokens is cancelled. Tasks are stopped and awaited before this
-/// returns, so no descriptor outlives it except the caller's own.
-///
-/// The two tasks are spawned when this is called, so the future returned
-/// holds their handles rather than the directions' own state: it is what an
-/// idle connection keeps.
-pub fn run_pair<'a, A, B>(
+/// Runs the two directions of an exchange, polled together in the
+/// caller's task, until both end, one ends the whole connection or fails,
+/// the pair is idle for `idle`, or one of the tokens is cancelled. Dropping
+/// the future drops both directions (and whatever they hold).
+pub async fn run_pair<A, B>(
     to_upstream: A,
     to_client: B,
-    traffic: &'a Traffic,
-    idle: Duration,
-    closed: &'a CancellationToken,
-    hard_stop: &'a CancellationToken,
-) -> impl Future<Output = RelayEnd> + Send + 'a
-where
-    A: Future<Output = io::Result<Done>> + Send + 'static,
-    B: Future<Output = io::Result<Done>> + Send + 'static,
-{
-    traffic.touch();
-    // Aborted if the returned future is dropped unpolled or mid-way: no
-    // direction outlives its connection.
-    let up = AbortOnDropHandle::new(tokio::spawn(to_upstream));
-    let down = AbortOnDropHandle::new(tokio::spawn(to_client));
-    watch_pair(up, down, traffic, idle, closed, hard_stop)
-}
-
-type Direction = AbortOnDropHandle<io::Result<Done>>;
-
-async fn watch_pair(
-    mut up: Direction,
-    mut down: Direction,
     traffic: &Traffic,
     idle: Duration,
     closed: &CancellationToken,
     hard_stop: &CancellationToken,
-) -> RelayEnd {
+) -> RelayEnd
+where
+    A: Future<Output = io::Result<Done>>,
+    B: Future<Output = io::Result<Done>>,
+{
+    traffic.touch();
+    let mut up = pin!(to_upstream);
+    let mut down = pin!(to_client);
     let (mut up_done, mut down_done) = (false, false);
-    let end = loop {
+    loop {
         let idle_at = traffic.last() + idle;
         tokio::select! {
             r = &mut up, if !up_done => {
                 up_done = true;
-                match flatten(r) {
+                match r {
                     Ok(Done::Half) if !down_done => {}
-                    Ok(_) => break RelayEnd::Closed,
-                    Err(e) => break RelayEnd::Error(e),
+                    Ok(_) => return RelayEnd::Closed,
+                    Err(e) => return RelayEnd::Error(e),
                 }
             }
             r = &mut down, if !down_done => {
                 down_done = true;
-                match flatten(r) {
+                match r {
                     Ok(Done::Half) if !up_done => {}
-                    Ok(_) => break RelayEnd::Closed,
-                    Err(e) => break RelayEnd::Error(e),
+                    Ok(_) => return RelayEnd::Closed,
+                    Err(e) => return RelayEnd::Error(e),
                 }
             }
-            _ = closed.cancelled() => break RelayEnd::Cancelled,
-            _ = hard_stop.cancelled() => break RelayEnd::Cancelled,
+            _ = closed.cancelled() => return RelayEnd::Cancelled,
+            _ = hard_stop.cancelled() => return RelayEnd::Cancelled,
             _ = tokio::time::sleep_until(idle_at) => {
                 if traffic.last() + idle <= tokio::time::Instant::now() {
-                    break RelayEnd::Idle;
+                    return RelayEnd::Idle;
                 }
             }
         }
-    };
-    // Stop what still runs and wait until it has let go of its sockets.
-    for (task, done) in [(up, up_done), (down, down_done)] {
-        if !done {
-            task.abort();
-            let _ = task.await;
-        }
     }
-    end
-}
-
-fn flatten(r: Result<io::Result<Done>, tokio::task::JoinError>) -> io::Result<Done> {
-    r.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// A pipe for splicing, closed on drop (whatever it still holds is
@@ -175,22 +150,47 @@ fn flatten(r: Result<io::Result<Done>, tokio::task::JoinError>) -> io::Result<Do
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Its capacity: the most one splice into it moves.
+    cap: usize,
+    /// Whether asking for more room may still be granted.
+    can_grow: bool,
 }
 
+/// The largest a pipe grows to.
+pub const MAX_PIPE: usize = 1 << 20;
+
 impl Pipe {
+    /// A pipe of the kernel's default size (64 KiB with 4 KiB pages): a
+    /// short or slow connection needs no more, and a fast one grows it.
     fn new() -> io::Result<Pipe> {
         let (read, write) =
             nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        // Larger than the default 64 KiB, so one splice moves more of a
-        // fast stream. The kernel may refuse (a user over its pipe pages
-        // limit); the default size then serves.
-        let _ = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
-        Ok(Pipe { read, write })
+        let cap = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+            .map_or(64 * 1024, |n| n as usize);
+        Ok(Pipe {
+            read,
+            write,
+            cap,
+            can_grow: cap < MAX_PIPE,
+        })
+    }
+
+    /// A splice filled the pipe: the stream is faster than one pipe's
+    /// worth per wake-up, so ask for four times the room (up to
+    /// [`MAX_PIPE`]). The kernel may refuse (a user over its pipe pages
+    /// limit); the pipe then keeps its size and is not asked again.
+    fn grow(&mut self) {
+        if !self.can_grow {
+            return;
+        }
+        let want = (self.cap * 4).min(MAX_PIPE);
+        match nix::fcntl::fcntl(&self.write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(want as i32)) {
+            Ok(n) => self.cap = n as usize,
+            Err(_) => self.can_grow = false,
+        }
+        self.can_grow &= self.cap < MAX_PIPE;
     }
 }
-
-/// The pipe capacity asked for, and the most one splice call moves.
-const PIPE_SIZE: usize = 256 * 1024;
 
 /// Empty pipes kept for reuse. A direction holds a pipe only while bytes
 /// are in flight through it and gives it back once the source has nothing
@@ -262,16 +262,12 @@ pub async fn move_bytes(
     // Held while bytes flow; given back (empty) when the source runs dry.
     let mut held: Option<Pipe> = None;
     loop {
-        let want = match limit {
-            Some(l) if moved >= l => break,
-            Some(l) => usize::try_from(l - moved)
-                .unwrap_or(PIPE_SIZE)
-                .min(PIPE_SIZE),
-            None => PIPE_SIZE,
-        };
+        if limit.is_some_and(|l| moved >= l) {
+            break;
+        }
         src.readable().await?;
         let pipe = match held {
-            Some(ref p) => p,
+            Some(ref mut p) => p,
             None => match POOL.take() {
                 Ok(p) => held.insert(p),
                 Err(e) => {
@@ -279,6 +275,10 @@ pub async fn move_bytes(
                     return Box::pin(copy_bytes(src, dst, limit, moved, counter, traffic)).await;
                 }
             },
+        };
+        let want = match limit {
+            Some(l) => usize::try_from(l - moved).unwrap_or(pipe.cap).min(pipe.cap),
+            None => pipe.cap,
         };
         let n = match src.try_io(Interest::READABLE, || {
             splice(src, None, &pipe.write, None, want, flags).map_err(io::Error::from)
@@ -298,6 +298,9 @@ pub async fn move_bytes(
             Err(e) => return Err(e),
         };
         first = false;
+        if n >= pipe.cap {
+            pipe.grow();
+        }
         let mut left = n;
         while left > 0 {
             dst.writable().await?;
@@ -319,6 +322,263 @@ pub async fn move_bytes(
         POOL.give(p);
     }
     Ok(moved)
+}
+
+/// Relays a raw connection in both directions until both reach EOF, one
+/// fails, the pair is idle for `idle`, or one of the tokens is cancelled;
+/// `head` (bytes already read from the client) goes upstream first.
+///
+/// One state machine in the connection's own task drives both
+/// directions, so a connection costs one task, and an idle one keeps only
+/// this future's state (no pipe). The directions take turns at who is
+/// polled first, and tokio's cooperative budget makes a saturated one
+/// yield, so neither starves the other.
+pub async fn raw_pair(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    head: Vec<u8>,
+    traffic: &Traffic,
+    idle: Duration,
+    closed: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> RelayEnd {
+    traffic.touch();
+    let mut up = Flow::new(head);
+    let mut down = Flow::new(Vec::new());
+    let mut closed = pin!(closed.cancelled());
+    let mut hard_stop = pin!(hard_stop.cancelled());
+    let mut timer = pin!(tokio::time::sleep_until(traffic.last() + idle));
+    let mut up_first = false;
+    std::future::poll_fn(|cx| {
+        if closed.as_mut().poll(cx).is_ready() || hard_stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(RelayEnd::Cancelled);
+        }
+        up_first = !up_first;
+        for turn in [up_first, !up_first] {
+            let r = if turn {
+                step(
+                    cx,
+                    &mut up,
+                    down.done,
+                    client,
+                    upstream,
+                    &traffic.to_upstream,
+                    traffic,
+                )
+            } else {
+                step(
+                    cx,
+                    &mut down,
+                    up.done,
+                    upstream,
+                    client,
+                    &traffic.to_client,
+                    traffic,
+                )
+            };
+            if let Err(e) = r {
+                return Poll::Ready(RelayEnd::Error(e));
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(RelayEnd::Closed);
+        }
+        // The idle deadline moves with the last byte; the timer is reset
+        // only when it fires.
+        while timer.as_mut().poll(cx).is_ready() {
+            let at = traffic.last() + idle;
+            if at <= tokio::time::Instant::now() {
+                return Poll::Ready(RelayEnd::Idle);
+            }
+            timer.as_mut().reset(at);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Polls one direction; when it ends, shuts down `dst`'s write half if
+/// the other direction still runs (the last one leaves its FIN to the
+/// close, one system call fewer).
+fn step(
+    cx: &mut Context<'_>,
+    flow: &mut Flow,
+    other_done: bool,
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    if flow.done {
+        return Ok(());
+    }
+    if let Poll::Ready(r) = flow.poll(cx, src, dst, counter, traffic) {
+        r?;
+        flow.done = true;
+        if !other_done {
+            shutdown_write(dst);
+        }
+    }
+    Ok(())
+}
+
+/// One direction of a raw relay: its bytes in flight and how far it got.
+struct Flow {
+    /// Bytes read before the relay began, written before any other.
+    head: Vec<u8>,
+    head_sent: usize,
+    /// The pipe, held while bytes are in it.
+    pipe: Option<Pipe>,
+    /// The copy fallback's buffer, where the kernel refuses splice.
+    copy: Option<Box<[u8]>>,
+    /// Bytes in the pipe (or the copy buffer, from `copy_at`), not yet
+    /// written to the destination.
+    queued: usize,
+    copy_at: usize,
+    /// A splice has worked here, so a later refusal is an error, not a
+    /// reason to copy.
+    spliced: bool,
+    /// The source reached EOF.
+    eof: bool,
+    /// EOF, and every byte delivered.
+    done: bool,
+}
+
+const SPLICE: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
+
+/// The copy fallback's buffer.
+const COPY_BUF: usize = 16 * 1024;
+
+impl Flow {
+    fn new(head: Vec<u8>) -> Flow {
+        Flow {
+            head,
+            head_sent: 0,
+            pipe: None,
+            copy: None,
+            queued: 0,
+            copy_at: 0,
+            spliced: false,
+            eof: false,
+            done: false,
+        }
+    }
+
+    fn copy_instead(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            POOL.give(p);
+        }
+        self.copy = Some(vec![0u8; COPY_BUF].into_boxed_slice());
+    }
+
+    /// Moves what can move now; `Ready(Ok)` once the source is at EOF and
+    /// everything read is delivered.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counter: &AtomicU64,
+        traffic: &Traffic,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            // What the client sent before the relay began.
+            if self.head_sent < self.head.len() {
+                ready!(dst.poll_write_ready(cx))?;
+                match dst.try_write(&self.head[self.head_sent..]) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.head_sent += n;
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        traffic.touch();
+                        if self.head_sent == self.head.len() {
+                            // Not held for the life of the connection.
+                            self.head = Vec::new();
+                            self.head_sent = 0;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            // Deliver what is in flight.
+            if self.queued > 0 {
+                ready!(dst.poll_write_ready(cx))?;
+                let wrote = match (&self.copy, &self.pipe) {
+                    (Some(buf), _) => dst.try_write(&buf[self.copy_at..self.copy_at + self.queued]),
+                    (None, Some(pipe)) => dst.try_io(Interest::WRITABLE, || {
+                        splice(&pipe.read, None, dst, None, self.queued, SPLICE)
+                            .map_err(io::Error::from)
+                    }),
+                    (None, None) => Err(io::Error::other("bytes queued without a pipe")),
+                };
+                match wrote {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.queued -= n;
+                        self.copy_at += n;
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        traffic.touch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A pipe dropped with bytes in it is closed, not pooled.
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            if self.eof {
+                if let Some(p) = self.pipe.take() {
+                    POOL.give(p);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            // Take what the source has.
+            ready!(src.poll_read_ready(cx))?;
+            if let Some(buf) = &mut self.copy {
+                match src.try_read(buf) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => (self.queued, self.copy_at) = (n, 0),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            let pipe = match self.pipe {
+                Some(ref mut p) => p,
+                None => match POOL.take() {
+                    Ok(p) => self.pipe.insert(p),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no pipe for splice; copying");
+                        self.copy_instead();
+                        continue;
+                    }
+                },
+            };
+            let cap = pipe.cap;
+            match src.try_io(Interest::READABLE, || {
+                splice(src, None, &pipe.write, None, cap, SPLICE).map_err(io::Error::from)
+            }) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.spliced = true;
+                    self.queued = n;
+                    if n >= cap {
+                        pipe.grow();
+                    }
+                }
+                // Dry: the (empty) pipe goes back, so an idle direction
+                // holds none.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(p) = self.pipe.take() {
+                        POOL.give(p);
+                    }
+                }
+                Err(e) if !self.spliced && splice_unsupported(&e) => self.copy_instead(),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
 }
 
 /// Writes `bytes` and counts them.
