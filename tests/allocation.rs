@@ -138,3 +138,88 @@ async fn no_small_input_costs_more_than_a_mebibyte() {
         assert!(used < LIMIT, "{what}: {used} bytes");
     }
 }
+
+/// Connections the idle measurement holds, and the ones that warm it up.
+const IDLE: usize = 200;
+const WARM: usize = 20;
+
+/// Opens `n` connections to the transparent door from 127.0.0.1, each past
+/// its ClientHello and the upstream's 8 first bytes, on a thread of its own
+/// (the std sockets it returns hold no heap).
+fn open_idle(door: std::net::SocketAddr, hello: &[u8], n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let hello = hello.to_vec();
+    std::thread::spawn(move || {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut s = std::net::TcpStream::connect(door).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            s.write_all(&hello).unwrap();
+            let mut answer = [0u8; 8];
+            s.read_exact(&mut answer).unwrap();
+            held.push(s);
+        }
+        held
+    })
+    .join()
+    .unwrap()
+}
+
+/// What an idle relayed connection keeps on the heap, all of it (the
+/// connection's task, its sockets' registrations, its record and permit):
+/// measured as the live bytes the gateway holds for 200 idle TLS
+/// connections, per connection. The bound is what keeps it from growing
+/// unnoticed; the load bench measures the RSS.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_relayed_connection_holds_little_heap() {
+    let hello = capture("clienthello-pq.bin");
+    // The upstream: a thread that takes each hello, answers 8 bytes and
+    // holds the connection (std sockets: no heap per connection).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = listener.local_addr().unwrap();
+    let hello_len = hello.len();
+    let upstream = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut held = Vec::with_capacity(IDLE + WARM);
+        let mut buf = vec![0u8; hello_len];
+        for _ in 0..IDLE + WARM {
+            let (mut s, _) = listener.accept().unwrap();
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&[0x16; 8]).unwrap();
+            held.push(s);
+        }
+        held
+    });
+    let gw = start(up, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.example.test:{}", up.port())],
+        600,
+    )
+    .await;
+    let door = gw.running.transparent_addr;
+    // Warm up: the first connections make what every later one shares
+    // (caches, the pipe pool, the runtime's slabs).
+    let (hello2, door2) = (hello.clone(), door);
+    let warm = tokio::task::spawn_blocking(move || open_idle(door2, &hello2, WARM))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let before = LIVE.load(Ordering::Relaxed);
+    let held = tokio::task::spawn_blocking(move || open_idle(door, &hello, IDLE))
+        .await
+        .unwrap();
+    // Let every connection reach its relay and go idle.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let after = LIVE.load(Ordering::Relaxed);
+    let per = after.saturating_sub(before) / IDLE;
+    eprintln!("an idle relayed connection holds {per} bytes of heap");
+    assert!(
+        per <= 2600,
+        "an idle relayed connection holds {per} bytes of heap"
+    );
+    drop((held, warm));
+    drop(upstream.join().unwrap());
+}

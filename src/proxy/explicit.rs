@@ -49,7 +49,12 @@ pub fn proxy_deny_response(d: Deny) -> Vec<u8> {
 }
 
 /// One client connection to the proxy listener.
-pub async fn handle(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _admission: super::Admission,
+) {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let hard = gw.shutdown.hard().clone();
     let client = Arc::new(stream);
