@@ -607,3 +607,61 @@ async fn a_stalled_request_body_ends_at_the_idle_timeout() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "{took:?}");
 }
+
+/// Both directions of one raw connection saturated at once: the relay
+/// drives them in one task, and neither may starve the other or lose,
+/// reorder or duplicate a byte. The pipes grow on the way (8 MiB each
+/// way fills them many times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_at_full_speed_at_once_arrive_whole() {
+    const EACH_WAY: usize = 8 << 20;
+    let hello = capture("clienthello-pq.bin");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let hello_len = hello.len();
+    let upstream = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let mut first = vec![0u8; hello_len];
+        r.read_exact(&mut first).await.unwrap();
+        let send = tokio::spawn(async move {
+            w.write_all(&pattern(EACH_WAY)).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut got = Vec::with_capacity(EACH_WAY);
+        r.read_to_end(&mut got).await.unwrap();
+        send.await.unwrap();
+        (first, got)
+    });
+    let gw = start(up, |_| {}).await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("api.example.test:{}", up.port())],
+        600,
+    )
+    .await;
+    let s = gw.connect_from("127.0.0.1").await;
+    let (mut r, mut w) = s.into_split();
+    let (hello2, data) = (hello.clone(), pattern(EACH_WAY));
+    let send = tokio::spawn(async move {
+        w.write_all(&hello2).await.unwrap();
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(EACH_WAY);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+        .await
+        .expect("the download stalled")
+        .unwrap();
+    send.await.unwrap();
+    let (first, upload) = tokio::time::timeout(Duration::from_secs(60), upstream)
+        .await
+        .expect("the upload stalled")
+        .unwrap();
+    assert_eq!(first, hello);
+    assert_eq!(got.len(), EACH_WAY);
+    assert!(got == pattern(EACH_WAY), "the download arrived changed");
+    assert_eq!(upload.len(), EACH_WAY);
+    assert!(upload == pattern(EACH_WAY), "the upload arrived changed");
+}

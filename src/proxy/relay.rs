@@ -642,6 +642,26 @@ mod tests {
 
     use super::*;
 
+    /// A pipe starts at the kernel's default and grows by four up to
+    /// 1 MiB, then is not asked again.
+    #[test]
+    fn a_pipe_grows_to_a_mebibyte_and_no_further() {
+        let mut p = Pipe::new().unwrap();
+        let start = p.cap;
+        assert!(start < MAX_PIPE, "a new pipe is {start} B");
+        let mut sizes = vec![start];
+        while p.can_grow {
+            p.grow();
+            sizes.push(p.cap);
+        }
+        assert_eq!(p.cap, MAX_PIPE, "grew {sizes:?}");
+        assert!(sizes.windows(2).all(|w| w[1] > w[0]), "grew {sizes:?}");
+        let real = nix::fcntl::fcntl(&p.write, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+        assert_eq!(real as usize, MAX_PIPE);
+        p.grow();
+        assert_eq!(p.cap, MAX_PIPE);
+    }
+
     /// A connection whose relay future is dropped (its task cancelled)
     /// leaves no direction running with its sockets.
     #[tokio::test]
