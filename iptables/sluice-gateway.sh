@@ -76,7 +76,10 @@ if [[ -n $iface && -n $subnet ]] || [[ -z $iface && -z $subnet ]]; then
     exit 2
 fi
 for p in "$port" ${proxy_port:+"$proxy_port"} ${dns_port:+"$dns_port"}; do
-    [[ $p =~ ^[0-9]+$ ]] && ((p > 0 && p < 65536)) || { echo "bad port: $p" >&2; exit 2; }
+    if ! [[ $p =~ ^[0-9]+$ ]] || ((p < 1 || p > 65535)); then
+        echo "bad port: $p" >&2
+        exit 2
+    fi
 done
 if [[ -n $source ]]; then
     [[ -n $iface ]] || { echo "--source goes with --iface" >&2; exit 2; }
@@ -102,7 +105,7 @@ fi
 # Shared links: a bridge (several sandboxes on one segment) or a subnet
 # (sources from anywhere). Identity by source address needs bindings there.
 shared=""
-if [[ -n $subnet ]] || ip -o link show type bridge 2>/dev/null | grep -q ": $iface[:@]"; then
+if [[ -n $subnet ]] || ip -o link show type bridge 2>/dev/null | grep -q ": ${iface}[:@]"; then
     shared=1
 fi
 if [[ $action == apply && -n $shared && ${#binds[@]} -eq 0 && -z $dynamic && -z $l2_trusted ]]; then
