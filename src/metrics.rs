@@ -19,6 +19,7 @@ pub const CLAIMS_CACHE_MISSES: &str = "sluice_claims_cache_misses_total";
 pub const DNS_QUERIES_TOTAL: &str = "sluice_dns_queries_total";
 pub const DNS_CACHE_HITS: &str = "sluice_dns_cache_hits_total";
 pub const DNS_CACHE_MISSES: &str = "sluice_dns_cache_misses_total";
+pub const BUILD_INFO: &str = "sluice_build_info";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -95,6 +96,11 @@ fn describe() {
         DNS_CACHE_MISSES,
         "Name resolutions that asked the resolver."
     );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; its version label is the running binary's version."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Zero values, so a scrape shows every series' name from the start.
     gauge!(REGISTERED_SANDBOXES).set(0.0);
     for mode in Mode::ALL {

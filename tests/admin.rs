@@ -314,6 +314,11 @@ async fn metrics_are_served_with_the_contract_names() {
     ] {
         assert!(page.contains(name), "{name} missing:\n{page}");
     }
+    let build = format!(
+        "sluice_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(page.contains(&build), "{build} missing:\n{page}");
 }
 
 #[tokio::test]
