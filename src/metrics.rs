@@ -103,6 +103,14 @@ fn describe() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Zero values, so a scrape shows every series' name from the start.
     gauge!(REGISTERED_SANDBOXES).set(0.0);
+    for counter in [
+        CLAIMS_CACHE_HITS,
+        CLAIMS_CACHE_MISSES,
+        DNS_CACHE_HITS,
+        DNS_CACHE_MISSES,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
     for mode in Mode::ALL {
         gauge!(ACTIVE_CONNECTIONS, "mode" => mode.as_str()).set(0.0);
     }
