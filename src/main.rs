@@ -214,6 +214,10 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Before anything else, so a SIGHUP or SIGTERM from the moment
+        // systemd hears READY=1 (or during start) is handled, never the
+        // default action of ending the process.
+        let signals = Signals::new()?;
         let running = sluice::app::run(config, sluice::app::Options::default()).await?;
         eprintln!(
             "sluice: transparent {} proxy {} dns {} admin {} metrics {}",
@@ -223,7 +227,16 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             running.admin_addr,
             running.metrics_addr
         );
-        wait_for_stop(&running, config_path).await?;
+        // Under systemd (`Type=notify`): listening and serving now.
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("serving"),
+        ]);
+        wait_for_stop(signals, &running, config_path).await;
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("draining live connections"),
+        ]);
         tracing::info!("shutting down: draining live connections");
         let cut = running.shutdown().await;
         tracing::info!(cut, "stopped");
@@ -231,22 +244,47 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The signals `serve` handles, taken over from their default actions.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
+}
+
 /// Waits for SIGTERM or SIGINT. SIGHUP on the way reloads the JWKS and,
 /// with a config file, its `[gateway]` policy; a broken file changes
 /// nothing.
 async fn wait_for_stop(
+    signals: Signals,
     running: &sluice::app::Running,
     config_path: Option<&Path>,
-) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return,
+            _ = int.recv() => return,
             _ = hup.recv() => {
+                // systemd 253 and later want MONOTONIC_USEC with RELOADING.
+                match sd_notify::NotifyState::monotonic_usec_now() {
+                    Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+                    Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+                }
                 let _ = running.reload();
                 if let Some(path) = config_path {
                     match Config::load(path).map(|c| running.reload_config(&c)) {
@@ -254,8 +292,17 @@ async fn wait_for_stop(
                         Ok(Err(e)) | Err(e) => tracing::warn!(error = %sluice::error_chain(&e), "config not reloaded"),
                     }
                 }
+                notify(&[sd_notify::NotifyState::Ready]);
             }
         }
+    }
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set; otherwise nothing) how the
+/// service stands. A failure to tell it is logged, never fatal.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
     }
 }
 
