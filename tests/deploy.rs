@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::process::Command;
 
 #[test]
@@ -31,22 +33,6 @@ fn every_deploy_config_passes_sluice_check() {
     assert!(checked.len() >= 2, "checked only {checked:?}");
 }
 
-/// A tool on PATH (CI puts its Python tools' venv first), or why not.
-fn tool(name: &str) -> bool {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let found = Command::new(name)
-        .arg("--help")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(!ci, "CI=true: {name} is not installed (pip install {name})");
-        eprintln!("SKIPPED: {name} is not installed (pip install {name})");
-    }
-    found
-}
-
 fn manifests() -> Vec<std::path::PathBuf> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -62,7 +48,12 @@ fn manifests() -> Vec<std::path::PathBuf> {
 /// fields fail), offline.
 #[test]
 fn the_kubernetes_manifests_pass_kubernetes_validate_strict() {
-    if !tool("kubernetes-validate") {
+    // CI puts its Python tools' venv first on PATH.
+    if !support::have_tool(
+        "kubernetes-validate",
+        "--help",
+        "the_kubernetes_manifests_pass_kubernetes_validate_strict",
+    ) {
         return;
     }
     let files = manifests();
@@ -95,7 +86,7 @@ fn the_kubernetes_manifests_pass_kubernetes_validate_strict() {
 /// each with its reason.
 #[test]
 fn the_kubernetes_manifests_pass_checkov() {
-    if !tool("checkov") {
+    if !support::have_tool("checkov", "--help", "the_kubernetes_manifests_pass_checkov") {
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");

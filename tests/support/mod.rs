@@ -559,3 +559,21 @@ pub async fn run_cases(gw: &Gw, upstreams: &[&Upstream], cases: Vec<Case>) {
         );
     }
 }
+
+/// Whether `program` runs here (`program probe` exits 0). When it does
+/// not, the test named `test` is skipped with that reason printed, except
+/// with `CI=true`, where a missing tool fails it.
+pub fn have_tool(program: &str, probe: &str, test: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg(probe)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!ci, "CI=true: {program} is not installed ({test})");
+        eprintln!("SKIPPED {test}: {program} is not installed");
+    }
+    found
+}
