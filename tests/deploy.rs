@@ -8,6 +8,22 @@ mod support;
 
 use std::process::Command;
 
+/// `sluice check --config path` passes, or the test fails with what it said.
+fn assert_sluice_accepts(path: &std::path::Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn every_deploy_config_passes_sluice_check() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
@@ -15,18 +31,7 @@ fn every_deploy_config_passes_sluice_check() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["check", "--config"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}: {}{}",
-                path.display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_sluice_accepts(&path);
             checked.push(path);
         }
     }
@@ -139,16 +144,7 @@ fn the_configmap_holds_a_config_sluice_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.toml");
     std::fs::write(&path, &body).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{body}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_sluice_accepts(&path);
     let ds = std::fs::read_to_string(format!("{root}/deploy/kubernetes/daemonset.yaml")).unwrap();
     assert!(
         ds.contains("name: sluice-config"),
