@@ -361,9 +361,9 @@ impl From<LaunchError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             LaunchError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            LaunchError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            LaunchError::Failed(_) | LaunchError::Rules(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.reason(), e.to_string())
+        ApiError::new(status, e.reason(), crate::error_chain(&e))
     }
 }
 

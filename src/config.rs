@@ -91,9 +91,6 @@ pub struct GatewayConfig {
     pub allow_destinations: Vec<IpNet>,
     /// Static name → addresses, checked before DNS.
     pub resolve: BTreeMap<String, Vec<IpAddr>>,
-    /// `SO_MARK` on upstream sockets, so the iptables rules can skip
-    /// sluice's own traffic. 0 disables it.
-    pub upstream_mark: u32,
     /// Largest ClientHello handshake message accepted before `no_host`.
     pub max_client_hello_bytes: usize,
     /// Largest HTTP request head accepted before `bad_request`.
@@ -143,8 +140,6 @@ pub struct SandboxConfig {
     pub runtime_args: Vec<String>,
     pub rootfs: PathBuf,
     pub subnet: IpNet,
-    /// The rules script applied to each launched sandbox's veth.
-    pub rules_script: PathBuf,
     /// Per-user bind mounts: `<user_data_dir>/<user_id>/uploads` (read-only)
     /// and `.../outputs` (read-write), when set.
     pub user_data_dir: Option<PathBuf>,
@@ -198,7 +193,6 @@ impl Default for GatewayConfig {
             deny_private_destinations: true,
             allow_destinations: Vec::new(),
             resolve: BTreeMap::new(),
-            upstream_mark: 0x534c,
             max_client_hello_bytes: 16 * 1024,
             max_request_head_bytes: 64 * 1024,
             l2_bind_iface: String::new(),
@@ -260,7 +254,6 @@ impl Default for SandboxConfig {
             subnet: "10.213.0.0/16"
                 .parse()
                 .unwrap_or_else(|_| unreachable!("embedded default subnet")),
-            rules_script: PathBuf::from("/usr/local/lib/sluice/sluice-gateway.sh"),
             user_data_dir: None,
             capabilities: Vec::new(),
             uid: 65534,

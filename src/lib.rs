@@ -37,5 +37,6 @@ pub mod policy;
 pub mod presets;
 pub mod proxy;
 pub mod resolver;
+pub mod rules;
 pub mod sandbox;
 pub mod shutdown;

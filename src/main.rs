@@ -67,6 +67,57 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The gateway's iptables rules for the sandboxes behind one interface
+    /// or subnet, in this network namespace (the same rules as
+    /// iptables/sluice-gateway.sh, applied as one batch).
+    Rules(RulesArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RulesAction {
+    /// Install the rules (replacing the target's earlier ones).
+    Apply,
+    /// Remove every rule of the target.
+    Remove,
+    /// Print what is installed for the target (exit 1 if not applied).
+    Status,
+    /// Admit one more --bind IP=MAC on rules applied with L2 chains.
+    Bind,
+    /// No longer admit one --bind IP=MAC.
+    Unbind,
+}
+
+#[derive(clap::Args)]
+struct RulesArgs {
+    /// What to do.
+    action: RulesAction,
+    /// The sandbox-facing interface (a veth, or a bridge several share).
+    #[arg(long, required_unless_present = "subnet", conflicts_with = "subnet")]
+    iface: Option<String>,
+    /// An IPv4 subnet of sandbox sources, on any interface.
+    #[arg(long)]
+    subnet: Option<String>,
+    /// The transparent listener TCP is REDIRECTed to.
+    #[arg(long, default_value_t = 15001)]
+    port: u16,
+    /// The explicit proxy port, let through to the gateway's own addresses.
+    #[arg(long)]
+    proxy_port: Option<u16>,
+    /// The DNS door port 53 (UDP and TCP) is REDIRECTed to.
+    #[arg(long)]
+    dns_port: Option<u16>,
+    /// With --iface: the one source address the interface may send from.
+    #[arg(long)]
+    source: Option<std::net::Ipv4Addr>,
+    /// Admit this address only from this MAC (IPv4 and ARP); repeatable.
+    #[arg(long = "bind", value_name = "IP=MAC")]
+    binds: Vec<String>,
+    /// L2 chains with no binding yet: sluice binds at registration.
+    #[arg(long)]
+    bind_dynamic: bool,
+    /// The network below already prevents address spoofing.
+    #[arg(long)]
+    l2_trusted: bool,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +202,7 @@ fn main() -> ExitCode {
         Command::Keygen { out, kid } => keygen(&out, &kid),
         Command::Token(cmd) => token(cmd),
         Command::Check { config } => check(&config),
+        Command::Rules(args) => rules(args),
         Command::Explain {
             config,
             token,
@@ -378,6 +430,57 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         Err(e) => {
             eprintln!("{}", sluice::error_chain(&e));
             Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn rules(args: RulesArgs) -> anyhow::Result<ExitCode> {
+    use sluice::rules::{Binding, RulesError, Spec, Target};
+    let run = || -> Result<ExitCode, RulesError> {
+        let target = Target::new(args.iface.as_deref(), args.subnet.as_deref())?;
+        let binds = args
+            .binds
+            .iter()
+            .map(|b| b.parse::<Binding>())
+            .collect::<Result<Vec<_>, _>>()?;
+        match args.action {
+            RulesAction::Apply => {
+                let mut spec = Spec::new(target, args.port);
+                spec.proxy_port = args.proxy_port;
+                spec.dns_port = args.dns_port;
+                spec.source = args.source;
+                spec.binds = binds;
+                spec.dynamic = args.bind_dynamic;
+                spec.l2_trusted = args.l2_trusted;
+                sluice::rules::apply(&spec)?;
+            }
+            RulesAction::Remove => sluice::rules::remove(&target)?,
+            RulesAction::Status => {
+                let (applied, text) = sluice::rules::status(&target)?;
+                println!("{}", if applied { "applied" } else { "not applied" });
+                print!("{text}");
+                return Ok(if applied {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+            RulesAction::Bind | RulesAction::Unbind => {
+                let [b] = binds[..] else {
+                    return Err(RulesError::Invalid(
+                        "bind and unbind take exactly one --bind IP=MAC".into(),
+                    ));
+                };
+                sluice::rules::bind(&target, &b, matches!(args.action, RulesAction::Bind))?;
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    match run() {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("sluice: {}", sluice::error_chain(&e));
+            Ok(ExitCode::from(if e.is_usage() { 2 } else { 1 }))
         }
     }
 }

@@ -76,6 +76,8 @@ pub enum LaunchError {
     Timeout(u64),
     #[error("{0}")]
     Failed(String),
+    #[error("cannot set the gateway's rules")]
+    Rules(#[source] crate::rules::RulesError),
 }
 
 impl LaunchError {
@@ -88,7 +90,7 @@ impl LaunchError {
             LaunchError::NotFound => "not_found",
             LaunchError::NotLaunched(_) => "not_launched",
             LaunchError::Timeout(_) => "exec_timeout",
-            LaunchError::Failed(_) => "launch_failed",
+            LaunchError::Failed(_) | LaunchError::Rules(_) => "launch_failed",
         }
     }
 }
@@ -257,11 +259,11 @@ impl Sandboxes {
             (false, Some(mac)) => Some((sandbox.source_ip, mac)),
         };
         if let Some((ip, mac)) = binding {
-            self.l2("bind", ip, mac).await.map_err(RegisterError::L2)?;
+            self.l2(true, ip, mac).await.map_err(RegisterError::L2)?;
         }
         let undo_l2 = async {
             if let Some((ip, mac)) = binding
-                && let Err(e) = self.l2("unbind", ip, mac).await
+                && let Err(e) = self.l2(false, ip, mac).await
             {
                 tracing::error!(error = %e, "cannot undo an L2 binding");
             }
@@ -283,26 +285,19 @@ impl Sandboxes {
     }
 
     /// Adds or removes one address-to-MAC binding on the shared bridge.
-    async fn l2(&self, verb: &str, ip: IpAddr, mac: MacAddr) -> Result<(), LaunchError> {
+    async fn l2(&self, add: bool, ip: IpAddr, mac: MacAddr) -> Result<(), LaunchError> {
         let IpAddr::V4(ip) = ip else {
             return Err(LaunchError::BadRequest(
                 "L2 bindings are for IPv4 sandbox addresses".into(),
             ));
         };
-        run(&[
-            "bash".into(),
-            self.config
-                .sandbox
-                .rules_script
-                .to_string_lossy()
-                .into_owned(),
-            verb.into(),
-            "--iface".into(),
-            self.config.gateway.l2_bind_iface.clone(),
-            "--bind".into(),
-            format!("{ip}={mac}"),
-        ])
-        .await
+        let target = crate::rules::Target::new(Some(&self.config.gateway.l2_bind_iface), None)
+            .map_err(LaunchError::Rules)?;
+        let binding = crate::rules::Binding { ip, mac };
+        tokio::task::spawn_blocking(move || crate::rules::bind(&target, &binding, add))
+            .await
+            .map_err(|e| LaunchError::Failed(format!("the rules task: {e}")))?
+            .map_err(LaunchError::Rules)
     }
 
     /// Launches a sandbox: validated, addressed, its token minted and
@@ -456,7 +451,7 @@ impl Sandboxes {
         let persisted = self.persist();
         if let Some(mac) = sandbox.mac
             && !self.config.gateway.l2_bind_iface.is_empty()
-            && let Err(e) = self.l2("unbind", sandbox.source_ip, mac).await
+            && let Err(e) = self.l2(false, sandbox.source_ip, mac).await
         {
             tracing::error!(container_id = id, error = %e, "cannot remove the L2 binding");
         }
@@ -500,7 +495,7 @@ impl Sandboxes {
         if !self.config.gateway.l2_bind_iface.is_empty() {
             for s in self.registry.list() {
                 if let Some(mac) = s.mac
-                    && let Err(e) = self.l2("bind", s.source_ip, mac).await
+                    && let Err(e) = self.l2(true, s.source_ip, mac).await
                 {
                     tracing::error!(container_id = %s.container_id, error = %e, "cannot restore the L2 binding");
                 }
@@ -678,13 +673,16 @@ impl Runsc {
                 sb.rootfs.display()
             )));
         }
-        if !sb.rules_script.is_file() {
-            return Err(LaunchError::Unavailable(format!(
-                "the rules script {} does not exist",
-                sb.rules_script.display()
-            )));
-        }
-        for tool in ["ip", "iptables", "nsenter"] {
+        for tool in [
+            "ip",
+            "iptables-restore",
+            "iptables-save",
+            "ip6tables-restore",
+            "ip6tables-save",
+            "arptables",
+            "arptables-save",
+            "nsenter",
+        ] {
             if !on_path(tool) {
                 return Err(LaunchError::Unavailable(format!("{tool} is not installed")));
             }
@@ -776,32 +774,23 @@ impl Runsc {
         for step in &steps {
             run(step).await?;
         }
-        let script = self
-            .config
-            .sandbox
-            .rules_script
-            .to_string_lossy()
-            .into_owned();
-        run(&[
-            "bash".into(),
-            script,
-            "apply".into(),
-            "--iface".into(),
-            host.clone(),
-            "--port".into(),
-            self.transparent_port.to_string(),
-            "--proxy-port".into(),
-            self.proxy_port.to_string(),
-            "--dns-port".into(),
-            self.dns_port.to_string(),
-            "--source".into(),
-            ip.clone(),
-            // The link is this sandbox's alone; the binding also pins its
-            // address to its MAC, as on a shared bridge.
-            "--bind".into(),
-            format!("{ip}={mac}"),
-        ])
-        .await?;
+        let mut rules = crate::rules::Spec::new(
+            crate::rules::Target::Iface(host.clone()),
+            self.transparent_port,
+        );
+        rules.proxy_port = Some(self.proxy_port);
+        rules.dns_port = Some(self.dns_port);
+        rules.source = Some(spec.source_ip);
+        // The link is this sandbox's alone; the binding also pins its
+        // address to its MAC, as on a shared bridge.
+        rules.binds = vec![crate::rules::Binding {
+            ip: spec.source_ip,
+            mac: sandbox_mac(spec.source_ip),
+        }];
+        tokio::task::spawn_blocking(move || crate::rules::apply(&rules))
+            .await
+            .map_err(|e| LaunchError::Failed(format!("the rules task: {e}")))?
+            .map_err(LaunchError::Rules)?;
 
         std::fs::create_dir_all(&record.bundle)
             .map_err(|e| LaunchError::Failed(format!("{}: {e}", record.bundle.display())))?;
@@ -955,20 +944,13 @@ impl Launcher for Runsc {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             let _ = tokio::time::timeout(Duration::from_secs(20), delete.status()).await;
-            let script = self
-                .config
-                .sandbox
-                .rules_script
-                .to_string_lossy()
-                .into_owned();
+            let target = crate::rules::Target::Iface(record.host_veth.clone());
+            match tokio::task::spawn_blocking(move || crate::rules::remove(&target)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %crate::error_chain(&e), "teardown: rules"),
+                Err(e) => tracing::debug!(error = %e, "teardown: rules task"),
+            }
             for step in [
-                vec![
-                    "bash".to_owned(),
-                    script,
-                    "remove".into(),
-                    "--iface".into(),
-                    record.host_veth.clone(),
-                ],
                 vec![
                     "ip".into(),
                     "link".into(),

@@ -326,7 +326,6 @@ async fn launching_without_a_runtime_or_rootfs_is_503_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
     for (what, runtime, root) in [
         ("runtime", "/nonexistent/runsc", rootfs.clone()),
         ("rootfs", "sh", dir.path().join("no-such-rootfs")),
@@ -335,7 +334,6 @@ async fn launching_without_a_runtime_or_rootfs_is_503_and_leaves_nothing() {
         let gw = start("127.0.0.1:9".parse().unwrap(), move |c| {
             c.sandbox.runtime = runtime;
             c.sandbox.rootfs = root;
-            c.sandbox.rules_script = script.into();
             c.sandbox.subnet = "198.18.9.0/30".parse().unwrap();
         })
         .await;

@@ -186,7 +186,7 @@ fn serve_refuses_a_broken_config_and_stops_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
             dir.path().join("state").display()
         ),
     )
@@ -239,7 +239,7 @@ fn serve_with(gateway_extra: &str, prefix: &[&str]) -> Serve {
     let transparent: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = free_port();
     let config = format!(
-        "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"{transparent}\"\nproxy_listen = \"127.0.0.1:{}\"\nupstream_mark = 0\nallow_destinations = [\"127.0.0.0/8\"]\n{gateway_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+        "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"{transparent}\"\nproxy_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\n{gateway_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
         dir.path().join("state").display(),
         free_port(),
         free_port()
@@ -431,7 +431,7 @@ fn errors_name_each_cause_once() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:{port}\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:{port}\"\nproxy_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
             dir.path().join("state").display()
         ),
     )
@@ -455,7 +455,7 @@ fn errors_name_each_cause_once() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
             state.display()
         ),
     )

@@ -1,5 +1,5 @@
 //! End to end on a real network path, as root: a sandbox namespace whose
-//! TCP is REDIRECTed by `iptables/sluice-gateway.sh` to `sluice serve` in a
+//! TCP is REDIRECTed by `sluice rules` to `sluice serve` in a
 //! gateway namespace, and an upstream namespace with an HTTP server, a TLS
 //! server (`openssl s_server`, self-signed) and a decoy that must never see
 //! a connection. Clients are real `curl`s. Everything the test creates is

@@ -174,7 +174,6 @@ fn launched_sandboxes_end_to_end() {
     make_rootfs(&rootfs);
     let users = lab.dir.path().join("users");
     std::fs::create_dir_all(&users).unwrap();
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
     lab.start_sluice(&format!(
         r#"
 [gateway.resolve]
@@ -186,7 +185,6 @@ runtime = "runsc"
 runtime_args = ["--network=host"]
 rootfs = "{}"
 subnet = "198.18.8.0/29"
-rules_script = "{rules}"
 user_data_dir = "{}"
 [dns]
 listen = "0.0.0.0:15053"

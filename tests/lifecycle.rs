@@ -191,7 +191,7 @@ fn a_kill_minus_nine_loses_no_acknowledged_registration() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
             dir.path().join("state").display()
         ),
     )

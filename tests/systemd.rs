@@ -80,7 +80,7 @@ fn serve_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\nupstream_mark = 0\n[admin]\nlisten = \"{admin_addr}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"127.0.0.1:0\"\nproxy_listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"{admin_addr}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
             dir.path().join("state").display()
         ),
     )

@@ -142,7 +142,6 @@ pub struct Upstream {
     resolver: Arc<Resolver>,
     guard: Guard,
     connect_timeout: Duration,
-    mark: Option<u32>,
 }
 
 impl Upstream {
@@ -152,19 +151,6 @@ impl Upstream {
             .iter()
             .filter_map(|(name, addrs)| Some((HostName::parse(name).ok()?, addrs.clone())))
             .collect();
-        let mark = (config.upstream_mark != 0).then_some(config.upstream_mark);
-        let mark = mark.filter(|m| match mark_works(*m) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    mark = m,
-                    error = %e,
-                    "cannot set SO_MARK on upstream sockets (needs CAP_NET_ADMIN); \
-                     iptables rules that match sluice's mark will not see it"
-                );
-                false
-            }
-        });
         Upstream {
             overrides,
             resolver,
@@ -174,7 +160,6 @@ impl Upstream {
                 own,
             ),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-            mark,
         }
     }
 
@@ -261,18 +246,9 @@ impl Upstream {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        if let Some(mark) = self.mark {
-            socket2::SockRef::from(&socket).set_mark(mark)?;
-        }
         socket.set_nodelay(true)?;
         socket.connect(addr).await
     }
-}
-
-/// Can this process set `SO_MARK`? (It needs CAP_NET_ADMIN.)
-fn mark_works(mark: u32) -> io::Result<()> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.set_mark(mark)
 }
 
 #[cfg(test)]
@@ -383,7 +359,6 @@ mod tests {
     #[tokio::test]
     async fn resolution_uses_overrides_and_refuses_mixed_answers() {
         let mut config = GatewayConfig {
-            upstream_mark: 0,
             allow_destinations: vec!["198.18.0.0/15".parse().unwrap()],
             ..Default::default()
         };

@@ -139,7 +139,7 @@ impl Lab {
             format!("sl{id}gu"),
             format!("sl{id}ug"),
         );
-        let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
+        let rules = env!("CARGO_BIN_EXE_sluice");
         bash(&format!(
             "ip netns add {gw}; ip netns add {sb}; ip netns add {up}
              ip link add {gs} type veth peer name {sg}
@@ -157,8 +157,8 @@ impl Lab {
              ip -n {up} link set lo up; ip -n {up} link set {ug} up
              ip -n {up} route add 198.18.0.0/24 via 198.18.1.1
              nsenter --net=/run/netns/{gw} sysctl -qw net.ipv4.ip_forward=1
-             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs} {extra}
-             nsenter --net=/run/netns/{gw} bash {rules} apply --iface {gs} {extra}"
+             nsenter --net=/run/netns/{gw} {rules} rules apply --iface {gs} {extra}
+             nsenter --net=/run/netns/{gw} {rules} rules apply --iface {gs} {extra}"
         ));
         lab
     }
@@ -209,13 +209,13 @@ impl Lab {
         lab
     }
 
-    /// The rules script, run in the gateway namespace: its exit code and
-    /// what it printed.
+    /// `sluice rules <args>`, run in the gateway namespace: its exit code
+    /// and what it printed.
     pub fn rules(&self, args: &str) -> CurlOut {
-        let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/sluice-gateway.sh");
+        let sluice = env!("CARGO_BIN_EXE_sluice");
         let out = Command::new("nsenter")
             .arg(format!("--net={}", Self::ns_path(&self.gw)))
-            .args(["bash", "-c", &format!("bash {rules} {args}")])
+            .args(["bash", "-c", &format!("{sluice} rules {args}")])
             .output()
             .unwrap();
         CurlOut {

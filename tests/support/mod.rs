@@ -37,7 +37,6 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     // own resolver (the discard port on loopback answers nothing).
     c.dns.upstream = vec!["127.0.0.1:9".parse().unwrap()];
     c.gateway.allow_destinations = vec!["127.0.0.0/8".parse().unwrap()];
-    c.gateway.upstream_mark = 0;
     c.auth.leeway_s = 0;
     for name in [
         "api.test",
