@@ -3,7 +3,10 @@
 //! lists and unregisters sandboxes. Every `/v1` call needs the admin bearer
 //! token, compared in constant time. Errors are JSON
 //! `{"error": "<reason>", "detail": "…"}`. Bodies are capped and unknown
-//! fields refused; nothing here panics on what a caller sends.
+//! fields refused; nothing here panics on what a caller sends. The
+//! OpenAPI document (`GET /v1/openapi.json`) is generated from these
+//! handlers and their request and answer types (`utoipa`), so it describes
+//! what is served.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,12 +17,15 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::identity::store::Store;
@@ -83,9 +89,21 @@ impl ApiError {
     }
 }
 
+/// Every error answer: a stable reason and a human detail.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The reason, e.g. `bad_request`, `unauthorized`, `not_found`,
+    /// `address_taken`, or a token's deny reason.
+    error: String,
+    detail: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({ "error": self.error, "detail": self.detail }));
+        let body = Json(ErrorBody {
+            error: self.error.to_owned(),
+            detail: self.detail,
+        });
         let mut resp = (self.status, body).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
@@ -123,26 +141,85 @@ where
     }
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sluice admin API",
+        description = "Mints tokens, serves the JWKS, registers, launches, lists and \
+                       unregisters sandboxes, revokes tokens and explains decisions. Every \
+                       /v1 call but this document needs `Authorization: Bearer <admin token>`."
+    ),
+    modifiers(&AdminAuth)
+)]
+struct ApiDoc;
+
+/// The admin bearer token, as a security scheme.
+struct AdminAuth;
+
+impl utoipa::Modify for AdminAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The calls outside `/v1`'s admin token (this document included).
+fn public() -> OpenApiRouter<Arc<AdminState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(jwks))
+        .routes(routes!(openapi_json))
+}
+
+/// The `/v1` calls, each behind the admin token.
+fn v1() -> OpenApiRouter<Arc<AdminState>> {
+    OpenApiRouter::new()
+        .routes(routes!(mint_token))
+        .routes(routes!(register, list))
+        .routes(routes!(launch))
+        .routes(routes!(show, unregister))
+        .routes(routes!(exec))
+        .routes(routes!(revoke))
+        .routes(routes!(explain))
+}
+
+/// The admin API's OpenAPI 3 document, from the same registrations as the
+/// router.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    public().nest("/v1", v1()).split_for_parts().1
+}
+
 pub fn router(state: Arc<AdminState>) -> Router {
-    let v1 = Router::new()
-        .route("/tokens", post(mint_token))
-        .route("/sandboxes", post(register).get(list))
-        .route("/sandboxes/launch", post(launch))
-        .route("/sandboxes/{id}", get(show).delete(unregister))
-        .route("/sandboxes/{id}/exec", post(exec))
-        .route("/revocations", post(revoke))
-        .route("/explain", get(explain))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            require_admin,
-        ));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/.well-known/jwks.json", get(jwks))
-        .nest("/v1", v1)
+    let v1 = v1().route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        require_admin,
+    ));
+    let (router, _) = public().nest("/v1", v1).split_for_parts();
+    router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Whether the gateway is up.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "The OpenAPI 3 document of this API", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| {
+        openapi()
+            .to_json()
+            .unwrap_or_else(|e| json!({"error": "internal", "detail": e.to_string()}).to_string())
+    });
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }
 
 async fn require_admin(
@@ -171,24 +248,57 @@ async fn require_admin(
     Ok(next.run(req).await)
 }
 
+/// The public keys tokens are verified with (several during a rotation,
+/// chosen by `kid`).
+#[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, description = "The public JWKS", body = Object)))]
 async fn jwks(State(state): State<Arc<AdminState>>) -> Json<Value> {
     Json(state.verifier.jwks().public().clone())
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/tokens`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokenRequest {
+    /// The sandbox the token is for (claim `container_id`).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,128}$")]
     container_id: String,
+    /// Who the sandbox runs for (claim `user_id`).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,128}$")]
     user_id: String,
+    /// Allowlist entries: `name`, `*.suffix`, `host:port`, an IP literal,
+    /// `@preset`.
     allowed_hosts: Vec<String>,
+    /// Lifetime in seconds (default 4 h, at most `auth.max_ttl_s`).
     #[serde(default)]
+    #[schema(minimum = 1)]
     ttl_seconds: Option<u64>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TokenResponse {
+    /// The ES256 JWT.
+    token: String,
+    jti: String,
+    /// Unix seconds.
+    expires_at: u64,
+}
+
+/// What a 401 means, on every `/v1` call.
+const AUTH: &str = "a valid admin bearer token is required";
+
+/// Mints a token.
+#[utoipa::path(post, path = "/tokens", request_body = TokenRequest, security(("admin" = [])),
+    responses(
+        (status = 201, description = "Minted", body = TokenResponse),
+        (status = 400, description = "A bad entry or lifetime", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 503, description = "No signing key is configured", body = ErrorBody),
+    ))]
 async fn mint_token(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<TokenRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
     let signer = state.signer.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -220,29 +330,52 @@ async fn mint_token(
         })?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "token": minted.token,
-            "jti": minted.claims.jti,
-            "expires_at": minted.claims.exp,
-        })),
+        Json(TokenResponse {
+            token: minted.token,
+            jti: minted.claims.jti,
+            expires_at: minted.claims.exp,
+        }),
     ))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/sandboxes`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RegisterRequest {
+    /// The sandbox's address, as the gateway sees its connections come.
     source_ip: String,
+    /// Its token.
     token: String,
     /// The sandbox's MAC, on a bridge several sandboxes share
     /// (`gateway.l2_bind_iface`).
     #[serde(default)]
+    #[schema(pattern = "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")]
     mac: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Registered {
+    container_id: String,
+    #[schema(value_type = String)]
+    source_ip: IpAddr,
+    /// Unix seconds.
+    expires_at: u64,
+}
+
+/// Registers a sandbox started elsewhere: its source address → its token.
+#[utoipa::path(post, path = "/sandboxes", request_body = RegisterRequest, security(("admin" = [])),
+    responses(
+        (status = 201, description = "Registered (on disk)", body = Registered),
+        (status = 400, description = "A bad address, MAC or token (the token's deny reason)", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 409, description = "The address or the container is taken", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "Not written to disk (nothing registered)", body = ErrorBody),
+    ))]
 async fn register(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<RegisterRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
     let ip: IpAddr = req.source_ip.trim().parse().map_err(|_| {
         ApiError::bad_request(format!(
             "source_ip {:?} is not an IP address",
@@ -286,47 +419,89 @@ async fn register(
     tracing::info!(container_id = %sandbox.container_id, source_ip = %ip, "sandbox registered");
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "container_id": sandbox.container_id,
-            "source_ip": sandbox.source_ip,
-            "expires_at": sandbox.grant.claims.exp,
-        })),
+        Json(Registered {
+            container_id: sandbox.container_id.clone(),
+            source_ip: sandbox.source_ip,
+            expires_at: sandbox.grant.claims.exp,
+        }),
     ))
 }
 
-fn view(s: &Sandbox, registry: &Registry) -> Value {
-    let c = &s.grant.claims;
-    json!({
-        "container_id": s.container_id,
-        "source_ip": s.source_ip,
-        "mac": s.mac,
-        "user_id": c.user_id,
-        "allowed_hosts": c.allowed_hosts.0,
-        "jti": c.jti,
-        "expires_at": c.exp,
-        "registered_at": s.registered_at,
-        "origin": s.origin,
-        "live_connections": registry.connections().live(s.container_id.as_str()),
-    })
+/// One registered sandbox.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SandboxView {
+    container_id: String,
+    #[schema(value_type = String)]
+    source_ip: IpAddr,
+    /// Bound on a shared bridge, else null.
+    #[schema(value_type = Option<String>)]
+    mac: Option<MacAddr>,
+    user_id: Option<String>,
+    /// As the token lists them (presets unexpanded).
+    allowed_hosts: Vec<String>,
+    jti: String,
+    /// Unix seconds.
+    expires_at: u64,
+    /// Unix seconds.
+    registered_at: u64,
+    /// `registered` or `launched`.
+    #[schema(value_type = String)]
+    origin: Origin,
+    live_connections: u64,
 }
 
-#[derive(Deserialize)]
+fn view(s: &Sandbox, registry: &Registry) -> SandboxView {
+    let c = &s.grant.claims;
+    SandboxView {
+        container_id: s.container_id.clone(),
+        source_ip: s.source_ip,
+        mac: s.mac,
+        user_id: c.user_id.clone(),
+        allowed_hosts: c.allowed_hosts.0.clone(),
+        jti: c.jti.clone(),
+        expires_at: c.exp,
+        registered_at: s.registered_at,
+        origin: s.origin,
+        live_connections: registry.connections().live(s.container_id.as_str()) as u64,
+    }
+}
+
+/// `GET /v1/sandboxes`.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Sandboxes per page (default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// Start after this container id (the previous page's `next`).
     #[serde(default)]
     after: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SandboxPage {
+    sandboxes: Vec<SandboxView>,
+    /// The `after` of the next page; null on the last.
+    next: Option<String>,
 }
 
 /// Registered sandboxes, a page at a time in container-id order.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
+/// Lists registered sandboxes, a page at a time in container-id order.
+#[utoipa::path(get, path = "/sandboxes", params(ListQuery), security(("admin" = [])),
+    responses(
+        (status = 200, description = "One page", body = SandboxPage),
+        (status = 400, description = "A bad query", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+    ))]
 async fn list(
     State(state): State<Arc<AdminState>>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SandboxPage>, ApiError> {
     let axum::extract::Query(q) =
         query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
@@ -336,14 +511,21 @@ async fn list(
         )));
     }
     let (page, next) = state.registry.page(q.after.as_deref(), limit);
-    let all: Vec<Value> = page.iter().map(|s| view(s, &state.registry)).collect();
-    Ok(Json(json!({ "sandboxes": all, "next": next })))
+    let sandboxes = page.iter().map(|s| view(s, &state.registry)).collect();
+    Ok(Json(SandboxPage { sandboxes, next }))
 }
 
+/// One registered sandbox.
+#[utoipa::path(get, path = "/sandboxes/{container_id}", params(("container_id" = String, Path)), security(("admin" = [])),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxView),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+    ))]
 async fn show(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SandboxView>, ApiError> {
     state
         .registry
         .get_by_id(&id)
@@ -369,6 +551,13 @@ impl From<LaunchError> for ApiError {
 
 /// Unregisters a sandbox (and stops it, if sluice launched it); its live
 /// connections close.
+#[utoipa::path(delete, path = "/sandboxes/{container_id}", params(("container_id" = String, Path)), security(("admin" = [])),
+    responses(
+        (status = 204, description = "Gone (on disk)"),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 500, description = "Not written to disk", body = ErrorBody),
+    ))]
 async fn unregister(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
@@ -381,53 +570,106 @@ async fn unregister(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Serialize, ToSchema)]
+pub(crate) struct LaunchResponse {
+    container_id: String,
+    #[schema(value_type = String)]
+    source_ip: std::net::Ipv4Addr,
+    /// The token minted for it (also in its environment).
+    token: String,
+    /// Unix seconds.
+    expires_at: u64,
+}
+
+/// Starts a gVisor sandbox in its own network namespace and registers it.
+#[utoipa::path(post, path = "/sandboxes/launch", request_body = LaunchRequest, security(("admin" = [])),
+    responses(
+        (status = 201, description = "Started and registered", body = LaunchResponse),
+        (status = 400, description = "A bad request (limits, command, allowlist)", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "The launch failed and was undone", body = ErrorBody),
+        (status = 503, description = "No runtime, root filesystem or free address", body = ErrorBody),
+    ))]
 async fn launch(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<LaunchRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<LaunchResponse>), ApiError> {
     let launched = state.sandboxes.launch(req).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "container_id": launched.container_id,
-            "source_ip": launched.source_ip,
-            "token": launched.token,
-            "expires_at": launched.expires_at,
-        })),
+        Json(LaunchResponse {
+            container_id: launched.container_id,
+            source_ip: launched.source_ip,
+            token: launched.token,
+            expires_at: launched.expires_at,
+        }),
     ))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/sandboxes/{container_id}/exec`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExecRequest {
+    /// The program and its arguments.
     command: Vec<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExecResponse {
+    exit_code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a command in a launched sandbox.
+#[utoipa::path(post, path = "/sandboxes/{container_id}/exec", params(("container_id" = String, Path)), request_body = ExecRequest, security(("admin" = [])),
+    responses(
+        (status = 200, description = "It ran", body = ExecResponse),
+        (status = 400, description = "A bad command", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 409, description = "Registered, not launched: nothing to exec in", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "The runtime failed", body = ErrorBody),
+        (status = 504, description = "It did not finish within timeout_ms", body = ErrorBody),
+    ))]
 async fn exec(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ExecRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ExecResponse>, ApiError> {
     let out = state
         .sandboxes
         .exec(&id, req.command, req.timeout_ms)
         .await?;
-    Ok(Json(json!({
-        "exit_code": out.exit_code,
-        "stdout": out.stdout,
-        "stderr": out.stderr,
-    })))
+    Ok(Json(ExecResponse {
+        exit_code: out.exit_code,
+        stdout: out.stdout,
+        stderr: out.stderr,
+    }))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/revocations`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RevokeRequest {
+    /// The token's `jti`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
     jti: String,
 }
 
 /// Refuses a token from now on and closes its live connections.
+#[utoipa::path(post, path = "/revocations", request_body = RevokeRequest, security(("admin" = [])),
+    responses(
+        (status = 204, description = "Revoked (on disk)"),
+        (status = 400, description = "A bad jti", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "Not written to disk", body = ErrorBody),
+    ))]
 async fn revoke(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<RevokeRequest>,
@@ -459,21 +701,44 @@ async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+/// `GET /v1/explain`.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ExplainQuery {
+    /// A registered sandbox.
     container_id: String,
+    /// A name or an IP (`host:port` works too).
     host: String,
+    /// Default: the one in `host`, else 443.
     #[serde(default)]
+    #[param(minimum = 1, maximum = 65535)]
     port: Option<u16>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExplainResponse {
+    /// `allow` or `deny`.
+    decision: &'static str,
+    /// The deny reason, or `none`.
+    reason: &'static str,
+    /// The allowlist entry that admitted the target, as written.
+    matched: Option<String>,
 }
 
 /// The decision the data plane would make for a registered sandbox and a
 /// target, with the allowlist entry that matched.
+#[utoipa::path(get, path = "/explain", params(ExplainQuery), security(("admin" = [])),
+    responses(
+        (status = 200, description = "The decision", body = ExplainResponse),
+        (status = 400, description = "A bad query", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+    ))]
 async fn explain(
     State(state): State<Arc<AdminState>>,
     query: Result<axum::extract::Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ExplainResponse>, ApiError> {
     let axum::extract::Query(q) =
         query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
     let sandbox = state
@@ -491,5 +756,13 @@ async fn explain(
         &crate::decision::Caller::Sandbox(sandbox),
         &crate::decision::Target { host, port },
     );
-    Ok(Json(explained.to_json()))
+    let (decision, reason) = match explained.decision {
+        Ok(()) => ("allow", "none"),
+        Err(d) => ("deny", d.as_str()),
+    };
+    Ok(Json(ExplainResponse {
+        decision,
+        reason,
+        matched: explained.matched,
+    }))
 }

@@ -96,12 +96,16 @@ impl LaunchError {
 }
 
 /// `POST /v1/sandboxes/launch`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchRequest {
+    /// Who the sandbox runs for (claim `user_id`, and its data directory).
     pub user_id: String,
+    /// Allowlist entries for its token.
     pub allowed_hosts: Vec<String>,
+    /// The program and its arguments, run as the sandbox's process.
     pub command: Vec<String>,
+    /// Its token's lifetime (default and maximum in `[sandbox]`/`[auth]`).
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
     #[serde(default)]

@@ -1,6 +1,7 @@
 //! `docs/reference.md` is the interface, kept true here: every command of
 //! the binary, every config key (from the config struct itself), every
-//! route of the admin router, every deny reason and every metric name is
+//! route of the admin API (from its OpenAPI document, built from the same
+//! registrations as its router), every deny reason and every metric name is
 //! in it, and nothing it lists as a key, a route or a metric is missing
 //! from the code.
 
@@ -10,7 +11,6 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 const DOC: &str = include_str!("../docs/reference.md");
-const ADMIN_SRC: &str = include_str!("../src/admin.rs");
 const METRICS_SRC: &str = include_str!("../src/metrics.rs");
 
 /// The text of one `## ` section of the document.
@@ -123,23 +123,13 @@ fn shape(path: &str) -> String {
 
 #[test]
 fn every_admin_route_is_in_the_reference_and_no_other() {
-    // (method, path) from the router's own source: `.route("/p", get(..).post(..))`,
-    // the /v1 routes nested under "/v1".
+    // (method, path) from the OpenAPI document, which the router's own
+    // registrations (`routes!`) build.
+    let doc = serde_json::to_value(sluice::admin::openapi()).unwrap();
     let mut real = BTreeSet::new();
-    for line in ADMIN_SRC
-        .lines()
-        .filter(|l| l.trim_start().starts_with(".route(\""))
-    {
-        let path = line.split('"').nth(1).unwrap();
-        let path = if path.starts_with("/healthz") || path.starts_with("/.well-known") {
-            path.to_owned()
-        } else {
-            format!("/v1{path}")
-        };
-        for method in ["get", "post", "put", "patch", "delete"] {
-            if line.contains(&format!("{method}(")) {
-                real.insert((method.to_uppercase(), shape(&path)));
-            }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            real.insert((method.to_uppercase(), shape(path)));
         }
     }
     assert!(real.len() >= 10, "{real:?}");
