@@ -48,6 +48,10 @@ pub enum AppError {
         path: String,
         source: std::io::Error,
     },
+    #[error("TLS")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot set up the TLS proxy")]
+    Pairing(#[source] std::io::Error),
 }
 
 /// How the gateway learns original destinations; tests fix one.
@@ -81,12 +85,21 @@ pub struct Running {
     shutdown: Shutdown,
     drain: Duration,
     servers: Vec<JoinHandle<()>>,
+    /// The TLS doors' certificates (admin, proxy), reloaded on SIGHUP.
+    tls: Vec<Arc<crate::tls::Reloadable>>,
 }
 
 impl Running {
     /// Reloads the JWKS now (SIGHUP). A broken file keeps the current set.
     pub fn reload(&self) -> Result<usize, KeyError> {
         reload_jwks(&self.verifier, &self.jwks_path)
+    }
+
+    /// Reads the TLS doors' certificate, key and client CA files again
+    /// (SIGHUP); a door whose files are broken keeps its last good set.
+    /// New handshakes use the new ones; live connections keep theirs.
+    pub fn reload_tls(&self) -> Vec<crate::tls::TlsError> {
+        self.tls.iter().filter_map(|t| t.reload().err()).collect()
     }
 
     /// Applies a new configuration's `[gateway]` policy (SIGHUP) to
@@ -107,6 +120,13 @@ impl Running {
         }
         if new.gateway.max_connections != g.max_connections {
             fixed.push("gateway.max_connections");
+        }
+        if new.gateway.proxy_tls_cert_file != g.proxy_tls_cert_file
+            || new.gateway.proxy_tls_key_file != g.proxy_tls_key_file
+        {
+            // The files named at start are read again on SIGHUP; other
+            // names take a restart.
+            fixed.push("gateway.proxy_tls_cert_file/key_file");
         }
         if new.auth != old.auth {
             fixed.push("[auth]");
@@ -243,12 +263,42 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Mode::Transparent,
         crate::proxy::transparent::handle,
     )));
-    servers.push(tokio::spawn(accept_loop(
-        proxy,
-        Arc::clone(&gateway),
-        Mode::Proxy,
-        crate::proxy::explicit::handle,
-    )));
+    let mut tls = Vec::new();
+    match crate::tls::TlsFiles::new(
+        "gateway.proxy_tls_",
+        &g.proxy_tls_cert_file,
+        &g.proxy_tls_key_file,
+        None,
+    ) {
+        None => servers.push(tokio::spawn(accept_loop(
+            proxy,
+            Arc::clone(&gateway),
+            Mode::Proxy,
+            crate::proxy::explicit::handle,
+        ))),
+        Some(files) => {
+            let door_tls = Arc::new(crate::tls::Reloadable::load(files)?);
+            tls.push(Arc::clone(&door_tls));
+            let pairing = crate::proxy::tls_bridge::Pairing::new(shutdown.clone())
+                .await
+                .map_err(AppError::Pairing)?;
+            servers.push(tokio::spawn(accept_loop(
+                proxy,
+                Arc::clone(&gateway),
+                Mode::Proxy,
+                move |gw, stream, peer, admission| {
+                    crate::proxy::tls_bridge::handle(
+                        gw,
+                        stream,
+                        peer,
+                        admission,
+                        Arc::clone(&door_tls),
+                        Arc::clone(&pairing),
+                    )
+                },
+            )));
+        }
+    }
 
     let door = Arc::new(crate::dns::Door::new(Arc::clone(&gateway)));
     servers.push(tokio::spawn(crate::dns::serve_udp(
@@ -290,7 +340,30 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         config.sandbox.reap_after_s,
         shutdown.clone(),
     )));
-    servers.push(serve_http(admin_listener, admin_router, shutdown.clone()));
+    match crate::tls::TlsFiles::new(
+        "admin.tls_",
+        &config.admin.tls_cert_file,
+        &config.admin.tls_key_file,
+        Some(&config.admin.client_ca_file),
+    ) {
+        None => servers.push(serve_http(admin_listener, admin_router, shutdown.clone())),
+        Some(files) => {
+            let admin_tls = Arc::new(crate::tls::Reloadable::load(files)?);
+            tls.push(Arc::clone(&admin_tls));
+            let listener = crate::tls::TlsListener::new(
+                admin_listener,
+                admin_tls,
+                Duration::from_secs(10),
+                shutdown.clone(),
+            )
+            .map_err(|source| AppError::Bind {
+                what: "admin.listen",
+                addr: admin_addr,
+                source,
+            })?;
+            servers.push(serve_http(listener, admin_router, shutdown.clone()));
+        }
+    }
     let metrics_router = Router::new().route(
         "/metrics",
         get(move || {
@@ -337,6 +410,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         registry,
         verifier,
         shutdown,
+        tls,
         drain: Duration::from_millis(g.drain_timeout_ms),
         servers,
     })
@@ -402,11 +476,11 @@ async fn jwks_watcher(verifier: Arc<Verifier>, path: std::path::PathBuf, shutdow
     }
 }
 
-fn serve_http(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: Shutdown,
-) -> JoinHandle<()> {
+fn serve_http<L>(listener: L, router: Router, shutdown: Shutdown) -> JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     tokio::spawn(async move {
         let stop = async move { shutdown.stopping().await };
         if let Err(e) = axum::serve(listener, router)

@@ -76,6 +76,9 @@ pub struct DnsConfig {
 pub struct GatewayConfig {
     pub transparent_listen: SocketAddr,
     pub proxy_listen: SocketAddr,
+    /// With a key: the proxy listener speaks TLS (`HTTPS_PROXY=https://…`).
+    pub proxy_tls_cert_file: PathBuf,
+    pub proxy_tls_key_file: PathBuf,
     pub allowed_ports: Vec<u16>,
     pub peek_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -122,6 +125,12 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Defaults to `<state_dir>/admin-token`.
     pub token_file: Option<PathBuf>,
+    /// With a key: the admin API is served over TLS.
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    /// With TLS: only clients with a certificate from this CA (and the
+    /// bearer token).
+    pub client_ca_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -196,6 +205,8 @@ impl Default for GatewayConfig {
             max_client_hello_bytes: 16 * 1024,
             max_request_head_bytes: 64 * 1024,
             l2_bind_iface: String::new(),
+            proxy_tls_cert_file: PathBuf::new(),
+            proxy_tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -219,6 +230,9 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: addr("127.0.0.1:9080"),
             token_file: None,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            client_ca_file: PathBuf::new(),
         }
     }
 }
@@ -488,6 +502,34 @@ impl Config {
             if let Some((other, _)) = listeners[..i].iter().find(|(_, b)| b == a) {
                 err(key, format!("same address as {other} ({a})"));
             }
+        }
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        for (cert_key, cert, key_key, key) in [
+            (
+                "gateway.proxy_tls_cert_file",
+                &g.proxy_tls_cert_file,
+                "gateway.proxy_tls_key_file",
+                &g.proxy_tls_key_file,
+            ),
+            (
+                "admin.tls_cert_file",
+                &self.admin.tls_cert_file,
+                "admin.tls_key_file",
+                &self.admin.tls_key_file,
+            ),
+        ] {
+            if set(cert) && !set(key) {
+                err(key_key, format!("needed with {cert_key}"));
+            }
+            if set(key) && !set(cert) {
+                err(cert_key, format!("needed with {key_key}"));
+            }
+        }
+        if set(&self.admin.client_ca_file) && !set(&self.admin.tls_cert_file) {
+            err(
+                "admin.client_ca_file",
+                "needs admin.tls_cert_file and admin.tls_key_file (client certificates are a TLS matter)".into(),
+            );
         }
         if self.auth.issuer.is_empty() {
             err("auth.issuer", "must not be empty".into());

@@ -40,3 +40,4 @@ pub mod resolver;
 pub mod rules;
 pub mod sandbox;
 pub mod shutdown;
+pub mod tls;

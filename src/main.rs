@@ -314,9 +314,9 @@ impl Signals {
     }
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP on the way reloads the JWKS and,
-/// with a config file, its `[gateway]` policy; a broken file changes
-/// nothing.
+/// Waits for SIGTERM or SIGINT. SIGHUP on the way reloads the JWKS, the
+/// TLS certificates and, with a config file, its `[gateway]` policy; a
+/// broken file changes nothing.
 async fn wait_for_stop(
     signals: Signals,
     running: &sluice::app::Running,
@@ -338,6 +338,9 @@ async fn wait_for_stop(
                     Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
                 }
                 let _ = running.reload();
+                for e in running.reload_tls() {
+                    tracing::warn!(error = %sluice::error_chain(&e), "TLS files not reloaded; the last good set stays");
+                }
                 if let Some(path) = config_path {
                     match Config::load(path).map(|c| running.reload_config(&c)) {
                         Ok(Ok(())) => {}

@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod record;
 pub mod relay;
 pub mod sniff;
+pub mod tls_bridge;
 pub mod transparent;
 pub mod upstream;
 
