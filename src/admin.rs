@@ -51,15 +51,13 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Writes the registry before a change is acknowledged.
-    fn persist(&self) -> Result<(), ApiError> {
-        self.store
-            .save(&self.registry, &self.verifier)
-            .map_err(|e| {
-                let detail = crate::error_chain(&e);
-                tracing::error!(error = %detail, "cannot persist the registry");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
-            })
+    /// Makes `changes` durable before a change is acknowledged.
+    async fn persist(&self, changes: Vec<crate::identity::store::Change>) -> Result<(), ApiError> {
+        self.store.apply(changes).await.map_err(|e| {
+            let detail = crate::error_chain(&e);
+            tracing::error!(error = %detail, "cannot persist the registry");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
+        })
     }
 }
 
@@ -386,16 +384,19 @@ async fn register(
     if ip.is_unspecified() || ip.is_multicast() {
         return Err(ApiError::bad_request("source_ip must be a unicast address"));
     }
+    let generation = state.verifier.generation();
     let grant = state
         .verifier
-        .verify(&req.token)
+        .verify_fresh(&req.token)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.deny().as_str(), e.to_string()))?;
     let mac = match req.mac.as_deref().map(str::parse::<MacAddr>) {
         None => None,
         Some(Ok(mac)) => Some(mac),
         Some(Err(e)) => return Err(ApiError::bad_request(e)),
     };
-    let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered).with_mac(mac);
+    let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered)
+        .verified_under(generation)
+        .with_mac(mac);
     let sandbox = state.sandboxes.register(sandbox).await.map_err(|e| {
         let detail = crate::error_chain(&e);
         match e {
@@ -543,7 +544,9 @@ impl From<LaunchError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             LaunchError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            LaunchError::Failed(_) | LaunchError::Rules(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            LaunchError::Failed(_) | LaunchError::Rules(_) | LaunchError::Store(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError::new(status, e.reason(), crate::error_chain(&e))
     }
@@ -696,7 +699,12 @@ async fn revoke(
         .unwrap_or_else(|| crate::identity::token::now_s() + state.config.auth.max_ttl_s);
     // Its live connections, on both doors, watch the token: they close.
     state.verifier.revoke(jti, exp);
-    state.persist()?;
+    state
+        .persist(vec![crate::identity::store::Change::Revoke {
+            jti: jti.to_owned(),
+            exp,
+        }])
+        .await?;
     tracing::info!(jti, "token revoked");
     Ok(StatusCode::NO_CONTENT)
 }

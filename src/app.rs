@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
 use crate::identity::Registry;
-use crate::identity::store::{Store, StoreError};
+use crate::identity::store::{Change, Store, StoreError};
 use crate::identity::token::{Jwks, KeyError, KeyPair, Signer, Verifier, write_private};
 use crate::metrics::Mode;
 use crate::net::orig_dst::OrigDstSource;
@@ -204,8 +204,8 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         .with_presets(Arc::clone(&state.presets)),
     );
     let registry = Arc::new(Registry::new());
-    let store = Arc::new(Store::new(&config.state_dir));
-    let dropped = store.restore(&registry, &verifier)?;
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let dropped = store.restore(&registry, &verifier).await?;
     if !registry.is_empty() || !dropped.is_empty() {
         tracing::info!(
             restored = registry.len(),
@@ -213,7 +213,6 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
             "registry restored"
         );
     }
-    store.save(&registry, &verifier)?;
     let shutdown = Shutdown::new();
     let own = vec![
         transparent_addr,
@@ -334,7 +333,6 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     }));
     servers.push(tokio::spawn(reaper(
         Arc::clone(&sandboxes),
-        Arc::clone(&registry),
         Arc::clone(&verifier),
         Arc::clone(&store),
         config.sandbox.reap_after_s,
@@ -421,7 +419,6 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 /// expired anyway, and writes the registry when any of that changed it.
 async fn reaper(
     sandboxes: Arc<Sandboxes>,
-    registry: Arc<Registry>,
     verifier: Arc<Verifier>,
     store: Arc<Store>,
     reap_after_s: u64,
@@ -431,10 +428,13 @@ async fn reaper(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.tick(&mut tick).await {
         let now = crate::identity::token::now_s();
-        let removed = sandboxes.reap(now, reap_after_s).await;
+        if let Err(e) = sandboxes.reap(now, reap_after_s).await {
+            tracing::error!(error = %crate::error_chain(&e), "cannot persist the registry");
+        }
         let purged = verifier.purge_expired(now);
-        if (removed || purged)
-            && let Err(e) = store.save(&registry, &verifier)
+        if let Err(e) = store
+            .apply(purged.into_iter().map(Change::Forget).collect())
+            .await
         {
             tracing::error!(error = %crate::error_chain(&e), "cannot persist the registry");
         }

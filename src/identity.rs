@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::deny::Deny;
 use crate::host::HostName;
 use crate::metrics as m;
-use token::{Grant, Verifier, token_key};
+use token::{Grant, Verifier};
 
 /// How a sandbox came to be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,10 +101,12 @@ pub struct Sandbox {
     /// Set for sandboxes sluice launched.
     pub launch: Option<LaunchRecord>,
     pub token: String,
-    token_key: [u8; 32],
-    /// The grant verified at registration; connections re-check it through
-    /// the verifier's cache.
+    /// The grant: verified at registration, or only decoded when restored
+    /// after a restart (then verified on first use).
     pub grant: Arc<Grant>,
+    /// 1 + the verifier's key-set generation `grant` was verified under; 0
+    /// when not verified yet. A changed key set means verifying again.
+    verified: std::sync::atomic::AtomicU64,
     pub registered_at: u64,
     /// Addresses the DNS door answered, each with the names it was the
     /// answer for and until when (the answer's TTL).
@@ -124,9 +126,9 @@ impl Sandbox {
             mac: None,
             origin,
             launch: None,
-            token_key: token_key(&token),
             token,
             grant,
+            verified: std::sync::atomic::AtomicU64::new(0),
             registered_at: token::now_s(),
             answered: Mutex::default(),
         }
@@ -167,6 +169,14 @@ impl Sandbox {
             .unwrap_or_default()
     }
 
+    /// Its grant was verified in full under key-set `generation` (read
+    /// before verifying).
+    pub fn verified_under(self, generation: u64) -> Sandbox {
+        self.verified
+            .store(generation + 1, std::sync::atomic::Ordering::Release);
+        self
+    }
+
     /// The MAC its address is bound to.
     pub fn with_mac(mut self, mac: Option<MacAddr>) -> Sandbox {
         self.mac = mac;
@@ -180,17 +190,29 @@ impl Sandbox {
         self
     }
 
-    /// The sandbox's current grant: its token verified again (from the
-    /// cache in the common case). Expired → `token_expired`.
+    /// The sandbox's current grant: expired → `token_expired`, revoked →
+    /// `token_revoked`; verified in full (ES256) only when it has not been
+    /// under the current key set (a restored sandbox's first use, or after
+    /// a JWKS change), else the one kept here. The sandbox is its own
+    /// claims cache, so a registration costs no cache entry; hits and
+    /// misses count as the cache's.
     pub fn current_grant(&self, verifier: &Verifier) -> Result<Arc<Grant>, Deny> {
-        // Checked before the cache: once an expired token's cache entry is
-        // gone, every connection would otherwise pay a full ES256 verify.
+        use std::sync::atomic::Ordering;
         if self.grant.expired_at(token::now_s(), verifier.leeway()) {
             return Err(Deny::TokenExpired);
         }
-        verifier
-            .verify_keyed(&self.token, &self.token_key)
-            .map_err(|e| e.deny())
+        let generation = verifier.generation();
+        if self.verified.load(Ordering::Acquire) == generation + 1 {
+            ::metrics::counter!(crate::metrics::CLAIMS_CACHE_HITS).increment(1);
+            if verifier.is_revoked(&self.grant.claims.jti) {
+                return Err(Deny::TokenRevoked);
+            }
+        } else {
+            ::metrics::counter!(crate::metrics::CLAIMS_CACHE_MISSES).increment(1);
+            verifier.verify_fresh(&self.token).map_err(|e| e.deny())?;
+            self.verified.store(generation + 1, Ordering::Release);
+        }
+        Ok(Arc::clone(&self.grant))
     }
 }
 

@@ -25,7 +25,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::config::Config;
-use crate::identity::store::Store;
+use crate::identity::store::{Change, SandboxRecord, Store, StoreError};
 use crate::identity::token::{MintRequest, Signer, Verifier, is_safe_id};
 use crate::identity::{BindError, LaunchRecord, MacAddr, Registry, Sandbox};
 
@@ -56,7 +56,7 @@ pub enum RegisterError {
     #[error("cannot bind the address to its MAC")]
     L2(#[source] LaunchError),
     #[error("cannot persist the registry")]
-    Persist(#[source] LaunchError),
+    Persist(#[source] crate::identity::store::StoreError),
 }
 
 /// Why a launch (or a stop, or an exec) failed.
@@ -78,6 +78,8 @@ pub enum LaunchError {
     Failed(String),
     #[error("cannot set the gateway's rules")]
     Rules(#[source] crate::rules::RulesError),
+    #[error("cannot persist the registry")]
+    Store(#[source] crate::identity::store::StoreError),
 }
 
 impl LaunchError {
@@ -91,6 +93,7 @@ impl LaunchError {
             LaunchError::NotLaunched(_) => "not_launched",
             LaunchError::Timeout(_) => "exec_timeout",
             LaunchError::Failed(_) | LaunchError::Rules(_) => "launch_failed",
+            LaunchError::Store(_) => "persist_failed",
         }
     }
 }
@@ -239,15 +242,10 @@ impl Sandboxes {
             .remove(&ip);
     }
 
-    fn persist(&self) -> Result<(), LaunchError> {
-        self.store
-            .save(&self.registry, &self.verifier)
-            .map_err(|e| {
-                LaunchError::Failed(format!(
-                    "cannot persist the registry: {}",
-                    crate::error_chain(&e)
-                ))
-            })
+    /// Makes `changes` durable (shared with concurrent ones) before the
+    /// caller acknowledges anything.
+    async fn persist(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.store.apply(changes).await
     }
 
     /// Registers a sandbox started elsewhere: on a bridge that several
@@ -279,7 +277,10 @@ impl Sandboxes {
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.persist() {
+        if let Err(e) = self
+            .persist(vec![Change::Put(SandboxRecord::of(&sandbox))])
+            .await
+        {
             // Not on disk, so not acknowledged: undone.
             self.registry.unbind(&sandbox.container_id);
             undo_l2.await;
@@ -329,7 +330,8 @@ impl Sandboxes {
                 ttl: Duration::from_secs(ttl),
             })
             .map_err(|e| LaunchError::BadRequest(e.to_string()))?;
-        let grant = self.verifier.verify(&minted.token).map_err(|e| {
+        let generation = self.verifier.generation();
+        let grant = self.verifier.verify_fresh(&minted.token).map_err(|e| {
             LaunchError::Failed(format!("a token sluice just minted does not verify: {e}"))
         })?;
 
@@ -360,15 +362,22 @@ impl Sandboxes {
             grant,
             crate::identity::Origin::Launched,
         )
+        .verified_under(generation)
         .launched(record.clone());
-        if let Err(e) = self.registry.bind(sandbox) {
-            self.release(source_ip);
-            return Err(LaunchError::Failed(e.to_string()));
-        }
-        if let Err(e) = self.persist() {
+        let sandbox = match self.registry.bind(sandbox) {
+            Ok(s) => s,
+            Err(e) => {
+                self.release(source_ip);
+                return Err(LaunchError::Failed(e.to_string()));
+            }
+        };
+        if let Err(e) = self
+            .persist(vec![Change::Put(SandboxRecord::of(&sandbox))])
+            .await
+        {
             self.registry.unbind(&container_id);
             self.release(source_ip);
-            return Err(e);
+            return Err(LaunchError::Store(e));
         }
         match self.launcher.start(&spec).await {
             Ok(_) => {
@@ -383,7 +392,12 @@ impl Sandboxes {
             Err(e) => {
                 tracing::warn!(container_id, error = %e, "launch failed; undoing it");
                 self.registry.unbind(&container_id);
-                let _ = self.persist();
+                if let Err(e) = self
+                    .persist(vec![Change::Remove(container_id.clone())])
+                    .await
+                {
+                    tracing::error!(container_id, error = %crate::error_chain(&e), "cannot remove the failed launch's record; the next start cleans it up");
+                }
                 self.release(source_ip);
                 Err(e)
             }
@@ -452,7 +466,16 @@ impl Sandboxes {
         // both doors and refuses it on the proxy door from now on.
         self.verifier
             .revoke(&sandbox.grant.claims.jti, sandbox.grant.claims.exp);
-        let persisted = self.persist();
+        let persisted = self
+            .persist(vec![
+                Change::Remove(id.to_owned()),
+                Change::Revoke {
+                    jti: sandbox.grant.claims.jti.clone(),
+                    exp: sandbox.grant.claims.exp,
+                },
+            ])
+            .await
+            .map_err(LaunchError::Store);
         if let Some(mac) = sandbox.mac
             && !self.config.gateway.l2_bind_iface.is_empty()
             && let Err(e) = self.l2(false, sandbox.source_ip, mac).await
@@ -470,8 +493,8 @@ impl Sandboxes {
     }
 
     /// The reaper's pass (see [`Registry::reap`]), stopping the launched
-    /// sandboxes it removes. `true` if the registry changed.
-    pub async fn reap(&self, now: u64, retention: u64) -> bool {
+    /// sandboxes it removes and removing their records.
+    pub async fn reap(&self, now: u64, retention: u64) -> Result<(), StoreError> {
         let removed = self.registry.reap(now, self.verifier.leeway(), retention);
         for s in &removed {
             tracing::info!(container_id = %s.container_id, source_ip = %s.source_ip, "expired sandbox removed");
@@ -488,7 +511,13 @@ impl Sandboxes {
                 }
             }
         }
-        !removed.is_empty()
+        self.persist(
+            removed
+                .iter()
+                .map(|s| Change::Remove(s.container_id.clone()))
+                .collect(),
+        )
+        .await
     }
 
     /// At start: a launched sandbox that no longer runs is cleaned up;

@@ -352,8 +352,13 @@ async fn launching_without_a_runtime_or_rootfs_is_503_and_leaves_nothing() {
             body["sandboxes"].as_array().unwrap().is_empty(),
             "{what}: {body}"
         );
-        let saved = std::fs::read_to_string(gw.dir.path().join("registry.json")).unwrap();
-        assert!(!saved.contains("sb-"), "{what}: {saved}");
+        let Gw { running, dir } = gw;
+        running.shutdown().await;
+        let saved = sluice::identity::store::Store::open(dir.path())
+            .unwrap()
+            .load()
+            .unwrap();
+        assert!(saved.sandboxes.is_empty(), "{what}: {saved:?}");
     }
 }
 

@@ -432,33 +432,27 @@ async fn a_restart_verifies_restored_tokens_without_waiting_for_them() {
 
     // The stored token of "forged" gets another token's signature: its
     // claims still read, but it no longer verifies.
-    let path = dir.path().join("registry.json");
-    let mut snap: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let sandboxes = snap["sandboxes"].as_array_mut().unwrap();
-    let sig_of = |s: &serde_json::Value| {
-        s["token"]
-            .as_str()
-            .unwrap()
-            .rsplit('.')
-            .next()
-            .unwrap()
-            .to_owned()
-    };
-    let good_sig = sig_of(
-        sandboxes
+    {
+        use sluice::identity::store::{Change, Store};
+        let store = Store::open(dir.path()).unwrap();
+        let snap = store.load().unwrap();
+        let sig_of = |token: &str| token.rsplit('.').next().unwrap().to_owned();
+        let good = snap
+            .sandboxes
             .iter()
-            .find(|s| s["container_id"] == "good")
-            .unwrap(),
-    );
-    for s in sandboxes.iter_mut() {
-        if s["container_id"] == "forged" {
-            let token = s["token"].as_str().unwrap();
-            let (head, _) = token.rsplit_once('.').unwrap();
-            s["token"] = json!(format!("{head}.{good_sig}"));
-        }
+            .find(|s| s.container_id == "good")
+            .unwrap();
+        let good_sig = sig_of(&good.token);
+        let mut forged = snap
+            .sandboxes
+            .iter()
+            .find(|s| s.container_id == "forged")
+            .unwrap()
+            .clone();
+        let (head, _) = forged.token.rsplit_once('.').unwrap();
+        forged.token = format!("{head}.{good_sig}");
+        store.apply(vec![Change::Put(forged)]).await.unwrap();
     }
-    std::fs::write(&path, serde_json::to_vec(&snap).unwrap()).unwrap();
 
     let gw = start_in(dir, up.addr, |_| {}).await;
     let resp = gw

@@ -391,6 +391,9 @@ pub struct Verifier {
     watchers: DashMap<String, (u64, CancellationToken)>,
     /// `@name` entries expand from these.
     presets: Arc<Presets>,
+    /// Bumped on every key-set change: a grant verified under an older
+    /// generation is verified again before it is trusted.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 struct UntilExpiry {
@@ -434,6 +437,7 @@ impl Verifier {
             revoked: DashMap::new(),
             watchers: DashMap::new(),
             presets: Arc::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -490,10 +494,15 @@ impl Verifier {
 
     /// Forgets revocations of tokens that have expired anyway, and closes
     /// the watchers of expired tokens. `true` if a revocation was dropped.
-    pub fn purge_expired(&self, now: u64) -> bool {
-        let before = self.revoked.len();
-        self.revoked
-            .retain(|_, exp| exp.saturating_add(self.leeway) >= now);
+    pub fn purge_expired(&self, now: u64) -> Vec<String> {
+        let mut purged = Vec::new();
+        self.revoked.retain(|jti, exp| {
+            let keep = exp.saturating_add(self.leeway) >= now;
+            if !keep {
+                purged.push(jti.clone());
+            }
+            keep
+        });
         // An expired token's live proxy connections close too.
         self.watchers.retain(|_, (exp, token)| {
             let live = exp.saturating_add(self.leeway) >= now;
@@ -502,7 +511,7 @@ impl Verifier {
             }
             live
         });
-        self.revoked.len() != before
+        purged
     }
 
     pub fn jwks(&self) -> Arc<Jwks> {
@@ -513,7 +522,25 @@ impl Verifier {
     /// checked against the new keys.
     pub fn set_jwks(&self, jwks: Jwks) {
         *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(jwks);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.cache.invalidate_all();
+    }
+
+    /// The key set's generation (see [`Sandbox`](super::Sandbox)'s
+    /// verified grant).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Full verification and the revocation check, without the cache: for
+    /// a registered sandbox, which keeps its own verified grant.
+    pub fn verify_fresh(&self, token: &str) -> Result<Arc<Grant>, TokenError> {
+        let grant = self.verify_uncached(token)?;
+        if self.is_revoked(&grant.claims.jti) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(Arc::new(grant))
     }
 
     pub fn leeway(&self) -> u64 {
