@@ -52,6 +52,8 @@ pub enum AppError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot set up the TLS proxy")]
     Pairing(#[source] std::io::Error),
+    #[error("keys from auth.jwks_url")]
+    Jwks(#[from] crate::identity::jwks_remote::RemoteError),
 }
 
 /// How the gateway learns original destinations; tests fix one.
@@ -71,6 +73,8 @@ impl Default for Options {
 /// A running gateway.
 pub struct Running {
     jwks_path: std::path::PathBuf,
+    /// With `auth.jwks_url`: wakes the refresher (SIGHUP).
+    jwks_refresh: Option<Arc<tokio::sync::Notify>>,
     gateway: Arc<Gateway>,
     started_with: Arc<Config>,
     pub transparent_addr: SocketAddr,
@@ -91,7 +95,13 @@ pub struct Running {
 
 impl Running {
     /// Reloads the JWKS now (SIGHUP). A broken file keeps the current set.
+    /// With `auth.jwks_url` the refresher fetches at once, in the
+    /// background; the current set's size is returned.
     pub fn reload(&self) -> Result<usize, KeyError> {
+        if let Some(now) = &self.jwks_refresh {
+            now.notify_one();
+            return Ok(self.verifier.jwks().len());
+        }
         reload_jwks(&self.verifier, &self.jwks_path)
     }
 
@@ -194,9 +204,24 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         source,
     })?;
 
+    // Keys from auth.jwks_url (a fleet's), or the file.
+    let remote = if config.auth.jwks_url.is_empty() {
+        None
+    } else {
+        let ca = &config.auth.jwks_ca_file;
+        Some(Arc::new(crate::identity::jwks_remote::RemoteJwks::new(
+            &config.auth.jwks_url,
+            (!ca.as_os_str().is_empty()).then_some(ca.as_path()),
+            &config.state_dir,
+        )?))
+    };
+    let jwks = match &remote {
+        Some(r) => r.initial().await?,
+        None => state.jwks,
+    };
     let verifier = Arc::new(
         Verifier::new(
-            state.jwks,
+            jwks,
             &config.auth.issuer,
             &config.auth.audience,
             config.auth.leeway_s,
@@ -384,19 +409,36 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         admin = %admin_addr,
         metrics = %metrics_addr,
         keys = verifier.jwks().len(),
-        jwks = %config.jwks_path().display(),
+        jwks = %remote.as_ref().map_or_else(|| config.jwks_path().display().to_string(), |r| r.url().to_owned()),
         signing,
         store = %config.state_dir.display(),
         sandboxes = registry.len(),
         "sluice listening"
     );
-    servers.push(tokio::spawn(jwks_watcher(
-        Arc::clone(&verifier),
-        config.jwks_path(),
-        shutdown.clone(),
-    )));
+    let jwks_refresh = match remote {
+        None => {
+            servers.push(tokio::spawn(jwks_watcher(
+                Arc::clone(&verifier),
+                config.jwks_path(),
+                shutdown.clone(),
+            )));
+            None
+        }
+        Some(remote) => {
+            let now = Arc::new(tokio::sync::Notify::new());
+            servers.push(tokio::spawn(jwks_refresher(
+                Arc::clone(&verifier),
+                remote,
+                Duration::from_secs(config.auth.jwks_refresh_s),
+                Arc::clone(&now),
+                shutdown.clone(),
+            )));
+            Some(now)
+        }
+    };
     Ok(Running {
         jwks_path: config.jwks_path(),
+        jwks_refresh,
         gateway: Arc::clone(&gateway),
         started_with: Arc::clone(&config),
         transparent_addr,
@@ -452,6 +494,27 @@ fn reload_jwks(verifier: &Verifier, path: &Path) -> Result<usize, KeyError> {
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %crate::error_chain(&e), "JWKS not reloaded; keeping the last good set");
             Err(e)
+        }
+    }
+}
+
+/// Fetches `auth.jwks_url` every `every` (or when woken), applying a
+/// changed set; a failure keeps the current one.
+async fn jwks_refresher(
+    verifier: Arc<Verifier>,
+    remote: Arc<crate::identity::jwks_remote::RemoteJwks>,
+    every: Duration,
+    now: Arc<tokio::sync::Notify>,
+    shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = now.notified() => {}
+            _ = shutdown.stopping() => return,
+        }
+        if let Err(e) = remote.refresh(&verifier).await {
+            tracing::warn!(error = %crate::error_chain(&e), "JWKS not refreshed; keeping the last good set");
         }
     }
 }

@@ -111,6 +111,13 @@ pub struct AuthConfig {
     pub audience: String,
     /// Defaults to `<state_dir>/keys/jwks.json`.
     pub jwks_file: Option<PathBuf>,
+    /// The JWKS over HTTPS instead of a file: fetched on start and every
+    /// `jwks_refresh_s`, the last good set kept on any failure.
+    pub jwks_url: String,
+    pub jwks_refresh_s: u64,
+    /// The CA that `jwks_url`'s certificate must chain to; empty: the
+    /// system's roots.
+    pub jwks_ca_file: PathBuf,
     /// Defaults to `<state_dir>/keys/private-key.pem`.
     pub signing_key_file: Option<PathBuf>,
     pub signing_kid: String,
@@ -217,6 +224,9 @@ impl Default for AuthConfig {
             issuer: "secure-egress-control".into(),
             audience: "egress-proxy".into(),
             jwks_file: None,
+            jwks_url: String::new(),
+            jwks_refresh_s: 300,
+            jwks_ca_file: PathBuf::new(),
             signing_key_file: None,
             signing_kid: "sluice-1".into(),
             leeway_s: 30,
@@ -539,6 +549,27 @@ impl Config {
         }
         if self.auth.signing_kid.is_empty() {
             err("auth.signing_kid", "must not be empty".into());
+        }
+        let a = &self.auth;
+        if !a.jwks_url.is_empty() {
+            match reqwest::Url::parse(&a.jwks_url) {
+                Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+                Ok(_) => err(
+                    "auth.jwks_url",
+                    "must be an https:// URL: keys fetched in clear could be replaced on the way"
+                        .into(),
+                ),
+                Err(e) => err("auth.jwks_url", format!("not a URL: {e}")),
+            }
+            if a.jwks_file.is_some() {
+                err(
+                    "auth.jwks_file",
+                    "set one of auth.jwks_file and auth.jwks_url, not both".into(),
+                );
+            }
+        }
+        if a.jwks_refresh_s == 0 {
+            err("auth.jwks_refresh_s", "must be greater than 0".into());
         }
         if self.auth.max_ttl_s == 0 {
             err("auth.max_ttl_s", "must be greater than 0".into());

@@ -4,6 +4,7 @@
 //! `Arc<Sandbox>` through [`Registry::bind`], [`Registry::get`] and
 //! [`Registry::unbind`], so no map guard is ever held across an `.await`.
 
+pub mod jwks_remote;
 pub mod store;
 pub mod token;
 
