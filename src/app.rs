@@ -54,6 +54,8 @@ pub enum AppError {
     Pairing(#[source] std::io::Error),
     #[error("keys from auth.jwks_url")]
     Jwks(#[from] crate::identity::jwks_remote::RemoteError),
+    #[error("store.redis_url")]
+    Fleet(#[source] redis::RedisError),
 }
 
 /// How the gateway learns original destinations; tests fix one.
@@ -75,6 +77,8 @@ pub struct Running {
     jwks_path: std::path::PathBuf,
     /// With `auth.jwks_url`: wakes the refresher (SIGHUP).
     jwks_refresh: Option<Arc<tokio::sync::Notify>>,
+    /// With `[store] backend = "redis"`.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
     gateway: Arc<Gateway>,
     started_with: Arc<Config>,
     pub transparent_addr: SocketAddr,
@@ -94,6 +98,12 @@ pub struct Running {
 }
 
 impl Running {
+    /// Whether the store answers: the fleet's Redis, or the local one
+    /// (always).
+    pub fn store_up(&self) -> bool {
+        self.fleet.as_ref().is_none_or(|f| f.is_up())
+    }
+
     /// Reloads the JWKS now (SIGHUP). A broken file keeps the current set.
     /// With `auth.jwks_url` the refresher fetches at once, in the
     /// background; the current set's size is returned.
@@ -239,6 +249,40 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         );
     }
     let shutdown = Shutdown::new();
+    // The fleet store: this gateway's durable changes are shared once on
+    // disk here; Redis's health is sluice_store_up.
+    let fleet = match config.store.backend {
+        crate::config::StoreBackend::Local => {
+            ::metrics::gauge!(crate::metrics::STORE_UP).set(1.0);
+            None
+        }
+        crate::config::StoreBackend::Redis => {
+            let name = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "sluice".into());
+            let gateway = format!("{name}/{admin_addr}");
+            let fleet = Arc::new(
+                crate::fleet::Fleet::new(
+                    &config.store.redis_url,
+                    &config.store.key_prefix,
+                    &gateway,
+                )
+                .map_err(AppError::Fleet)?,
+            );
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            store.share_with(tx);
+            tokio::spawn(Arc::clone(&fleet).run(
+                crate::fleet::Local {
+                    registry: Arc::clone(&registry),
+                    verifier: Arc::clone(&verifier),
+                    store: Arc::clone(&store),
+                },
+                rx,
+                shutdown.clone(),
+            ));
+            Some(fleet)
+        }
+    };
     let own = vec![
         transparent_addr,
         proxy_addr,
@@ -439,6 +483,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     Ok(Running {
         jwks_path: config.jwks_path(),
         jwks_refresh,
+        fleet,
         gateway: Arc::clone(&gateway),
         started_with: Arc::clone(&config),
         transparent_addr,

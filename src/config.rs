@@ -46,9 +46,40 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub sandbox: SandboxConfig,
     pub dns: DnsConfig,
+    pub store: StoreConfig,
     /// Named host groups for allowlists (`@name`), beside the built-in
     /// `package_managers` and `os_updates`.
     pub presets: BTreeMap<String, Vec<String>>,
+}
+
+/// `[store]`: where registrations and revocations live beyond this
+/// process. Always the local file; with `redis`, also shared with a fleet.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub redis_url: String,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// `state_dir/registry.redb` only.
+    Local,
+    /// And a Redis shared by the gateways of a fleet: sessions and
+    /// revocations.
+    Redis,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Local,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "sluice:".into(),
+        }
+    }
 }
 
 /// `[dns]`: the DNS door for sandboxes, and the resolver sluice itself
@@ -188,6 +219,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             sandbox: SandboxConfig::default(),
             dns: DnsConfig::default(),
+            store: StoreConfig::default(),
             presets: BTreeMap::new(),
         }
     }
@@ -566,6 +598,17 @@ impl Config {
                     "auth.jwks_file",
                     "set one of auth.jwks_file and auth.jwks_url, not both".into(),
                 );
+            }
+        }
+        if self.store.backend == StoreBackend::Redis {
+            match redis::Client::open(self.store.redis_url.as_str()) {
+                Ok(_) if self.store.redis_url.starts_with("redis://") => {}
+                Ok(_) => err(
+                    "store.redis_url",
+                    "must be a redis:// URL (TCP; a unix socket or TLS is not supported here)"
+                        .into(),
+                ),
+                Err(e) => err("store.redis_url", format!("not a Redis URL: {e}")),
             }
         }
         if a.jwks_refresh_s == 0 {

@@ -28,6 +28,7 @@ pub mod config;
 pub mod decision;
 pub mod deny;
 pub mod dns;
+pub mod fleet;
 pub mod host;
 pub mod identity;
 pub mod invariants;

@@ -20,6 +20,7 @@ pub const DNS_QUERIES_TOTAL: &str = "sluice_dns_queries_total";
 pub const DNS_CACHE_HITS: &str = "sluice_dns_cache_hits_total";
 pub const DNS_CACHE_MISSES: &str = "sluice_dns_cache_misses_total";
 pub const BUILD_INFO: &str = "sluice_build_info";
+pub const STORE_UP: &str = "sluice_store_up";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -95,6 +96,10 @@ fn describe() {
     describe_counter!(
         DNS_CACHE_MISSES,
         "Name resolutions that asked the resolver."
+    );
+    describe_gauge!(
+        STORE_UP,
+        "1 while the store answers (the fleet's Redis with [store] backend = \"redis\"; always 1 for the local store)."
     );
     describe_gauge!(
         BUILD_INFO,

@@ -122,6 +122,8 @@ pub struct Store {
     db: Arc<Database>,
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// With a fleet store: every durable change, in order, to share.
+    share: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<Change>>>,
 }
 
 impl Drop for Store {
@@ -194,6 +196,7 @@ impl Store {
             db,
             jobs: Some(jobs),
             writer: Some(writer),
+            share: std::sync::OnceLock::new(),
         };
         store.migrate(state_dir)?;
         Ok(store)
@@ -227,9 +230,30 @@ impl Store {
         Ok(())
     }
 
+    /// From now on, every durable change also goes to `to` (the fleet
+    /// store), after it is on disk here.
+    pub fn share_with(&self, to: tokio::sync::mpsc::UnboundedSender<Vec<Change>>) {
+        let _ = self.share.set(to);
+    }
+
     /// Makes `changes` durable, in one transaction (shared with whatever
-    /// else is waiting), before it returns.
+    /// else is waiting), before it returns; then shares them with the
+    /// fleet, if there is one.
     pub async fn apply(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let shared = self.share.get().map(|_| changes.clone());
+        self.apply_unshared(changes).await?;
+        if let (Some(to), Some(changes)) = (self.share.get(), shared) {
+            let _ = to.send(changes);
+        }
+        Ok(())
+    }
+
+    /// As [`apply`](Self::apply), without sharing: for what came from the
+    /// fleet.
+    pub async fn apply_unshared(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }

@@ -1,0 +1,358 @@
+//! The fleet store (`[store] backend = "redis"`): what the gateways of a
+//! fleet share through one Redis, beside each one's own local store, which
+//! stays the source of truth for its registrations. Owns:
+//!
+//! - a session per registration, `<prefix>session:<container_id>` (JSON:
+//!   container_id, organization_uuid, source_ip, gateway, jti, created_at,
+//!   expires_at) with a TTL of the token's remaining life, gone with the
+//!   registration;
+//! - revocations: a sorted set `<prefix>revoked` (jti by expiry) and a
+//!   message on the channel `<prefix>revocations`, which every gateway
+//!   subscribes to and applies (and keeps in its local store, so a restart
+//!   still refuses them). Pub/sub rather than keyspace notifications: it
+//!   needs no server configuration (`notify-keyspace-events`), and the
+//!   sorted set is what a gateway reads to catch up after missing messages;
+//! - health: `sluice_store_up` is 1 while Redis answers; when it does not,
+//!   the gateway serves from its local state and retries with backoff, and
+//!   when it answers again it re-seeds what an empty Redis lost (its
+//!   registrations' sessions and every revocation it knows that has not
+//!   expired), then tells the fleet to re-read the sorted set.
+//!
+//! The client is the `redis` crate (its tokio connection manager for
+//! commands, a pub/sub connection for the channel).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use tokio::sync::mpsc;
+
+use crate::identity::Registry;
+use crate::identity::store::{Change, SandboxRecord, Store};
+use crate::identity::token::{Verifier, claims_unverified, now_s};
+use crate::shutdown::Shutdown;
+
+/// How often Redis is asked whether it is there, and the longest wait
+/// between reconnection attempts.
+const PING_EVERY: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A full read of the revocations, whatever the messages said.
+const SYNC_EVERY: Duration = Duration::from_secs(30);
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// This gateway's side of the fleet store.
+pub struct Fleet {
+    client: redis::Client,
+    prefix: String,
+    gateway: String,
+    up: AtomicBool,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("prefix", &self.prefix)
+            .field("gateway", &self.gateway)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+/// What the fleet needs of this gateway.
+#[derive(Clone)]
+pub struct Local {
+    pub registry: Arc<Registry>,
+    pub verifier: Arc<Verifier>,
+    pub store: Arc<Store>,
+}
+
+#[derive(serde::Serialize)]
+struct Session<'a> {
+    container_id: &'a str,
+    organization_uuid: Option<&'a str>,
+    source_ip: std::net::IpAddr,
+    gateway: &'a str,
+    jti: &'a str,
+    created_at: u64,
+    expires_at: u64,
+}
+
+impl Fleet {
+    /// Checks the URL; connects later, in [`run`](Fleet::run).
+    pub fn new(url: &str, prefix: &str, gateway: &str) -> redis::RedisResult<Fleet> {
+        Ok(Fleet {
+            client: redis::Client::open(url)?,
+            prefix: prefix.to_owned(),
+            gateway: gateway.to_owned(),
+            up: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        ::metrics::gauge!(crate::metrics::STORE_UP).set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}{what}", self.prefix)
+    }
+
+    fn session_key(&self, id: &str) -> String {
+        self.key(&format!("session:{id}"))
+    }
+
+    fn channel(&self) -> String {
+        self.key("revocations")
+    }
+
+    /// Adds one local change to a pipeline.
+    fn add(&self, pipe: &mut redis::Pipeline, change: &Change, now: u64) {
+        match change {
+            Change::Put(record) => self.add_session(pipe, record, now),
+            Change::Remove(id) => {
+                pipe.del(self.session_key(id)).ignore();
+            }
+            Change::Revoke { jti, exp } => {
+                pipe.zadd(self.key("revoked"), jti, *exp).ignore();
+                pipe.publish(self.channel(), format!("revoke {jti} {exp}"))
+                    .ignore();
+            }
+            Change::Forget(jti) => {
+                pipe.zrem(self.key("revoked"), jti).ignore();
+            }
+        }
+    }
+
+    fn add_session(&self, pipe: &mut redis::Pipeline, record: &SandboxRecord, now: u64) {
+        let Ok(claims) = claims_unverified(&record.token) else {
+            return;
+        };
+        let ttl = claims.exp.saturating_sub(now);
+        if ttl == 0 {
+            return;
+        }
+        let session = Session {
+            container_id: &record.container_id,
+            organization_uuid: claims.organization_uuid.as_deref(),
+            source_ip: record.source_ip,
+            gateway: &self.gateway,
+            jti: &claims.jti,
+            created_at: now,
+            expires_at: claims.exp,
+        };
+        if let Ok(json) = serde_json::to_string(&session) {
+            pipe.set_ex(self.session_key(&record.container_id), json, ttl)
+                .ignore();
+        }
+    }
+
+    /// Runs until shutdown: connects (retrying with backoff), forwards the
+    /// local store's changes, watches Redis's health, re-seeds it after an
+    /// outage and follows the fleet's revocations.
+    pub async fn run(
+        self: Arc<Fleet>,
+        local: Local,
+        mut changes: mpsc::UnboundedReceiver<Vec<Change>>,
+        shutdown: Shutdown,
+    ) {
+        self.set_up(false);
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
+        let mut backoff = Duration::from_millis(100);
+        let mut conn = loop {
+            let attempt = tokio::time::timeout(
+                TIMEOUT * 2,
+                self.client
+                    .get_connection_manager_with_config(config.clone()),
+            );
+            tokio::select! {
+                r = attempt => match r {
+                    Ok(Ok(c)) => break c,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "redis: not connected"),
+                    Err(_) => tracing::debug!("redis: connection timed out"),
+                },
+                _ = shutdown.stopping() => return,
+            }
+            // Changes made meanwhile are in the local store; the re-seed
+            // after connecting carries them.
+            while changes.try_recv().is_ok() {}
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.stopping() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        tokio::spawn(Arc::clone(&self).follow(local.clone(), shutdown.clone()));
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sync = tokio::time::interval(SYNC_EVERY);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = changes.recv() => {
+                    let Some(batch) = batch else { return };
+                    // While Redis is away, changes wait in the local store
+                    // for the re-seed.
+                    if !self.is_up() {
+                        continue;
+                    }
+                    let mut pipe = redis::pipe();
+                    let now = now_s();
+                    for change in &batch {
+                        self.add(&mut pipe, change, now);
+                    }
+                    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                        tracing::warn!(error = %e, "redis: a change was not shared; re-seeding when it answers");
+                        self.set_up(false);
+                    }
+                }
+                _ = ping.tick() => {
+                    let alive = redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok();
+                    if alive && !self.is_up() {
+                        match self.reseed(&mut conn, &local).await {
+                            Ok(()) => {
+                                self.set_up(true);
+                                tracing::info!("redis: connected; sessions and revocations shared");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "redis: re-seed failed"),
+                        }
+                    } else if !alive && self.is_up() {
+                        tracing::warn!("redis: not answering; serving from local state");
+                        self.set_up(false);
+                    }
+                }
+                _ = sync.tick() => {
+                    if self.is_up() && let Err(e) = self.catch_up(&mut conn, &local).await {
+                        tracing::debug!(error = %e, "redis: revocations not read");
+                    }
+                }
+                _ = shutdown.stopping() => return,
+            }
+        }
+    }
+
+    /// What an empty Redis lost: this gateway's registrations' sessions and
+    /// every live revocation it knows; then the fleet is told to re-read
+    /// the revocations, and this gateway reads them too.
+    async fn reseed(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        local: &Local,
+    ) -> redis::RedisResult<()> {
+        let now = now_s();
+        let mut pipe = redis::pipe();
+        for s in local.registry.list() {
+            self.add_session(&mut pipe, &SandboxRecord::of(&s), now);
+        }
+        for (jti, exp) in local.verifier.revoked() {
+            if exp >= now {
+                pipe.zadd(self.key("revoked"), jti, exp).ignore();
+            }
+        }
+        pipe.zrembyscore(self.key("revoked"), 0, now.saturating_sub(1))
+            .ignore();
+        pipe.publish(self.channel(), "sync").ignore();
+        pipe.query_async::<()>(conn).await?;
+        self.catch_up(conn, local).await
+    }
+
+    /// Applies every revocation in the sorted set that this gateway does
+    /// not know yet (and keeps it in the local store).
+    async fn catch_up(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        local: &Local,
+    ) -> redis::RedisResult<()> {
+        let all: Vec<(String, u64)> = conn
+            .zrangebyscore_withscores(self.key("revoked"), now_s(), "+inf")
+            .await?;
+        apply_revocations(local, all).await;
+        Ok(())
+    }
+
+    /// Follows the revocation channel, resubscribing after any loss.
+    async fn follow(self: Arc<Fleet>, local: Local, shutdown: Shutdown) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match tokio::time::timeout(TIMEOUT * 2, self.client.get_async_pubsub()).await {
+                Ok(Ok(mut pubsub)) => {
+                    if pubsub.subscribe(self.channel()).await.is_ok() {
+                        backoff = Duration::from_millis(100);
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                m = messages.next() => {
+                                    let Some(m) = m else { break };
+                                    let Ok(text) = m.get_payload::<String>() else { continue };
+                                    self.on_message(&text, &local).await;
+                                }
+                                _ = shutdown.stopping() => return,
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "redis: cannot subscribe"),
+                Err(_) => tracing::debug!("redis: subscribing timed out"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.stopping() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn on_message(&self, text: &str, local: &Local) {
+        let mut words = text.split(' ');
+        match (words.next(), words.next(), words.next()) {
+            (Some("revoke"), Some(jti), Some(exp)) => {
+                if let Ok(exp) = exp.parse() {
+                    apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
+                }
+            }
+            (Some("sync"), None, None) => {
+                if let Ok(mut conn) = self.client.get_multiplexed_async_connection().await {
+                    let all: redis::RedisResult<Vec<(String, u64)>> = conn
+                        .zrangebyscore_withscores(self.key("revoked"), now_s(), "+inf")
+                        .await;
+                    if let Ok(all) = all {
+                        apply_revocations(local, all).await;
+                    }
+                }
+            }
+            _ => tracing::debug!(message = text, "redis: an unknown message"),
+        }
+    }
+}
+
+/// Revokes (locally, durably, without sharing again) what is new here.
+async fn apply_revocations(local: &Local, all: Vec<(String, u64)>) {
+    let fresh: Vec<Change> = all
+        .into_iter()
+        .filter(|(jti, exp)| {
+            let ok = !jti.is_empty()
+                && jti.len() <= 128
+                && jti
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            ok && local.verifier.revoke(jti, *exp)
+        })
+        .map(|(jti, exp)| Change::Revoke { jti, exp })
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    tracing::info!(count = fresh.len(), "revocations from the fleet applied");
+    if let Err(e) = local.store.apply_unshared(fresh).await {
+        tracing::error!(error = %crate::error_chain(&e), "cannot keep the fleet's revocations");
+    }
+}

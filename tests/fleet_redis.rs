@@ -1,0 +1,246 @@
+//! The fleet store on a real `redis-server` (Debian's), started by this
+//! test on a free loopback port (never a system service): two gateways
+//! share it. A registration's session appears with its token's remaining
+//! life as TTL and goes with DELETE; a revocation on one gateway is
+//! refused by the other within 1 s; with Redis gone both keep serving and
+//! report it; a revocation made meanwhile reaches the other gateway once an
+//! empty Redis is back; and a gateway restarted later still refuses it.
+//!
+//! Without redis-server it skips with a reason (a failure with `CI=true`).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice::config::{Config, StoreBackend};
+use support::*;
+
+/// A redis-server of this test's own, killed (by its id) on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = Redis { child, port };
+        let start = Instant::now();
+        while r.cli(&["PING"]).trim() != "PONG" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn fleet(port: u16, keys: std::path::PathBuf) -> impl FnOnce(&mut Config) + Clone {
+    move |c: &mut Config| {
+        c.store.backend = StoreBackend::Redis;
+        c.store.redis_url = format!("redis://127.0.0.1:{port}/0");
+        c.store.key_prefix = "t:".into();
+        // One key pair for the fleet: both gateways verify each other's
+        // tokens.
+        c.auth.jwks_file = Some(keys.join("jwks.json"));
+        c.auth.signing_key_file = Some(keys.join("private-key.pem"));
+    }
+}
+
+#[tokio::test]
+async fn two_gateways_share_sessions_and_revocations_through_redis() {
+    if !have_tool(
+        "redis-server",
+        "--version",
+        "two_gateways_share_sessions_and_revocations_through_redis",
+    ) {
+        return;
+    }
+    let port = free_port();
+    let mut redis = Redis::start(port);
+    let keys = tempfile::tempdir().unwrap();
+    sluice::identity::token::KeyPair::generate("sluice-1")
+        .unwrap()
+        .write(keys.path())
+        .unwrap();
+    let tweak = fleet(port, keys.path().to_owned());
+    let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+    let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+    eventually(Duration::from_secs(5), "both connected", || {
+        one.running.store_up() && two.running.store_up()
+    })
+    .await;
+
+    // A session per registration, with the token's remaining life.
+    let token = one
+        .register("sb-one", "198.18.0.2", &["api.test"], 600)
+        .await;
+    let key = "t:session:sb-one";
+    let mut session = String::new();
+    eventually(Duration::from_secs(2), "the session", || {
+        session = redis.cli(&["GET", key]);
+        !session.trim().is_empty()
+    })
+    .await;
+    let s: serde_json::Value = serde_json::from_str(session.trim()).unwrap();
+    assert_eq!(s["container_id"], "sb-one");
+    assert_eq!(s["source_ip"], "198.18.0.2");
+    for field in [
+        "organization_uuid",
+        "gateway",
+        "jti",
+        "created_at",
+        "expires_at",
+    ] {
+        assert!(s.get(field).is_some(), "{field} missing: {s}");
+    }
+    let ttl: u64 = redis.cli(&["TTL", key]).trim().parse().unwrap();
+    assert!((590..=600).contains(&ttl), "TTL {ttl}");
+    let (status, _) = one.admin("DELETE", "/v1/sandboxes/sb-one", None).await;
+    assert_eq!(status, 204);
+    eventually(Duration::from_secs(2), "the session gone", || {
+        redis.cli(&["EXISTS", key]).trim() == "0"
+    })
+    .await;
+
+    // A revocation on one is refused by the other within 1 s.
+    let (_, minted) = one
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"container_id": "sb-x", "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
+        )
+        .await;
+    let (tx, jti) = (
+        minted["token"].as_str().unwrap().to_owned(),
+        minted["jti"].as_str().unwrap().to_owned(),
+    );
+    assert!(two.running.verifier.verify(&tx).is_ok());
+    let revoked_at = Instant::now();
+    let (status, _) = one
+        .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
+        .await;
+    assert_eq!(status, 204);
+    eventually(
+        Duration::from_secs(1),
+        "the revocation on the other",
+        || two.running.verifier.verify(&tx).is_err(),
+    )
+    .await;
+    eprintln!("revocation across gateways: {:?}", revoked_at.elapsed());
+    drop(token);
+
+    // Redis gone: both keep serving from local state and say so.
+    redis.kill();
+    eventually(Duration::from_secs(5), "both report the store down", || {
+        !one.running.store_up() && !two.running.store_up()
+    })
+    .await;
+    let page = one.metrics().await;
+    assert_eq!(metric(&page, "sluice_store_up"), 0.0, "{page}");
+    one.register("sb-during", "198.18.0.3", &["api.test"], 600)
+        .await;
+    let (_, minted) = one
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"container_id": "sb-y", "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
+        )
+        .await;
+    let (ty, jti_y) = (
+        minted["token"].as_str().unwrap().to_owned(),
+        minted["jti"].as_str().unwrap().to_owned(),
+    );
+    let (status, _) = one
+        .admin("POST", "/v1/revocations", Some(json!({"jti": jti_y})))
+        .await;
+    assert_eq!(status, 204, "revoking works with the fleet store down");
+    assert!(two.running.verifier.verify(&ty).is_ok(), "not shared yet");
+
+    // An empty Redis comes back: re-seeded, and the revocation made
+    // meanwhile reaches the other gateway.
+    let redis = Redis::start(port);
+    eventually(
+        Duration::from_secs(15),
+        "the other learns the revocation",
+        || two.running.verifier.verify(&ty).is_err(),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "both up again", || {
+        one.running.store_up() && two.running.store_up()
+    })
+    .await;
+    assert_eq!(metric(&two.metrics().await, "sluice_store_up"), 1.0);
+    assert_ne!(
+        redis.cli(&["GET", "t:session:sb-during"]).trim(),
+        "",
+        "the session registered meanwhile was re-seeded"
+    );
+    let score = redis.cli(&["ZSCORE", "t:revoked", &jti_y]);
+    assert!(!score.trim().is_empty(), "the revocation was re-seeded");
+
+    // The other gateway, restarted later, still refuses both revocations.
+    let Gw { running, dir } = two;
+    running.shutdown().await;
+    let two = start_in(dir, "127.0.0.1:9".parse().unwrap(), tweak).await;
+    assert!(two.running.verifier.verify(&tx).is_err());
+    assert!(two.running.verifier.verify(&ty).is_err());
+}
