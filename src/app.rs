@@ -58,16 +58,29 @@ pub enum AppError {
     Fleet(#[source] redis::RedisError),
 }
 
-/// How the gateway learns original destinations; tests fix one.
-#[derive(Debug, Clone, Copy)]
+/// What a caller may put in place of the real thing: how the gateway
+/// learns original destinations (tests fix one) and what starts launched
+/// sandboxes (tests use a fake; by default runsc).
+#[derive(Clone)]
 pub struct Options {
     pub orig_dst: OrigDstSource,
+    pub launcher: Option<Arc<dyn crate::sandbox::Launcher>>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("orig_dst", &self.orig_dst)
+            .field("launcher", &self.launcher.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             orig_dst: OrigDstSource::Socket,
+            launcher: None,
         }
     }
 }
@@ -309,12 +322,14 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Arc::clone(&verifier),
         signer.clone(),
         Arc::clone(&store),
-        Arc::new(Runsc::new(
-            Arc::clone(&config),
-            transparent_addr.port(),
-            proxy_addr.port(),
-            dns_addr.port(),
-        )),
+        options.launcher.clone().unwrap_or_else(|| {
+            Arc::new(Runsc::new(
+                Arc::clone(&config),
+                transparent_addr.port(),
+                proxy_addr.port(),
+                dns_addr.port(),
+            ))
+        }),
         proxy_addr.port(),
     ));
     sandboxes.reconcile(&dropped).await;

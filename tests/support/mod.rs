@@ -68,6 +68,7 @@ pub async fn start_in(
         config,
         Options {
             orig_dst: OrigDstSource::Fixed(orig),
+            launcher: None,
         },
     )
     .await
