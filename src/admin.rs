@@ -544,9 +544,13 @@ impl From<LaunchError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             LaunchError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            LaunchError::Failed(_) | LaunchError::Rules(_) | LaunchError::Store(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            LaunchError::Failed(_)
+            | LaunchError::Rules(_)
+            | LaunchError::Store(_)
+            | LaunchError::Io { .. }
+            | LaunchError::Spec(_)
+            | LaunchError::Json(_)
+            | LaunchError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.reason(), crate::error_chain(&e))
     }

@@ -80,9 +80,29 @@ pub enum LaunchError {
     Rules(#[source] crate::rules::RulesError),
     #[error("cannot persist the registry")]
     Store(#[source] crate::identity::store::StoreError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("OCI spec")]
+    Spec(#[source] oci_spec::OciSpecError),
+    #[error("cannot encode the OCI spec")]
+    Json(#[source] serde_json::Error),
+    #[error("a blocking task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl LaunchError {
+    /// An I/O failure and what was being done.
+    pub fn io(what: impl std::fmt::Display, source: std::io::Error) -> LaunchError {
+        LaunchError::Io {
+            what: what.to_string(),
+            source,
+        }
+    }
+
     /// The API's reason for this error.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -92,7 +112,12 @@ impl LaunchError {
             LaunchError::NotFound => "not_found",
             LaunchError::NotLaunched(_) => "not_launched",
             LaunchError::Timeout(_) => "exec_timeout",
-            LaunchError::Failed(_) | LaunchError::Rules(_) => "launch_failed",
+            LaunchError::Failed(_)
+            | LaunchError::Rules(_)
+            | LaunchError::Io { .. }
+            | LaunchError::Spec(_)
+            | LaunchError::Json(_)
+            | LaunchError::Task(_) => "launch_failed",
             LaunchError::Store(_) => "persist_failed",
         }
     }
@@ -301,7 +326,7 @@ impl Sandboxes {
         let binding = crate::rules::Binding { ip, mac };
         tokio::task::spawn_blocking(move || crate::rules::bind(&target, &binding, add))
             .await
-            .map_err(|e| LaunchError::Failed(format!("the rules task: {e}")))?
+            .map_err(LaunchError::Task)?
             .map_err(LaunchError::Rules)
     }
 
@@ -745,11 +770,10 @@ impl Runsc {
             ("outputs", "/mnt/user-data/outputs", true),
         ] {
             let dir = base.join(user_id).join(sub);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| LaunchError::Failed(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir).map_err(|e| LaunchError::io(dir.display(), e))?;
             let real = dir
                 .canonicalize()
-                .map_err(|e| LaunchError::Failed(format!("{}: {e}", dir.display())))?;
+                .map_err(|e| LaunchError::io(dir.display(), e))?;
             if !real.starts_with(&base) {
                 return Err(LaunchError::BadRequest(format!(
                     "{} escapes sandbox.user_data_dir",
@@ -760,7 +784,7 @@ impl Runsc {
                 // The sandbox's user writes its outputs; uploads stay root's.
                 let (uid, gid) = (self.config.sandbox.uid, self.config.sandbox.gid);
                 nix::unistd::chown(&real, Some(uid.into()), Some(gid.into()))
-                    .map_err(|e| LaunchError::Failed(format!("chown {}: {e}", real.display())))?;
+                    .map_err(|e| LaunchError::io(format!("chown {}", real.display()), e.into()))?;
             }
             mounts.push((real, target, writable));
         }
@@ -822,13 +846,12 @@ impl Runsc {
         }];
         tokio::task::spawn_blocking(move || crate::rules::apply(&rules))
             .await
-            .map_err(|e| LaunchError::Failed(format!("the rules task: {e}")))?
+            .map_err(LaunchError::Task)?
             .map_err(LaunchError::Rules)?;
 
         std::fs::create_dir_all(&record.bundle)
-            .map_err(|e| LaunchError::Failed(format!("{}: {e}", record.bundle.display())))?;
-        std::fs::create_dir_all(&self.root)
-            .map_err(|e| LaunchError::Failed(format!("{}: {e}", self.root.display())))?;
+            .map_err(|e| LaunchError::io(record.bundle.display(), e))?;
+        std::fs::create_dir_all(&self.root).map_err(|e| LaunchError::io(self.root.display(), e))?;
         let mut mounts = self.user_mounts(&spec.user_id)?;
         // Names resolve through the gateway's DNS door (port 53 to any
         // address is REDIRECTed there); the files are read-only inside.
@@ -837,17 +860,19 @@ impl Runsc {
             record.bundle.join("hosts"),
         );
         std::fs::write(&resolv, format!("nameserver {gw}\noptions ndots:1\n"))
-            .map_err(|e| LaunchError::Failed(format!("{}: {e}", resolv.display())))?;
+            .map_err(|e| LaunchError::io(resolv.display(), e))?;
         std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n")
-            .map_err(|e| LaunchError::Failed(format!("{}: {e}", hosts.display())))?;
+            .map_err(|e| LaunchError::io(hosts.display(), e))?;
         mounts.push((resolv, "/etc/resolv.conf", false));
         mounts.push((hosts, "/etc/hosts", false));
         let config = bundle_config(&self.config, spec, &mounts)?;
-        std::fs::write(record.bundle.join("config.json"), config)
-            .map_err(|e| LaunchError::Failed(e.to_string()))?;
+        let config_path = record.bundle.join("config.json");
+        std::fs::write(&config_path, config)
+            .map_err(|e| LaunchError::io(config_path.display(), e))?;
 
-        let log = std::fs::File::create(record.bundle.join("console.log"))
-            .map_err(|e| LaunchError::Failed(e.to_string()))?;
+        let log_path = record.bundle.join("console.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| LaunchError::io(log_path.display(), e))?;
         let mut create = self.runtime(ns);
         create
             .args(["create", "--bundle"])
@@ -856,13 +881,13 @@ impl Runsc {
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
-                    .map_err(|e| LaunchError::Failed(e.to_string()))?,
+                    .map_err(|e| LaunchError::io(log_path.display(), e))?,
             )
             .stderr(log);
         let status = tokio::time::timeout(Duration::from_secs(60), create.status())
             .await
             .map_err(|_| LaunchError::Failed("runsc create timed out".into()))?
-            .map_err(|e| LaunchError::Failed(format!("runsc create: {e}")))?;
+            .map_err(|e| LaunchError::io("runsc create", e))?;
         if !status.success() {
             let log =
                 std::fs::read_to_string(record.bundle.join("console.log")).unwrap_or_default();
@@ -877,7 +902,7 @@ impl Runsc {
         )
         .await
         .map_err(|_| LaunchError::Failed("runsc start timed out".into()))?
-        .map_err(|e| LaunchError::Failed(format!("runsc start: {e}")))?;
+        .map_err(|e| LaunchError::io("runsc start", e))?;
         if !out.status.success() {
             return Err(LaunchError::Failed(format!(
                 "runsc start failed: {}",
@@ -930,8 +955,9 @@ impl Launcher for Runsc {
             let path = self
                 .root
                 .join(format!("exec-{id}-{:016x}.json", u64::from_le_bytes(raw)));
-            std::fs::create_dir_all(&self.root).map_err(|e| LaunchError::Failed(e.to_string()))?;
-            std::fs::write(&path, process).map_err(|e| LaunchError::Failed(e.to_string()))?;
+            std::fs::create_dir_all(&self.root)
+                .map_err(|e| LaunchError::io(self.root.display(), e))?;
+            std::fs::write(&path, process).map_err(|e| LaunchError::io(path.display(), e))?;
             let _remove = RemoveOnDrop(path.clone());
             let mut child = self
                 .runtime(&record.netns)
@@ -942,7 +968,7 @@ impl Launcher for Runsc {
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|e| LaunchError::Failed(format!("runsc exec: {e}")))?;
+                .map_err(|e| LaunchError::io("runsc exec", e))?;
             let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
                 return Err(LaunchError::Failed("runsc exec: no pipes".into()));
             };
@@ -951,7 +977,7 @@ impl Launcher for Runsc {
                 let status = child
                     .wait()
                     .await
-                    .map_err(|e| LaunchError::Failed(e.to_string()))?;
+                    .map_err(|e| LaunchError::io("runsc exec", e))?;
                 Ok::<_, LaunchError>(ExecOutput {
                     exit_code: status.code().unwrap_or(-1),
                     stdout,
@@ -1083,7 +1109,7 @@ async fn run(args: &[String]) -> Result<(), LaunchError> {
     )
     .await
     .map_err(|_| LaunchError::Failed(format!("{} timed out", args.join(" "))))?
-    .map_err(|e| LaunchError::Failed(format!("{program}: {e}")))?;
+    .map_err(|e| LaunchError::io(program, e))?;
     if !out.status.success() {
         return Err(LaunchError::Failed(format!(
             "{} failed: {}",
@@ -1116,7 +1142,7 @@ fn process(
     use oci_spec::runtime::{
         LinuxCapabilitiesBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, UserBuilder,
     };
-    let err = |e: oci_spec::OciSpecError| LaunchError::Failed(format!("OCI spec: {e}"));
+    let err = LaunchError::Spec;
     let caps = capabilities(config)?;
     ProcessBuilder::default()
         .terminal(false)
@@ -1154,8 +1180,7 @@ fn process(
 }
 
 fn process_json(config: &Config, args: &[String], env: &[String]) -> Result<Vec<u8>, LaunchError> {
-    serde_json::to_vec_pretty(&process(config, args, env)?)
-        .map_err(|e| LaunchError::Failed(e.to_string()))
+    serde_json::to_vec_pretty(&process(config, args, env)?).map_err(LaunchError::Json)
 }
 
 /// The OCI bundle's `config.json` for one sandbox.
@@ -1168,7 +1193,7 @@ pub fn bundle_config(
         LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxPidsBuilder,
         LinuxResourcesBuilder, MountBuilder, RootBuilder, Spec,
     };
-    let err = |e: oci_spec::OciSpecError| LaunchError::Failed(format!("OCI spec: {e}"));
+    let err = LaunchError::Spec;
     let rootfs = config.sandbox.rootfs.canonicalize().map_err(|e| {
         LaunchError::Unavailable(format!(
             "sandbox.rootfs {}: {e}",
@@ -1260,7 +1285,7 @@ pub fn bundle_config(
             spec.container_id
         ))));
     }
-    serde_json::to_vec_pretty(&oci).map_err(|e| LaunchError::Failed(e.to_string()))
+    serde_json::to_vec_pretty(&oci).map_err(LaunchError::Json)
 }
 
 #[cfg(test)]
