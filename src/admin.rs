@@ -1,6 +1,8 @@
 //! The admin API: a separate, privileged HTTP/1.1 JSON listener for the
-//! control plane. It mints tokens, serves the JWKS, and registers,
-//! lists and unregisters sandboxes. Every `/v1` call needs the admin bearer
+//! control plane, and only the HTTP mapping of it: each call's input is
+//! read and checked here, the change itself is the
+//! [`ControlPlane`](crate::control::ControlPlane)'s, and its errors map to
+//! statuses here. Every `/v1` call needs the admin bearer
 //! token, compared in constant time. Errors are JSON
 //! `{"error": "<reason>", "detail": "…"}`. Bodies are capped and unknown
 //! fields refused; nothing here panics on what a caller sends. The
@@ -10,7 +12,6 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
@@ -28,37 +29,23 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::Config;
-use crate::identity::store::Store;
-use crate::identity::token::{MintRequest, Signer, Verifier};
+use crate::control::{ControlPlane, RegisterError};
+use crate::identity::token::Verifier;
 use crate::identity::{BindError, MacAddr, Origin, Registry, Sandbox};
-use crate::sandbox::{LaunchError, LaunchRequest, RegisterError, Sandboxes};
+use crate::sandbox::{LaunchError, LaunchRequest};
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
-/// `POST /v1/tokens` without `ttl_seconds`: the CLI's default, 4 h.
-const DEFAULT_TTL_S: u64 = 4 * 3600;
 
 pub struct AdminState {
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
     pub verifier: Arc<Verifier>,
-    pub signer: Option<Arc<Signer>>,
     pub admin_token: String,
-    pub store: Arc<Store>,
-    pub sandboxes: Arc<Sandboxes>,
+    /// Every change of state goes through it.
+    pub control: Arc<ControlPlane>,
     /// The data plane, whose decision `GET /v1/explain` asks.
     pub gateway: Arc<crate::proxy::Gateway>,
-}
-
-impl AdminState {
-    /// Makes `changes` durable before a change is acknowledged.
-    async fn persist(&self, changes: Vec<crate::identity::store::Change>) -> Result<(), ApiError> {
-        self.store.apply(changes).await.map_err(|e| {
-            let detail = crate::error_chain(&e);
-            tracing::error!(error = %detail, "cannot persist the registry");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
-        })
-    }
 }
 
 /// An API error: a status, a stable reason and a human detail.
@@ -297,33 +284,29 @@ async fn mint_token(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
-    let signer = state.signer.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_signing_key",
-            "this gateway has no signing key configured",
+    use crate::control::MintError;
+    let minted = state
+        .control
+        .mint(
+            req.container_id,
+            req.user_id,
+            req.allowed_hosts,
+            req.ttl_seconds,
         )
-    })?;
-    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_S);
-    if ttl == 0 || ttl > state.config.auth.max_ttl_s {
-        return Err(ApiError::bad_request(format!(
-            "ttl_seconds must be between 1 and {}",
-            state.config.auth.max_ttl_s
-        )));
-    }
-    let minted = signer
-        .mint(&MintRequest {
-            container_id: req.container_id,
-            user_id: req.user_id,
-            allowed_hosts: req.allowed_hosts,
-            ttl: Duration::from_secs(ttl),
-        })
         .map_err(|e| match e {
-            crate::identity::token::MintError::BadRequest(d) => ApiError::bad_request(d),
-            other => ApiError::new(
+            MintError::NoSigningKey => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_signing_key",
+                e.to_string(),
+            ),
+            MintError::BadTtl(_) => ApiError::bad_request(e.to_string()),
+            MintError::Token(crate::identity::token::MintError::BadRequest(d)) => {
+                ApiError::bad_request(d)
+            }
+            MintError::Token(other) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
-                other.to_string(),
+                crate::error_chain(&other),
             ),
         })?;
     Ok((
@@ -380,43 +363,39 @@ async fn register(
             req.source_ip
         ))
     })?;
-    let ip = ip.to_canonical();
-    if ip.is_unspecified() || ip.is_multicast() {
-        return Err(ApiError::bad_request("source_ip must be a unicast address"));
-    }
-    let generation = state.verifier.generation();
-    let grant = state
-        .verifier
-        .verify_fresh(&req.token)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.deny().as_str(), e.to_string()))?;
     let mac = match req.mac.as_deref().map(str::parse::<MacAddr>) {
         None => None,
         Some(Ok(mac)) => Some(mac),
         Some(Err(e)) => return Err(ApiError::bad_request(e)),
     };
-    let sandbox = Sandbox::new(ip, req.token, grant, Origin::Registered)
-        .verified_under(generation)
-        .with_mac(mac);
-    let sandbox = state.sandboxes.register(sandbox).await.map_err(|e| {
-        let detail = crate::error_chain(&e);
-        match e {
-            RegisterError::Taken(BindError::AddressTaken(_)) => {
-                ApiError::new(StatusCode::CONFLICT, "address_taken", detail)
+    let sandbox = state
+        .control
+        .register_token(ip, req.token, mac)
+        .await
+        .map_err(|e| {
+            let detail = crate::error_chain(&e);
+            match e {
+                RegisterError::Token(t) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, t.deny().as_str(), t.to_string())
+                }
+                RegisterError::NotUnicast => ApiError::bad_request(detail),
+                RegisterError::Taken(BindError::AddressTaken(_)) => {
+                    ApiError::new(StatusCode::CONFLICT, "address_taken", detail)
+                }
+                RegisterError::Taken(BindError::ContainerTaken(_)) => {
+                    ApiError::new(StatusCode::CONFLICT, "container_taken", detail)
+                }
+                RegisterError::MacRequired | RegisterError::MacUnexpected => {
+                    ApiError::bad_request(detail)
+                }
+                RegisterError::L2(_) => {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "l2_bind_failed", detail)
+                }
+                RegisterError::Persist(_) => {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
+                }
             }
-            RegisterError::Taken(BindError::ContainerTaken(_)) => {
-                ApiError::new(StatusCode::CONFLICT, "container_taken", detail)
-            }
-            RegisterError::MacRequired | RegisterError::MacUnexpected => {
-                ApiError::bad_request(detail)
-            }
-            RegisterError::L2(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "l2_bind_failed", detail)
-            }
-            RegisterError::Persist(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
-            }
-        }
-    })?;
+        })?;
     tracing::info!(container_id = %sandbox.container_id, source_ip = %ip, "sandbox registered");
     Ok((
         StatusCode::CREATED,
@@ -569,7 +548,7 @@ async fn unregister(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.sandboxes.destroy(&id).await.map_err(|e| match e {
+    state.control.destroy(&id).await.map_err(|e| match e {
         LaunchError::NotFound => ApiError::not_found(format!("no sandbox {id:?}")),
         other => other.into(),
     })?;
@@ -602,7 +581,7 @@ async fn launch(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<LaunchRequest>,
 ) -> Result<(StatusCode, Json<LaunchResponse>), ApiError> {
-    let launched = state.sandboxes.launch(req).await?;
+    let launched = state.control.launch(req).await?;
     Ok((
         StatusCode::CREATED,
         Json(LaunchResponse {
@@ -648,10 +627,7 @@ async fn exec(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
-    let out = state
-        .sandboxes
-        .exec(&id, req.command, req.timeout_ms)
-        .await?;
+    let out = state.control.exec(&id, req.command, req.timeout_ms).await?;
     Ok(Json(ExecResponse {
         exit_code: out.exit_code,
         stdout: out.stdout,
@@ -681,35 +657,15 @@ async fn revoke(
     State(state): State<Arc<AdminState>>,
     JsonBody(req): JsonBody<RevokeRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let jti = req.jti.trim();
-    if jti.is_empty()
-        || jti.len() > 128
-        || !jti
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ApiError::bad_request(
-            "jti must be 1-128 letters, digits, '-' or '_'",
-        ));
-    }
-    // Kept until the token would have expired anyway: its own exp when a
-    // registered sandbox holds it, else the longest lifetime sluice mints.
-    let exp = state
-        .registry
-        .list()
-        .iter()
-        .find(|s| s.grant.claims.jti == jti)
-        .map(|s| s.grant.claims.exp)
-        .unwrap_or_else(|| crate::identity::token::now_s() + state.config.auth.max_ttl_s);
-    // Its live connections, on both doors, watch the token: they close.
-    state.verifier.revoke(jti, exp);
-    state
-        .persist(vec![crate::identity::store::Change::Revoke {
-            jti: jti.to_owned(),
-            exp,
-        }])
-        .await?;
-    tracing::info!(jti, "token revoked");
+    use crate::control::RevokeError;
+    state.control.revoke(&req.jti).await.map_err(|e| match e {
+        RevokeError::BadJti => ApiError::bad_request(e.to_string()),
+        RevokeError::Persist(_) => {
+            let detail = crate::error_chain(&e);
+            tracing::error!(error = %detail, "cannot persist the registry");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
+        }
+    })?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -18,13 +18,14 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
+use crate::control::ControlPlane;
 use crate::identity::Registry;
 use crate::identity::store::{Change, Store, StoreError};
 use crate::identity::token::{Jwks, KeyError, KeyPair, Signer, Verifier, write_private};
 use crate::metrics::Mode;
 use crate::net::orig_dst::OrigDstSource;
 use crate::proxy::{Gateway, accept_loop};
-use crate::sandbox::{Runsc, Sandboxes};
+use crate::sandbox::Runsc;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +317,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 
     let signer = state.signer.map(Arc::new);
     let signing = signer.is_some();
-    let sandboxes = Arc::new(Sandboxes::new(
+    let control = Arc::new(ControlPlane::new(
         Arc::clone(&config),
         Arc::clone(&registry),
         Arc::clone(&verifier),
@@ -332,9 +333,9 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         }),
         proxy_addr.port(),
     ));
-    sandboxes.reconcile(&dropped).await;
+    control.reconcile(&dropped).await;
     let verify_pass = tokio::spawn(verify_restored(
-        Arc::clone(&sandboxes),
+        Arc::clone(&control),
         Arc::clone(&registry),
         Arc::clone(&verifier),
     ));
@@ -409,14 +410,12 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         config: Arc::clone(&config),
         registry: Arc::clone(&registry),
         verifier: Arc::clone(&verifier),
-        signer,
         admin_token: state.admin_token.clone(),
-        store: Arc::clone(&store),
-        sandboxes: Arc::clone(&sandboxes),
+        control: Arc::clone(&control),
         gateway: Arc::clone(&gateway),
     }));
     servers.push(tokio::spawn(reaper(
-        Arc::clone(&sandboxes),
+        Arc::clone(&control),
         Arc::clone(&verifier),
         Arc::clone(&store),
         config.sandbox.reap_after_s,
@@ -520,7 +519,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 /// those expired past `reap_after_s`, forgets revocations of tokens that
 /// expired anyway, and writes the registry when any of that changed it.
 async fn reaper(
-    sandboxes: Arc<Sandboxes>,
+    control: Arc<ControlPlane>,
     verifier: Arc<Verifier>,
     store: Arc<Store>,
     reap_after_s: u64,
@@ -530,7 +529,7 @@ async fn reaper(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.tick(&mut tick).await {
         let now = crate::identity::token::now_s();
-        if let Err(e) = sandboxes.reap(now, reap_after_s).await {
+        if let Err(e) = control.reap(now, reap_after_s).await {
             tracing::error!(error = %crate::error_chain(&e), "cannot persist the registry");
         }
         let purged = verifier.purge_expired(now);
@@ -727,7 +726,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
 /// has its sandbox removed; the cache keeps the good ones, so their first
 /// connections do not pay for it.
 async fn verify_restored(
-    sandboxes: Arc<Sandboxes>,
+    control: Arc<ControlPlane>,
     registry: Arc<Registry>,
     verifier: Arc<Verifier>,
 ) {
@@ -756,7 +755,7 @@ async fn verify_restored(
     }
     for id in &failed {
         tracing::warn!(container_id = %id, "a restored token does not verify: sandbox removed");
-        if let Err(e) = sandboxes.destroy(id).await {
+        if let Err(e) = control.destroy(id).await {
             tracing::error!(container_id = %id, error = %crate::error_chain(&e), "cannot remove it");
         }
     }

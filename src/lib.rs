@@ -25,6 +25,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;
+pub mod control;
 pub mod decision;
 pub mod deny;
 pub mod dns;

@@ -1,4 +1,6 @@
+use super::netns::peer_veth_name;
 use super::*;
+use std::path::Path;
 
 fn config(rootfs: &Path) -> Config {
     let mut c = Config::default();
