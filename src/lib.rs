@@ -4,8 +4,13 @@
 //! original destination, [`identity`] maps the source to a sandbox and its
 //! verified token, [`proxy::sniff`] reads the name the client asks for,
 //! [`policy`] decides, [`proxy::upstream`] resolves, guards and connects,
-//! and [`proxy::relay`] moves the bytes. Beside them: [`config`],
-//! [`admin`], [`metrics`] and [`app`], which wires everything together.
+//! and [`proxy::relay`] moves the bytes. Beside them, the control plane:
+//! [`control`] owns every change of state (tokens minted, sandboxes
+//! registered, launched through [`sandbox`], unregistered, revoked,
+//! reaped, reconciled), durable in [`identity::store`] and shared through
+//! [`fleet`]; [`admin`] is its HTTP mapping, [`tls`] its TLS, [`rules`] the
+//! gateway's packet filter. And [`config`], [`metrics`] and [`app`], which
+//! wires everything together.
 
 /// An error and each of its causes, once: `a: b: c`. What every place
 /// that prints a library error prints (the errors' own messages never
