@@ -1,7 +1,7 @@
 //! The admin API: a separate, privileged HTTP/1.1 JSON listener for the
 //! control plane, and only the HTTP mapping of it: each call's input is
 //! read and checked here, the change itself is the
-//! [`ControlPlane`](crate::control::ControlPlane)'s, and its errors map to
+//! [`crate::control::ControlPlane`]'s, and its errors map to
 //! statuses here. Every `/v1` call needs the admin bearer
 //! token, compared in constant time. Errors are JSON
 //! `{"error": "<reason>", "detail": "…"}`. Bodies are capped and unknown

@@ -1,11 +1,11 @@
 //! Sandboxes sluice launches: what a launch request may ask for
 //! ([`validate_launch`]), what a launcher is given ([`LaunchSpec`]) and
 //! must do ([`Launcher`]), and the real one, [`Runsc`]: a network
-//! namespace and a veth pair per sandbox ([`netns`]), the gateway's rules
-//! with anti-spoofing, a hardened OCI bundle ([`bundle`]: read-only root,
+//! namespace and a veth pair per sandbox (`netns`), the gateway's rules
+//! with anti-spoofing, a hardened OCI bundle (`bundle`: read-only root,
 //! size-limited /tmp, no capabilities but the configured ones,
 //! no_new_privileges, memory/CPU/pids limits) and gVisor's `runsc`, run
-//! through [`command`]'s helpers. The lifecycle itself is the control
+//! through `command`'s helpers. The lifecycle itself is the control
 //! plane's ([`crate::control`]); tests put a fake behind the trait.
 
 mod bundle;

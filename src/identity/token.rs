@@ -1,6 +1,6 @@
-//! Tokens, in three parts: [`keys`] (ES256 key pairs, their JWKS, and
-//! minting with a [`Signer`]), [`claims`] (what a token says, and the
-//! [`Grant`] a verified one gives), and [`verify`] (the [`Verifier`], with
+//! Tokens, in three parts: `keys` (ES256 key pairs, their JWKS, and
+//! minting with a [`Signer`]), `claims` (what a token says, and the
+//! [`Grant`] a verified one gives), and `verify` (the [`Verifier`], with
 //! sluice's own rules: ES256 only, `kid` required and looked up, `iss`,
 //! `aud`, `exp`, `nbf` and `iat` checked with the configured leeway, the
 //! claims sluice relies on required; verified tokens cached as grants

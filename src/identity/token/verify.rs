@@ -156,7 +156,7 @@ impl Verifier {
         self.cache.invalidate_all();
     }
 
-    /// The key set's generation (see [`Sandbox`](super::Sandbox)'s
+    /// The key set's generation (see [`Sandbox`](crate::identity::Sandbox)'s
     /// verified grant).
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
