@@ -254,11 +254,11 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     );
     let registry = Arc::new(Registry::new());
     let store = Arc::new(Store::open(&config.state_dir)?);
-    let dropped = store.restore(&registry, &verifier).await?;
-    if !registry.is_empty() || !dropped.is_empty() {
+    let restored = store.restore(&registry, &verifier).await?;
+    if !registry.is_empty() || !restored.dropped.is_empty() {
         tracing::info!(
             restored = registry.len(),
-            dropped = dropped.len(),
+            dropped = restored.dropped.len(),
             "registry restored"
         );
     }
@@ -333,7 +333,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         }),
         proxy_addr.port(),
     ));
-    control.reconcile(&dropped).await;
+    control.reconcile(restored).await;
     let verify_pass = tokio::spawn(verify_restored(
         Arc::clone(&control),
         Arc::clone(&registry),

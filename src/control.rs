@@ -91,6 +91,9 @@ pub struct ControlPlane {
     /// Addresses being launched or torn down: not free, though not (or no
     /// longer) in the registry.
     reserved: Mutex<HashSet<Ipv4Addr>>,
+    /// Where each launched sandbox's pieces are (netns, veth, bundle): the
+    /// control plane's to know, not the data plane's.
+    launched: Mutex<std::collections::HashMap<String, LaunchRecord>>,
 }
 
 impl ControlPlane {
@@ -112,7 +115,19 @@ impl ControlPlane {
             launcher,
             proxy_port,
             reserved: Mutex::new(HashSet::new()),
+            launched: Mutex::default(),
         }
+    }
+
+    fn launched(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, LaunchRecord>> {
+        self.launched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The launch record of `id`, if sluice launched it.
+    pub fn launch_record(&self, id: &str) -> Option<LaunchRecord> {
+        self.launched().get(id).cloned()
     }
 
     /// The gateway's address on every sandbox link: the subnet's first host.
@@ -264,7 +279,7 @@ impl ControlPlane {
             }
         };
         if let Err(e) = self
-            .persist(vec![Change::Put(SandboxRecord::of(&sandbox))])
+            .persist(vec![Change::Put(SandboxRecord::of(&sandbox, None))])
             .await
         {
             // Not on disk, so not acknowledged: undone.
@@ -348,8 +363,7 @@ impl ControlPlane {
             grant,
             crate::identity::Origin::Launched,
         )
-        .verified_under(generation)
-        .launched(record.clone());
+        .verified_under(generation);
         let sandbox = match self.registry.bind(sandbox) {
             Ok(s) => s,
             Err(e) => {
@@ -357,10 +371,15 @@ impl ControlPlane {
                 return Err(LaunchError::Failed(e.to_string()));
             }
         };
+        self.launched().insert(container_id.clone(), record.clone());
         if let Err(e) = self
-            .persist(vec![Change::Put(SandboxRecord::of(&sandbox))])
+            .persist(vec![Change::Put(SandboxRecord::of(
+                &sandbox,
+                Some(&record),
+            ))])
             .await
         {
+            self.launched().remove(&container_id);
             self.registry.unbind(&container_id);
             self.release(source_ip);
             return Err(LaunchError::Store(e));
@@ -378,6 +397,7 @@ impl ControlPlane {
             Err(e) => {
                 tracing::warn!(container_id, error = %e, "launch failed; undoing it");
                 self.registry.unbind(&container_id);
+                self.launched().remove(&container_id);
                 if let Err(e) = self
                     .persist(vec![Change::Remove(container_id.clone())])
                     .await
@@ -397,7 +417,7 @@ impl ControlPlane {
         timeout_ms: Option<u64>,
     ) -> Result<ExecOutput, LaunchError> {
         let sandbox = self.registry.get_by_id(id).ok_or(LaunchError::NotFound)?;
-        let Some(record) = sandbox.launch.clone() else {
+        let Some(record) = self.launch_record(id) else {
             return Err(LaunchError::NotLaunched(id.to_owned()));
         };
         if command.is_empty() || command[0].is_empty() || command.len() > MAX_ARGS {
@@ -440,7 +460,8 @@ impl ControlPlane {
             IpAddr::V4(ip) => Some(ip),
             IpAddr::V6(_) => None,
         };
-        if let Some(ip) = ip.filter(|_| sandbox.launch.is_some()) {
+        let record = self.launched().remove(id);
+        if let Some(ip) = ip.filter(|_| record.is_some()) {
             self.reserved
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -468,7 +489,7 @@ impl ControlPlane {
         {
             tracing::error!(container_id = id, error = %e, "cannot remove the L2 binding");
         }
-        if let Some(record) = &sandbox.launch {
+        if let Some(record) = &record {
             self.launcher.stop(id, record).await;
             if let Some(ip) = ip {
                 self.release(ip);
@@ -484,7 +505,8 @@ impl ControlPlane {
         let removed = self.registry.reap(now, self.verifier.leeway(), retention);
         for s in &removed {
             tracing::info!(container_id = %s.container_id, source_ip = %s.source_ip, "expired sandbox removed");
-            if let Some(record) = &s.launch {
+            let record = self.launched().remove(&s.container_id);
+            if let Some(record) = &record {
                 if let IpAddr::V4(ip) = s.source_ip {
                     self.reserved
                         .lock()
@@ -508,7 +530,9 @@ impl ControlPlane {
 
     /// At start: a launched sandbox that no longer runs is cleaned up;
     /// pieces of dropped (expired) launched records are removed.
-    pub async fn reconcile(&self, dropped: &[crate::identity::store::SandboxRecord]) {
+    pub async fn reconcile(&self, restored: crate::identity::store::Restored) {
+        self.launched().extend(restored.launched);
+        let dropped = &restored.dropped;
         // Bindings are kernel state: after a reboot they are gone while the
         // registrations remain. Binding again is idempotent.
         if !self.config.gateway.l2_bind_iface.is_empty() {
@@ -526,10 +550,14 @@ impl ControlPlane {
             }
         }
         for s in self.registry.list() {
-            let Some(record) = &s.launch else { continue };
-            if !self.launcher.is_running(&s.container_id, record).await {
+            let Some(record) = self.launch_record(&s.container_id) else {
+                continue;
+            };
+            if !self.launcher.is_running(&s.container_id, &record).await {
                 tracing::warn!(container_id = %s.container_id, "launched sandbox is gone; cleaning up");
-                let _ = self.destroy(&s.container_id).await;
+                if let Err(e) = self.destroy(&s.container_id).await {
+                    tracing::error!(container_id = %s.container_id, error = %crate::error_chain(&e), "cannot clean it up");
+                }
             }
         }
     }

@@ -251,7 +251,7 @@ impl Fleet {
         let now = now_s();
         let mut pipe = redis::pipe();
         for s in local.registry.list() {
-            self.add_session(&mut pipe, &SandboxRecord::of(&s), now);
+            self.add_session(&mut pipe, &SandboxRecord::of(&s, None), now);
         }
         for (jti, exp) in local.verifier.revoked() {
             if exp >= now {

@@ -99,8 +99,6 @@ pub struct Sandbox {
     /// The MAC its address is bound to on a shared bridge, if any.
     pub mac: Option<MacAddr>,
     pub origin: Origin,
-    /// Set for sandboxes sluice launched.
-    pub launch: Option<LaunchRecord>,
     pub token: String,
     /// The grant: verified at registration, or only decoded when restored
     /// after a restart (then verified on first use).
@@ -126,7 +124,6 @@ impl Sandbox {
             source_ip: source_ip.to_canonical(),
             mac: None,
             origin,
-            launch: None,
             token,
             grant,
             verified: std::sync::atomic::AtomicU64::new(0),
@@ -181,13 +178,6 @@ impl Sandbox {
     /// The MAC its address is bound to.
     pub fn with_mac(mut self, mac: Option<MacAddr>) -> Sandbox {
         self.mac = mac;
-        self
-    }
-
-    /// A launched sandbox, with where its pieces are.
-    pub fn launched(mut self, record: LaunchRecord) -> Sandbox {
-        self.origin = Origin::Launched;
-        self.launch = Some(record);
         self
     }
 

@@ -231,9 +231,10 @@ async fn a_restart_reconciles_what_no_longer_runs_and_what_expired() {
     let (kept, gone, expired) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
     let Gw { running, dir } = gw;
     running.shutdown().await;
-    // While it was down: one sandbox died, and one token expired.
+    // While it was down: one sandbox died, and one token expired (exp is
+    // in whole seconds: 2 s after minting, past it only a second later).
     fake.running.lock().unwrap().remove(&gone);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
 
     let gw = gateway(dir, &fake, "198.18.9.0/29").await;
     assert_eq!(listed(&gw).await, vec![kept.clone()]);

@@ -51,16 +51,26 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
-    pub fn of(s: &Sandbox) -> SandboxRecord {
+    /// The record of a registered sandbox, with where its pieces are if
+    /// sluice launched it (the control plane's, not the data plane's).
+    pub fn of(s: &Sandbox, launch: Option<&LaunchRecord>) -> SandboxRecord {
         SandboxRecord {
             container_id: s.container_id.clone(),
             source_ip: s.source_ip,
             token: s.token.clone(),
             origin: s.origin,
             mac: s.mac,
-            launch: s.launch.clone(),
+            launch: launch.cloned(),
         }
     }
+}
+
+/// What a restore found: the launch records of the restored sandboxes
+/// (for the control plane) and the records it dropped.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub launched: Vec<(String, LaunchRecord)>,
+    pub dropped: Vec<SandboxRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,7 +320,7 @@ impl Store {
         &self,
         registry: &Registry,
         verifier: &Verifier,
-    ) -> Result<Vec<SandboxRecord>, StoreError> {
+    ) -> Result<Restored, StoreError> {
         let snap = self.load()?;
         let now = now_s();
         let mut gone = Vec::new();
@@ -322,6 +332,7 @@ impl Store {
             }
         }
         let mut dropped = Vec::new();
+        let mut launched = Vec::new();
         for record in snap.sandboxes {
             // Lifetime only, not the signature: a restart serves at once,
             // and each token is verified in full on its first use and by
@@ -337,20 +348,24 @@ impl Store {
                     continue;
                 }
             };
-            let mut sandbox =
+            let sandbox =
                 Sandbox::new(record.source_ip, record.token.clone(), grant, record.origin)
                     .with_mac(record.mac);
-            if let Some(launch) = &record.launch {
-                sandbox = sandbox.launched(launch.clone());
-            }
-            if let Err(e) = registry.bind(sandbox) {
-                tracing::warn!(container_id = %record.container_id, error = %e, "not restoring a registration");
-                gone.push(Change::Remove(record.container_id.clone()));
-                dropped.push(record);
+            match registry.bind(sandbox) {
+                Ok(_) => {
+                    if let Some(launch) = record.launch {
+                        launched.push((record.container_id, launch));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(container_id = %record.container_id, error = %e, "not restoring a registration");
+                    gone.push(Change::Remove(record.container_id.clone()));
+                    dropped.push(record);
+                }
             }
         }
         self.apply(gone).await?;
-        Ok(dropped)
+        Ok(Restored { launched, dropped })
     }
 }
 
@@ -500,7 +515,7 @@ mod tests {
         ] {
             let s = bound(&registry, &signer, &verifier, id, ip, 600);
             store
-                .apply(vec![Change::Put(SandboxRecord::of(&s))])
+                .apply(vec![Change::Put(SandboxRecord::of(&s, None))])
                 .await
                 .unwrap();
         }
@@ -526,7 +541,7 @@ mod tests {
 
         let store = Store::open(dir.path()).unwrap();
         let (registry2, verifier2) = fresh(&jwks);
-        let dropped = store.restore(&registry2, &verifier2).await.unwrap();
+        let dropped = store.restore(&registry2, &verifier2).await.unwrap().dropped;
         assert!(dropped.is_empty());
         assert_eq!(registry2.len(), 2);
         let c2 = registry2.get("198.18.0.3".parse().unwrap()).unwrap();
@@ -550,7 +565,7 @@ mod tests {
                 &format!("198.18.{}.{}", i / 200, i % 200 + 2),
                 600,
             );
-            records.push(SandboxRecord::of(&s));
+            records.push(SandboxRecord::of(&s, None));
         }
         let tasks: Vec<_> = records
             .into_iter()
@@ -573,20 +588,20 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let registry = Registry::new();
         let s = bound(&registry, &signer, &verifier, "short", "198.18.0.9", 1);
-        let mut broken = SandboxRecord::of(&s);
+        let mut broken = SandboxRecord::of(&s, None);
         broken.container_id = "broken".into();
         broken.source_ip = "198.18.0.10".parse().unwrap();
         broken.token = "not.a.token".into();
         store
             .apply(vec![
-                Change::Put(SandboxRecord::of(&s)),
+                Change::Put(SandboxRecord::of(&s, None)),
                 Change::Put(broken),
             ])
             .await
             .unwrap();
         std::thread::sleep(Duration::from_millis(2100));
         let (registry2, verifier2) = fresh(&jwks);
-        let dropped = store.restore(&registry2, &verifier2).await.unwrap();
+        let dropped = store.restore(&registry2, &verifier2).await.unwrap().dropped;
         assert_eq!(dropped.len(), 2);
         assert!(registry2.is_empty());
         assert!(
@@ -602,7 +617,7 @@ mod tests {
         let s = bound(&registry, &signer, &verifier, "old", "198.18.0.2", 600);
         let snap = Snapshot {
             version: FORMAT_VERSION,
-            sandboxes: vec![SandboxRecord::of(&s)],
+            sandboxes: vec![SandboxRecord::of(&s, None)],
             revoked: vec![RevokedRecord {
                 jti: "gone-1".into(),
                 exp: now_s() + 600,
