@@ -79,7 +79,7 @@ pub struct Launched {
     pub expires_at: u64,
 }
 
-/// The lifecycle of launched sandboxes.
+/// The control plane: every change of state goes through it.
 pub struct ControlPlane {
     config: Arc<Config>,
     registry: Arc<Registry>,

@@ -30,42 +30,10 @@ use netns::{Lab, require_root_and};
 const WEB: &str = "198.18.1.10";
 const DB: &str = "198.18.1.11";
 
-/// A PEP 503 index with one pure wheel, and a git repository served over
-/// the dumb HTTP protocol, under `root`.
+/// A PEP 503 index with one pure wheel ([`support::pep503_index`]), and a
+/// git repository served over the dumb HTTP protocol, under `root`.
 fn make_site(root: &Path) {
-    let simple = root.join("simple/demo");
-    std::fs::create_dir_all(&simple).unwrap();
-    let wheel = "demo-1.0-py3-none-any.whl";
-    let script = format!(
-        r#"
-import zipfile, hashlib, base64
-files = {{
-    "demo/__init__.py": b"VALUE = 1\n",
-    "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
-    "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: sluice-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-}}
-record = ""
-for name, data in files.items():
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    record += f"{{name}},sha256={{digest}},{{len(data)}}\n"
-record += "demo-1.0.dist-info/RECORD,,\n"
-with zipfile.ZipFile("{}", "w") as z:
-    for name, data in files.items():
-        z.writestr(name, data)
-    z.writestr("demo-1.0.dist-info/RECORD", record)
-"#,
-        root.join(wheel).display()
-    );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    std::fs::write(
-        simple.join("index.html"),
-        format!("<!DOCTYPE html><html><body><a href=\"/{wheel}\">{wheel}</a></body></html>\n"),
-    )
-    .unwrap();
+    support::pep503_index(root);
     std::fs::write(root.join("index.html"), "hello by name\n").unwrap();
     let work = root.join("work");
     let bare = root.join("repo.git");

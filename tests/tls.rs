@@ -341,8 +341,8 @@ async fn curl_through_https_proxy_with_the_token_in_the_tls_stream() {
     assert_ne!(code, 0, "an unverified proxy certificate was accepted");
 }
 
-/// A PEP 503 index with one pure wheel, `demo`, under `root`, served by
-/// Python's http.server on a free loopback port (killed on drop).
+/// [`pep503_index`] under `root`, served by Python's http.server on a free
+/// loopback port (killed on drop).
 struct Index {
     child: std::process::Child,
     port: u16,
@@ -356,34 +356,16 @@ impl Drop for Index {
 }
 
 fn index(root: &Path) -> Index {
-    let wheel = "demo-1.0-py3-none-any.whl";
+    pep503_index(root);
     let script = r#"
-import base64, functools, hashlib, http.server, os, sys, zipfile
-root, wheel = sys.argv[1], sys.argv[2]
-files = {
-    "demo/__init__.py": b"VALUE = 1\n",
-    "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
-    "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: sluice-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-}
-record = ""
-for name, data in files.items():
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    record += f"{name},sha256={digest},{len(data)}\n"
-record += "demo-1.0.dist-info/RECORD,,\n"
-with zipfile.ZipFile(os.path.join(root, wheel), "w") as z:
-    for name, data in files.items():
-        z.writestr(name, data)
-    z.writestr("demo-1.0.dist-info/RECORD", record)
-os.makedirs(os.path.join(root, "simple/demo"), exist_ok=True)
-with open(os.path.join(root, "simple/demo/index.html"), "w") as f:
-    f.write(f'<!DOCTYPE html><html><body><a href="/{wheel}">{wheel}</a></body></html>\n')
-handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+import functools, http.server, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
     let mut child = Command::new("python3")
-        .args(["-c", script, root.to_str().unwrap(), wheel])
+        .args(["-c", script, root.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
