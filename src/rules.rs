@@ -8,7 +8,7 @@
 //! half-applied set is never live: the kernel takes the whole batch or
 //! nothing. ARP bindings go through `arptables` commands (its restore in
 //! Debian's 1.8.9 cannot name an existing chain with `--noflush`), under a
-//! temporary DROP so that a re-apply fails closed. `iptables/sluice-gateway.sh`
+//! temporary DROP, so an apply that breaks off fails closed. `iptables/sluice-gateway.sh`
 //! is the readable form of the same rules; `tests/rules_netns.rs` holds the
 //! two equal.
 
@@ -566,19 +566,15 @@ pub fn apply(spec: &Spec) -> Result<(), RulesError> {
     if let Some(b) = v6 {
         restore("ip6tables-restore", &b)?;
     }
-    let rest = (|| {
-        arp_apply(spec, &c)?;
-        if let Some(b) = v4 {
-            restore("iptables-restore", &b)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = rest {
-        // Not half-applied: what went in is taken out again.
-        if let Err(undo) = remove(&spec.target) {
-            tracing::warn!(error = %crate::error_chain(&undo), "cannot undo a failed apply");
-        }
-        return Err(e);
+    // A failure from here on fails closed, never open: the IPv6 set is a
+    // drop-all whatever the options, the IPv4 batch is taken whole or not
+    // at all (the earlier set stays), and an ARP change that breaks off
+    // leaves its guard dropping the target's ARP until an apply succeeds
+    // or the rules are removed. (Removing everything here instead would
+    // leave the sandboxes unfiltered.)
+    arp_apply(spec, &c)?;
+    if let Some(b) = v4 {
+        restore("iptables-restore", &b)?;
     }
     Ok(())
 }
@@ -642,33 +638,36 @@ fn arp_bind(verb: &str, chain: &str, b: &Binding) -> Result<(), RulesError> {
 fn arp_apply(spec: &Spec, c: &Chains) -> Result<(), RulesError> {
     let m = spec.target.arp_match();
     let m: Vec<&str> = m.iter().map(String::as_str).collect();
-    let guard: Vec<&str> = [&["INPUT", "1"][..], &m, &["-j", "DROP"]].concat();
-    let had = arp_has_chain(&c.arp)?;
-    if had {
-        // Replacing a live chain: ARP from the target is dropped meanwhile.
-        arptables(&[&["-I"][..], &guard].concat())?;
-    }
-    let result = (|| {
-        arp_drop_chain(&spec.target, &c.arp)?;
-        if spec.l2() {
-            arptables(&["-N", &c.arp])?;
-            arptables(&["-A", &c.arp, "-j", "DROP"])?;
-            for b in &spec.binds {
-                arp_bind("-I", &c.arp, b)?;
-            }
-            arptables(&[&["-I", "INPUT", "1"][..], &m, &["-j", &c.arp]].concat())?;
+    // While the chain is replaced, ARP from the target is dropped; if a
+    // step fails the guard stays (fail closed) until an apply succeeds or
+    // the rules are removed.
+    arptables(&[&["-I", "INPUT", "1"][..], &m, &["-j", "DROP"]].concat())?;
+    arp_drop_chain(&spec.target, &c.arp)?;
+    if spec.l2() {
+        arptables(&["-N", &c.arp])?;
+        arptables(&["-A", &c.arp, "-j", "DROP"])?;
+        for b in &spec.binds {
+            arp_bind("-I", &c.arp, b)?;
         }
-        Ok(())
-    })();
-    if had {
-        let unguard: Vec<&str> = [&["-D", "INPUT"][..], &m, &["-j", "DROP"]].concat();
-        arptables(&unguard)?;
+        arptables(&[&["-I", "INPUT", "2"][..], &m, &["-j", &c.arp]].concat())?;
     }
-    result
+    arp_unguard(&spec.target)
+}
+
+/// Deletes every guard a broken-off ARP apply left.
+fn arp_unguard(target: &Target) -> Result<(), RulesError> {
+    let m = target.arp_match();
+    let m: Vec<&str> = m.iter().map(String::as_str).collect();
+    let guard: Vec<&str> = [&["INPUT"][..], &m, &["-j", "DROP"]].concat();
+    while run("arptables", &[&["-C"][..], &guard].concat(), None).is_ok() {
+        arptables(&[&["-D"][..], &guard].concat())?;
+    }
+    Ok(())
 }
 
 fn arp_remove(target: &Target, c: &Chains) -> Result<(), RulesError> {
-    arp_drop_chain(target, &c.arp)
+    arp_drop_chain(target, &c.arp)?;
+    arp_unguard(target)
 }
 
 /// Admits (`bind`) or no longer admits (`unbind`) one address from one

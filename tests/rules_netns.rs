@@ -244,6 +244,21 @@ fn bindings_come_and_go_one_by_one_and_shared_links_need_them() {
         "unbind again",
     );
     assert_eq!(ns.saved(), unbound);
+    // A guard left by an ARP apply that broke off (ARP from the target
+    // dropped, fail closed) goes with the next apply, or with remove.
+    ok(
+        ns.sh("arptables -I INPUT 1 -i br-r -j DROP"),
+        "a left guard",
+    );
+    ok(
+        ns.binary("apply --iface br-r --bind-dynamic"),
+        "apply over it",
+    );
+    assert_eq!(ns.saved(), unbound, "the guard is gone after an apply");
+    ok(
+        ns.sh("arptables -I INPUT 1 -i br-r -j DROP"),
+        "a left guard",
+    );
     ok(ns.binary("remove --iface br-r"), "remove");
     assert_eq!(ns.saved(), clean);
 }
