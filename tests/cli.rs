@@ -3,7 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::process::{Command, Output};
+
+use support::free_port;
 
 fn sluice(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -224,14 +228,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn serve_with(gateway_extra: &str, prefix: &[&str]) -> Serve {

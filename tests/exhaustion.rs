@@ -40,14 +40,6 @@ fn fds_of(pid: u32) -> (usize, usize) {
 /// few directions that were mid-transfer at once.
 const POOLED_PIPE_FDS: usize = 8;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the gateway process when the test ends, however it ends.
 struct Gateway(std::process::Child);
 

@@ -617,3 +617,14 @@ with zipfile.ZipFile("{}", "w") as z:
     )
     .unwrap();
 }
+
+/// A free loopback port (bound, read, released), for a process that binds
+/// it itself.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
