@@ -48,6 +48,9 @@ pub struct Fleet {
     prefix: String,
     gateway: String,
     up: AtomicBool,
+    /// A `sync` message asks for a read of the revocations; many coalesce
+    /// into one, on the command connection.
+    sync_now: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -87,6 +90,7 @@ impl Fleet {
             prefix: prefix.to_owned(),
             gateway: gateway.to_owned(),
             up: AtomicBool::new(false),
+            sync_now: tokio::sync::Notify::new(),
         })
     }
 
@@ -230,6 +234,11 @@ impl Fleet {
                         self.set_up(false);
                     }
                 }
+                _ = self.sync_now.notified() => {
+                    if self.is_up() && let Err(e) = self.catch_up(&mut conn, &local).await {
+                        tracing::debug!(error = %e, "redis: revocations not read");
+                    }
+                }
                 _ = sync.tick() => {
                     if self.is_up() && let Err(e) = self.catch_up(&mut conn, &local).await {
                         tracing::debug!(error = %e, "redis: revocations not read");
@@ -319,16 +328,7 @@ impl Fleet {
                     apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
                 }
             }
-            (Some("sync"), None, None) => {
-                if let Ok(mut conn) = self.client.get_multiplexed_async_connection().await {
-                    let all: redis::RedisResult<Vec<(String, u64)>> = conn
-                        .zrangebyscore_withscores(self.key("revoked"), now_s(), "+inf")
-                        .await;
-                    if let Ok(all) = all {
-                        apply_revocations(local, all).await;
-                    }
-                }
-            }
+            (Some("sync"), None, None) => self.sync_now.notify_one(),
             _ => tracing::debug!(message = text, "redis: an unknown message"),
         }
     }
