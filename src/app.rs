@@ -250,6 +250,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
             &config.auth.audience,
             config.auth.leeway_s,
         )
+        .with_max_life(config.auth.max_ttl_s)
         .with_presets(Arc::clone(&state.presets)),
     );
     let registry = Arc::new(Registry::new());
@@ -305,13 +306,17 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         dns_addr,
     ];
     let resolver = Arc::new(crate::resolver::Resolver::new(&config.dns)?);
+    let local = Arc::new(crate::net::local_addrs::LocalAddrs::read());
     let gateway = Arc::new(Gateway::new(
         Arc::clone(&config),
         Arc::clone(&registry),
         Arc::clone(&verifier),
         shutdown.clone(),
         options.orig_dst,
-        own,
+        crate::proxy::upstream::Own {
+            listeners: own,
+            addrs: Arc::clone(&local),
+        },
         resolver,
     ));
 
@@ -341,6 +346,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     ));
 
     let mut servers = vec![verify_pass];
+    servers.push(tokio::spawn(local.watch(shutdown.clone())));
     servers.push(tokio::spawn(accept_loop(
         transparent,
         Arc::clone(&gateway),

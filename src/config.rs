@@ -123,6 +123,12 @@ pub struct GatewayConfig {
     pub max_connections_per_source: usize,
     pub deny_private_destinations: bool,
     pub allow_destinations: Vec<IpNet>,
+    /// The gateway's own addresses (every address of its namespace, read
+    /// at start and on every change) are refused whatever
+    /// `allow_destinations` says; `true` hands them to the ordinary guard.
+    /// Only for a gateway that fronts a service on its own host (the quick
+    /// start, tests): a sandbox could then reach whatever listens there.
+    pub allow_local_destinations: bool,
     /// Static name → addresses, checked before DNS.
     pub resolve: BTreeMap<String, Vec<IpAddr>>,
     /// Largest ClientHello handshake message accepted before `no_host`.
@@ -153,7 +159,9 @@ pub struct AuthConfig {
     pub signing_key_file: Option<PathBuf>,
     pub signing_kid: String,
     pub leeway_s: u64,
-    /// Longest lifetime `POST /v1/tokens` will mint.
+    /// Longest lifetime `POST /v1/tokens` will mint, and the most life a
+    /// token may have left to be accepted here (so no revocation, local or
+    /// from the fleet, is kept longer).
     pub max_ttl_s: u64,
 }
 
@@ -240,6 +248,7 @@ impl Default for GatewayConfig {
             max_connections_per_source: 4096,
             deny_private_destinations: true,
             allow_destinations: Vec::new(),
+            allow_local_destinations: false,
             resolve: BTreeMap::new(),
             max_client_hello_bytes: 16 * 1024,
             max_request_head_bytes: 64 * 1024,

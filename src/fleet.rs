@@ -16,7 +16,16 @@
 //!   the gateway serves from its local state and retries with backoff, and
 //!   when it answers again it re-seeds what an empty Redis lost (its
 //!   registrations' sessions and every revocation it knows that has not
-//!   expired), then tells the fleet to re-read the sorted set.
+//!   expired), then tells the fleet to re-read the sorted set. "Up" is
+//!   Redis answering and the re-seed written, never the catch-up read; a
+//!   re-seed that fails waits longer each time (up to `MAX_RESEED_WAIT`).
+//!
+//! Everything read from Redis is input from peers, as hostile as a
+//! sandbox's: a revocation's jti must look like one, its expiry is read
+//! as the double Redis stores and cut to the longest life a token may
+//! have here (`auth.max_ttl_s`), an entry that does not parse is skipped
+//! and counted (`sluice_fleet_entries_rejected_total`, logged once), and
+//! one read applies at most `MAX_READ` revocations.
 //!
 //! The client is the `redis` crate (its tokio connection manager for
 //! commands, a pub/sub connection for the channel).
@@ -26,7 +35,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
 use crate::identity::Registry;
@@ -41,6 +49,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A full read of the revocations, whatever the messages said.
 const SYNC_EVERY: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest wait between re-seeds that fail: a fleet that cannot
+/// re-seed does not drive Redis with a write burst every ping.
+const MAX_RESEED_WAIT: Duration = Duration::from_secs(30);
+/// Revocations one catch-up read applies at most (the nearest expiries
+/// first): a peer that floods the set cannot make a read unbounded.
+const MAX_READ: usize = 100_000;
 
 /// This gateway's side of the fleet store.
 pub struct Fleet {
@@ -51,6 +65,9 @@ pub struct Fleet {
     /// A `sync` message asks for a read of the revocations; many coalesce
     /// into one, on the command connection.
     sync_now: tokio::sync::Notify,
+    /// Whether a refused fleet entry was logged already (once is enough;
+    /// the counter has the rest).
+    rejected_logged: AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -91,6 +108,7 @@ impl Fleet {
             gateway: gateway.to_owned(),
             up: AtomicBool::new(false),
             sync_now: tokio::sync::Notify::new(),
+            rejected_logged: AtomicBool::new(false),
         })
     }
 
@@ -200,6 +218,9 @@ impl Fleet {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sync = tokio::time::interval(SYNC_EVERY);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the next re-seed may be tried, and how long after that.
+        let mut reseed_at = tokio::time::Instant::now();
+        let mut reseed_wait = PING_EVERY;
         loop {
             tokio::select! {
                 batch = changes.recv() => {
@@ -221,14 +242,23 @@ impl Fleet {
                 }
                 _ = ping.tick() => {
                     let alive = redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok();
-                    if alive && !self.is_up() {
+                    if alive && !self.is_up() && tokio::time::Instant::now() >= reseed_at {
                         match self.reseed(&mut conn, &local).await {
                             Ok(()) => {
                                 self.set_up(true);
+                                reseed_wait = PING_EVERY;
                                 tracing::info!("redis: connected; sessions and revocations shared");
+                                // Up does not wait for (or depend on) the read.
+                                if let Err(e) = self.catch_up(&mut conn, &local).await {
+                                    tracing::warn!(error = %e, "redis: revocations not read");
+                                }
                             }
-                            Err(e) => tracing::warn!(error = %e, "redis: re-seed failed"),
+                            Err(e) => {
+                                reseed_wait = (reseed_wait * 2).min(MAX_RESEED_WAIT);
+                                tracing::warn!(error = %e, retry_in = ?reseed_wait, "redis: re-seed failed");
+                            }
                         }
+                        reseed_at = tokio::time::Instant::now() + reseed_wait;
                     } else if !alive && self.is_up() {
                         tracing::warn!("redis: not answering; serving from local state");
                         self.set_up(false);
@@ -250,8 +280,8 @@ impl Fleet {
     }
 
     /// What an empty Redis lost: this gateway's registrations' sessions and
-    /// every live revocation it knows; then the fleet is told to re-read
-    /// the revocations, and this gateway reads them too.
+    /// every live revocation it knows (each already within the longest
+    /// token life); then the fleet is told to re-read the revocations.
     async fn reseed(
         &self,
         conn: &mut redis::aio::ConnectionManager,
@@ -270,22 +300,59 @@ impl Fleet {
         pipe.zrembyscore(self.key("revoked"), 0, now.saturating_sub(1))
             .ignore();
         pipe.publish(self.channel(), "sync").ignore();
-        pipe.query_async::<()>(conn).await?;
-        self.catch_up(conn, local).await
+        pipe.query_async::<()>(conn).await
     }
 
-    /// Applies every revocation in the sorted set that this gateway does
-    /// not know yet (and keeps it in the local store).
+    /// Applies the revocations in the sorted set that this gateway does
+    /// not know yet (and keeps them in the local store): only those whose
+    /// expiry lies between now and the longest life a token may have here
+    /// (anything later revokes no token this gateway accepts), at most
+    /// `MAX_READ` of them, each read as stored and skipped when it does
+    /// not parse.
     async fn catch_up(
         &self,
         conn: &mut redis::aio::ConnectionManager,
         local: &Local,
     ) -> redis::RedisResult<()> {
-        let all: Vec<(String, u64)> = conn
-            .zrangebyscore_withscores(self.key("revoked"), now_s(), "+inf")
+        let now = now_s();
+        let latest = local.verifier.latest_exp(now);
+        let raw: Vec<redis::Value> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key("revoked"))
+            .arg(now)
+            .arg(latest)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(MAX_READ)
+            .query_async(conn)
             .await?;
-        apply_revocations(local, all).await;
+        let (entries, rejected) = parse_scored(raw);
+        self.rejected(rejected);
+        let entries = self.valid(entries);
+        apply_revocations(local, entries).await;
         Ok(())
+    }
+
+    /// Counts (and logs once) fleet entries that were refused.
+    fn rejected(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        ::metrics::counter!(crate::metrics::FLEET_REJECTED).increment(count as u64);
+        if !self.rejected_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                count,
+                "redis: fleet entries that do not parse were skipped (counted in sluice_fleet_entries_rejected_total; logged once)"
+            );
+        }
+    }
+
+    /// The entries whose jti looks like one; the rest counted.
+    fn valid(&self, entries: Vec<(String, u64)>) -> Vec<(String, u64)> {
+        let before = entries.len();
+        let kept: Vec<_> = entries.into_iter().filter(|(j, _)| is_jti(j)).collect();
+        self.rejected(before - kept.len());
+        kept
     }
 
     /// Follows the revocation channel, resubscribing after any loss.
@@ -321,32 +388,104 @@ impl Fleet {
     }
 
     async fn on_message(&self, text: &str, local: &Local) {
-        let mut words = text.split(' ');
-        match (words.next(), words.next(), words.next()) {
-            (Some("revoke"), Some(jti), Some(exp)) => {
-                if let Ok(exp) = exp.parse() {
-                    apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
-                }
+        match parse_message(text) {
+            Some(Message::Revoke(jti, exp)) => {
+                apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
             }
-            (Some("sync"), None, None) => self.sync_now.notify_one(),
-            _ => tracing::debug!(message = text, "redis: an unknown message"),
+            Some(Message::Sync) => self.sync_now.notify_one(),
+            None => self.rejected(1),
         }
     }
 }
 
-/// Revokes (locally, durably, without sharing again) what is new here.
+/// A message on the revocations channel.
+#[derive(Debug, PartialEq)]
+enum Message<'a> {
+    Revoke(&'a str, u64),
+    Sync,
+}
+
+/// Parses a channel message; `None` for anything that is not exactly a
+/// revocation of a jti-shaped id with a whole-number expiry, or a sync.
+fn parse_message(text: &str) -> Option<Message<'_>> {
+    let mut words = text.split(' ');
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("revoke"), Some(jti), Some(exp), None) if is_jti(jti) => {
+            Some(Message::Revoke(jti, parse_score(exp)?))
+        }
+        (Some("sync"), None, None, None) => Some(Message::Sync),
+        _ => None,
+    }
+}
+
+/// A jti as sluice mints them and as it accepts them from peers.
+fn is_jti(jti: &str) -> bool {
+    !jti.is_empty()
+        && jti.len() <= 128
+        && jti
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A score as Redis stores it (a double, in any of its printed forms) as
+/// whole seconds; `None` for what is not a finite, non-negative number.
+/// Values past `u64::MAX` saturate (and are cut to the longest token life
+/// when applied).
+fn parse_score(text: &str) -> Option<u64> {
+    if let Ok(n) = text.parse::<u64>() {
+        return Some(n);
+    }
+    let f: f64 = text.parse().ok()?;
+    (f.is_finite() && f >= 0.0).then_some(f as u64)
+}
+
+/// `ZRANGEBYSCORE … WITHSCORES` as RESP2 (a flat list) or RESP3 (pairs)
+/// gives it: the (jti, expiry) pairs that parse, and how many did not.
+fn parse_scored(raw: Vec<redis::Value>) -> (Vec<(String, u64)>, usize) {
+    use redis::Value;
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            Value::Double(d) => Some(d.to_string()),
+            _ => None,
+        }
+    };
+    let mut out = Vec::new();
+    let mut bad = 0;
+    let mut pair = |member: Option<&Value>, score: Option<&Value>| match (
+        member.and_then(text),
+        score.and_then(text).as_deref().and_then(parse_score),
+    ) {
+        (Some(m), Some(s)) => out.push((m, s)),
+        _ => bad += 1,
+    };
+    if raw.iter().all(|v| matches!(v, Value::Array(_))) {
+        for v in &raw {
+            if let Value::Array(p) = v {
+                pair(p.first(), p.get(1));
+            }
+        }
+    } else {
+        for chunk in raw.chunks(2) {
+            pair(chunk.first(), chunk.get(1));
+        }
+    }
+    (out, bad)
+}
+
+/// Revokes (locally, durably, without sharing again) what is new here,
+/// each expiry cut to the longest life a token may have.
 async fn apply_revocations(local: &Local, all: Vec<(String, u64)>) {
+    let latest = local.verifier.latest_exp(now_s());
     let fresh: Vec<Change> = all
         .into_iter()
-        .filter(|(jti, exp)| {
-            let ok = !jti.is_empty()
-                && jti.len() <= 128
-                && jti
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            ok && local.verifier.revoke(jti, *exp)
+        .filter(|(jti, exp)| is_jti(jti) && local.verifier.revoke(jti, *exp))
+        .map(|(jti, exp)| Change::Revoke {
+            jti,
+            exp: exp.min(latest),
         })
-        .map(|(jti, exp)| Change::Revoke { jti, exp })
         .collect();
     if fresh.is_empty() {
         return;
@@ -354,5 +493,70 @@ async fn apply_revocations(local: &Local, all: Vec<(String, u64)>) {
     tracing::info!(count = fresh.len(), "revocations from the fleet applied");
     if let Err(e) = local.store.apply_unshared(fresh).await {
         tracing::error!(error = %crate::error_chain(&e), "cannot keep the fleet's revocations");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    #[test]
+    fn channel_messages_parse_strictly() {
+        assert_eq!(
+            parse_message("revoke abc-1 1700000000"),
+            Some(Message::Revoke("abc-1", 1_700_000_000))
+        );
+        assert_eq!(parse_message("sync"), Some(Message::Sync));
+        assert_eq!(
+            parse_message("revoke abc 1.7e9"),
+            Some(Message::Revoke("abc", 1_700_000_000))
+        );
+        for bad in [
+            "",
+            "revoke",
+            "revoke abc",
+            "revoke abc -5",
+            "revoke abc inf",
+            "revoke abc nan",
+            "revoke a;b 10",
+            "revoke abc 10 extra",
+            "sync now",
+            "REVOKE abc 10",
+        ] {
+            assert_eq!(parse_message(bad), None, "{bad:?}");
+        }
+        let huge = "revoke abc 99999999999999999999999999";
+        assert_eq!(parse_message(huge), Some(Message::Revoke("abc", u64::MAX)));
+    }
+
+    #[test]
+    fn scored_reads_skip_what_does_not_parse_in_either_protocol() {
+        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let flat = vec![
+            b("good"),
+            b("1700000000"),
+            b("float"),
+            b("1700000000.5"),
+            b("sci"),
+            b("1e30"),
+            b("inf"),
+            b("inf"),
+            Value::BulkString(vec![0xff, 0xfe]),
+            b("5"),
+            b("odd"),
+        ];
+        let (ok, bad) = parse_scored(flat);
+        let names: Vec<&str> = ok.iter().map(|(j, _)| j.as_str()).collect();
+        assert_eq!(names, ["good", "float", "sci"]);
+        assert_eq!(bad, 3);
+        let pairs = vec![
+            Value::Array(vec![b("a"), Value::Double(1.7e9)]),
+            Value::Array(vec![b("b"), Value::Double(f64::INFINITY)]),
+            Value::Array(vec![b("c")]),
+        ];
+        let (ok, bad) = parse_scored(pairs);
+        assert_eq!(ok, vec![("a".to_owned(), 1_700_000_000)]);
+        assert_eq!(bad, 2);
     }
 }

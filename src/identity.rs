@@ -112,10 +112,14 @@ pub struct Sandbox {
     answered: Mutex<std::collections::HashMap<IpAddr, Vec<(HostName, Instant)>>>,
 }
 
-/// Answered addresses remembered per sandbox at most; past that the
-/// expired ones go, then the whole map is cleared (a sandbox that resolves
-/// that many names loses only the name of protocols that carry none).
+/// Answered addresses remembered per sandbox at most: past that the
+/// expired ones go, then the one whose answers run out first.
 const MAX_ANSWERED: usize = 4096;
+/// Names remembered per answered address (a shared CDN address answers
+/// for many): past that the expired ones go, then the one that runs out
+/// first. They only name connections that carry no name, so losing one
+/// costs a server-first protocol its name, never an allowed host.
+const MAX_NAMES_PER_ADDRESS: usize = 16;
 
 impl Sandbox {
     pub fn new(source_ip: IpAddr, token: String, grant: Arc<Grant>, origin: Origin) -> Sandbox {
@@ -133,23 +137,51 @@ impl Sandbox {
     }
 
     /// Remembers that the DNS door answered `ip` for `name` until `until`.
+    /// Bounded per sandbox and per address; pruned as it fills.
     pub fn remember(&self, ip: IpAddr, name: &HostName, until: Instant) {
+        let ip = ip.to_canonical();
+        let now = Instant::now();
         let mut map = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_ANSWERED && !map.contains_key(&ip) {
-            let now = Instant::now();
             map.retain(|_, names| {
                 names.retain(|(_, u)| *u > now);
                 !names.is_empty()
             });
             if map.len() >= MAX_ANSWERED {
-                map.clear();
+                let first_out = map
+                    .iter()
+                    .min_by_key(|(_, names)| names.iter().map(|(_, u)| *u).max())
+                    .map(|(ip, _)| *ip);
+                if let Some(gone) = first_out {
+                    map.remove(&gone);
+                }
             }
         }
-        let names = map.entry(ip.to_canonical()).or_default();
-        match names.iter_mut().find(|(n, _)| n == name) {
-            Some(entry) => entry.1 = entry.1.max(until),
-            None => names.push((name.clone(), until)),
+        let names = map.entry(ip).or_default();
+        if let Some(entry) = names.iter_mut().find(|(n, _)| n == name) {
+            entry.1 = entry.1.max(until);
+            return;
         }
+        if names.len() >= MAX_NAMES_PER_ADDRESS {
+            names.retain(|(_, u)| *u > now);
+        }
+        if names.len() >= MAX_NAMES_PER_ADDRESS
+            && let Some(first_out) = names
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, u))| *u)
+                .map(|(i, _)| i)
+        {
+            names.swap_remove(first_out);
+        }
+        names.push((name.clone(), until));
+    }
+
+    /// How many addresses and names are remembered (for tests and the
+    /// admin view).
+    pub fn answered_len(&self) -> (usize, usize) {
+        let map = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        (map.len(), map.values().map(Vec::len).sum())
     }
 
     /// The names `ip` was answered for, whose answers still hold.
@@ -396,6 +428,61 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for CountGuard<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answered_names_stay_bounded_per_address_and_per_sandbox() {
+        let claims = token::Claims {
+            iss: "i".into(),
+            aud: serde_json::json!("a"),
+            iat: 0,
+            nbf: None,
+            exp: u64::MAX,
+            jti: "j1".into(),
+            container_id: "c1".into(),
+            user_id: None,
+            organization_uuid: None,
+            allowed_hosts: token::HostList(vec!["*.cdn.test".into()]),
+            enforce_container_binding: token::Flag(false),
+            use_egress_gateway: token::Flag(true),
+        };
+        let grant = Arc::new(token::Grant {
+            allowlist: token::compile_hosts(
+                &claims.allowed_hosts.0,
+                &crate::presets::Presets::default(),
+            )
+            .unwrap(),
+            container: Arc::from("c1"),
+            claims,
+        });
+        let s = Sandbox::new(
+            "10.0.0.2".parse().unwrap(),
+            String::new(),
+            grant,
+            Origin::Registered,
+        );
+        let shared: IpAddr = "198.18.1.10".parse().unwrap();
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        for i in 0..1000u32 {
+            let name = HostName::parse(&format!("n{i}.cdn.test")).unwrap();
+            s.remember(
+                shared,
+                &name,
+                later + std::time::Duration::from_millis(u64::from(i)),
+            );
+        }
+        let (addrs, names) = s.answered_len();
+        assert_eq!((addrs, names), (1, MAX_NAMES_PER_ADDRESS));
+        // The newest answers are the ones kept.
+        let kept = s.names_for(shared);
+        assert!(kept.contains(&HostName::parse("n999.cdn.test").unwrap()));
+        assert!(!kept.contains(&HostName::parse("n0.cdn.test").unwrap()));
+        let name = HostName::parse("a.cdn.test").unwrap();
+        for i in 0..(MAX_ANSWERED as u32 + 500) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            s.remember(ip, &name, later);
+        }
+        assert!(s.answered_len().0 <= MAX_ANSWERED);
+    }
 
     #[test]
     fn mac_addresses_parse_unicast_only() {

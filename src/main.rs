@@ -507,6 +507,7 @@ fn explain(
         &config.auth.audience,
         config.auth.leeway_s,
     )
+    .with_max_life(config.auth.max_ttl_s)
     .with_presets(presets);
     let (host, host_port) = sluice::host::split_authority(host.trim())
         .map_err(|e| anyhow::anyhow!("--host {host:?}: {e}"))?;

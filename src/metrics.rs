@@ -21,6 +21,7 @@ pub const DNS_CACHE_HITS: &str = "sluice_dns_cache_hits_total";
 pub const DNS_CACHE_MISSES: &str = "sluice_dns_cache_misses_total";
 pub const BUILD_INFO: &str = "sluice_build_info";
 pub const STORE_UP: &str = "sluice_store_up";
+pub const FLEET_REJECTED: &str = "sluice_fleet_entries_rejected_total";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -101,6 +102,10 @@ fn describe() {
         STORE_UP,
         "1 while the store answers (the fleet's Redis with [store] backend = \"redis\"; always 1 for the local store)."
     );
+    describe_counter!(
+        FLEET_REJECTED,
+        "Entries read from the fleet's Redis that were refused (an unreadable score or jti, or past the cap on what one read may add)."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; its version label is the running binary's version."
@@ -109,6 +114,7 @@ fn describe() {
     // Zero values, so a scrape shows every series' name from the start.
     gauge!(REGISTERED_SANDBOXES).set(0.0);
     for counter in [
+        FLEET_REJECTED,
         CLAIMS_CACHE_HITS,
         CLAIMS_CACHE_MISSES,
         DNS_CACHE_HITS,

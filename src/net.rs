@@ -2,6 +2,7 @@
 //! what iptables did to a connection ([`orig_dst`]). Nothing here decides
 //! anything.
 
+pub mod local_addrs;
 pub mod orig_dst;
 
 use std::io;

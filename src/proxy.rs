@@ -36,7 +36,7 @@ use crate::resolver::Resolver;
 use crate::shutdown::Shutdown;
 use sniff::Protocol;
 use std::net::IpAddr;
-use upstream::Upstream;
+use upstream::{Own, Upstream};
 
 /// The part of the configuration SIGHUP can change (`[gateway]`: ports,
 /// resolution, the destination guard, timeouts, caps), with the upstream
@@ -57,8 +57,8 @@ pub struct Gateway {
     /// `max_connections`, shared by every listener.
     pub limit: Arc<Semaphore>,
     policy: RwLock<Arc<Policy>>,
-    /// sluice's own listeners, never a destination.
-    own: Vec<SocketAddr>,
+    /// sluice's own listeners and addresses, never a destination.
+    own: Own,
     /// The one caching resolver (kept across policy reloads).
     pub resolver: Arc<Resolver>,
     /// Connections per source address, from accept on, on both doors: a
@@ -73,11 +73,11 @@ impl Gateway {
         verifier: Arc<Verifier>,
         shutdown: Shutdown,
         orig_dst: OrigDstSource,
-        own: Vec<SocketAddr>,
+        own: Own,
         resolver: Arc<Resolver>,
     ) -> Gateway {
         let policy = Arc::new(Policy {
-            upstream: Upstream::new(&config.gateway, own.clone(), Arc::clone(&resolver)),
+            upstream: Upstream::new(&config.gateway, &own, Arc::clone(&resolver)),
             gateway: config.gateway.clone(),
         });
         Gateway {
@@ -103,7 +103,7 @@ impl Gateway {
     /// and `max_connections` are fixed at start and not changed here.
     pub fn set_policy(&self, gateway: &GatewayConfig) {
         let policy = Arc::new(Policy {
-            upstream: Upstream::new(gateway, self.own.clone(), Arc::clone(&self.resolver)),
+            upstream: Upstream::new(gateway, &self.own, Arc::clone(&self.resolver)),
             gateway: gateway.clone(),
         });
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;

@@ -235,7 +235,7 @@ fn serve_with(gateway_extra: &str, prefix: &[&str]) -> Serve {
     let transparent: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = free_port();
     let config = format!(
-        "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"{transparent}\"\nproxy_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\n{gateway_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
+        "state_dir = \"{}\"\n[gateway]\ntransparent_listen = \"{transparent}\"\nproxy_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nallow_local_destinations = true\n{gateway_extra}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[dns]\nlisten = \"127.0.0.1:0\"\nupstream = [\"127.0.0.1:9\"]\n",
         dir.path().join("state").display(),
         free_port(),
         free_port()

@@ -69,6 +69,7 @@ async fn idle_hordes_and_slow_drips_do_not_starve_other_sandboxes() {
 transparent_listen = "127.0.0.1:{transparent}"
 proxy_listen = "127.0.0.1:{}"
 allow_destinations = ["127.0.0.0/8"]
+allow_local_destinations = true
 peek_timeout_ms = 3000
 max_connections = 20000
 max_connections_per_sandbox = 10000

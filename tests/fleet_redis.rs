@@ -236,3 +236,112 @@ async fn two_gateways_share_sessions_and_revocations_through_redis() {
     assert!(two.running.verifier.verify(&tx).is_err());
     assert!(two.running.verifier.verify(&ty).is_err());
 }
+
+/// Fleet input is hostile input: entries a peer (or anyone with the
+/// Redis) wrote that revoke for ever, cannot be read as a number, or are
+/// no jti at all, and messages that are none of sluice's, neither stop
+/// the catch-up nor survive a Redis restart as poison: both gateways come
+/// back up, and a revocation still spreads within 1 s.
+#[tokio::test]
+async fn hostile_fleet_entries_do_not_stop_revocations() {
+    if !have_tool(
+        "redis-server",
+        "--version",
+        "hostile_fleet_entries_do_not_stop_revocations",
+    ) {
+        return;
+    }
+    let port = free_port();
+    let mut redis = Redis::start(port);
+    let keys = tempfile::tempdir().unwrap();
+    sluice::identity::token::KeyPair::generate("sluice-1")
+        .unwrap()
+        .write(keys.path())
+        .unwrap();
+    let tweak = fleet(port, keys.path().to_owned());
+    let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+    let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+    eventually(Duration::from_secs(5), "both connected", || {
+        one.running.store_up() && two.running.store_up()
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let soon = (now + 100).to_string();
+    for (score, member) in [
+        ("1e300", "poison-far"),
+        ("+inf", "poison-inf"),
+        (&format!("{soon}.5"), "fraction-ok"),
+        (&soon, "bad jti!"),
+        (&soon, "x".repeat(300).as_str()),
+    ] {
+        assert_eq!(redis.cli(&["ZADD", "t:revoked", score, member]).trim(), "1");
+    }
+    for message in [
+        "revoke overflow 99999999999999999999999999999",
+        "revoke",
+        "nonsense from a peer",
+        "sync",
+    ] {
+        redis.cli(&["PUBLISH", "t:revocations", message]);
+    }
+    // The readable entry in range is applied; the rest are refused and
+    // counted, and nothing stops.
+    eventually(Duration::from_secs(5), "the readable entry applied", || {
+        two.running.verifier.is_revoked("fraction-ok")
+    })
+    .await;
+    assert!(!two.running.verifier.is_revoked("poison-inf"));
+    let rejected = metric(&two.metrics().await, "sluice_fleet_entries_rejected_total");
+    assert!(rejected >= 2.0, "rejected {rejected}");
+    // The far-future revocation arrived by message too: kept, but only for
+    // the longest life a token may have here.
+    assert!(two.running.verifier.is_revoked("overflow"));
+    let latest = two.running.verifier.latest_exp(now + 5);
+    for (jti, exp) in two.running.verifier.revoked() {
+        assert!(exp <= latest, "{jti} kept until {exp}");
+    }
+
+    // A Redis restart: both come back up, what they re-seed is bounded...
+    redis.kill();
+    eventually(Duration::from_secs(5), "both report the store down", || {
+        !one.running.store_up() && !two.running.store_up()
+    })
+    .await;
+    let redis = Redis::start(port);
+    eventually(Duration::from_secs(10), "both up again", || {
+        one.running.store_up() && two.running.store_up()
+    })
+    .await;
+    let far: f64 = redis
+        .cli(&["ZSCORE", "t:revoked", "overflow"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(far as u64 <= latest, "re-seeded until {far}");
+    // ... and a revocation on one is refused by the other within 1 s.
+    let (_, minted) = one
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"container_id": "sb-z", "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
+        )
+        .await;
+    let (tz, jti) = (
+        minted["token"].as_str().unwrap().to_owned(),
+        minted["jti"].as_str().unwrap().to_owned(),
+    );
+    assert!(two.running.verifier.verify(&tz).is_ok());
+    let (status, _) = one
+        .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
+        .await;
+    assert_eq!(status, 204);
+    eventually(
+        Duration::from_secs(1),
+        "the revocation on the other",
+        || two.running.verifier.verify(&tz).is_err(),
+    )
+    .await;
+}

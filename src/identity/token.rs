@@ -73,6 +73,8 @@ pub enum TokenError {
     BadClaims(String),
     #[error("bad allowed_hosts entry {0:?}: {1}")]
     BadAllowedHosts(String, String),
+    #[error("token lives longer than this gateway accepts (auth.max_ttl_s = {0})")]
+    TooLong(u64),
 }
 
 impl TokenError {

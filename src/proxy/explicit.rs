@@ -260,7 +260,9 @@ async fn tunnel(
         return;
     }
     buf.drain(..head.head_len);
-    let opening = match open_tunnel(conn, &upstream, &mut buf, permit.explicit_port).await {
+    // However late a tunnel's first bytes come, they are read and judged.
+    let idle = Duration::from_millis(conn.gw.policy().gateway.idle_timeout_ms);
+    let opening = match open_tunnel(conn, &upstream, &mut buf, permit.explicit_port, idle).await {
         TunnelOpening::Client(o) => o,
         TunnelOpening::ServerFirst => Opening::Other,
         TunnelOpening::Gone(end) => {

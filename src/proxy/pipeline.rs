@@ -190,15 +190,18 @@ pub enum TunnelOpening {
     Refused(Protocol, Deny),
 }
 
-/// Reads a tunnel's first bytes, however late they come (bounded by the
-/// idle timeout, not the peek deadline), and classifies them as the
-/// transparent door does. An upstream that speaks first lets the tunnel go
-/// raw only when an allowlist entry names the port.
+/// Waits for whoever speaks first on a connection already dialled (a
+/// tunnel, or a transparent connection to an answered name on an explicit
+/// port), bounded by the idle timeout, and classifies the client's first
+/// bytes as the transparent door does, read within `read_limit` once they
+/// start. An upstream that speaks first lets the connection go raw only
+/// when an allowlist entry names the port.
 pub async fn open_tunnel(
     conn: &Conn,
     upstream: &TcpStream,
     buf: &mut Vec<u8>,
     explicit_port: bool,
+    read_limit: Duration,
 ) -> TunnelOpening {
     let policy = conn.gw.policy();
     let g = &policy.gateway;
@@ -217,7 +220,7 @@ pub async fn open_tunnel(
             _ = tokio::time::sleep(idle) => return TunnelOpening::Gone("idle_timeout"),
         }
     }
-    match tokio::time::timeout(idle, read_until(&conn.client, buf, &mut reader)).await {
+    match tokio::time::timeout(read_limit, read_until(&conn.client, buf, &mut reader)).await {
         Err(_) => TunnelOpening::Gone("idle_timeout"),
         Ok(Err(_)) | Ok(Ok(ReadEnd::Eof)) => TunnelOpening::Gone("closed"),
         Ok(Ok(ReadEnd::Invalid(d))) => TunnelOpening::Refused(reader.protocol(), d),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::pipeline::{Allowed, Conn, relay_opening};
+use super::pipeline::{Allowed, Conn, TunnelOpening, open_tunnel, relay_opening};
 use super::record::Record;
 use super::sniff::{Opening, OpeningReader, Protocol, ReadEnd, read_until};
 use super::{Admission, Gateway, deny_response};
@@ -81,28 +81,50 @@ async fn admit(conn: &mut Conn, peer: SocketAddr) -> Option<Ready> {
     if let Some(s) = &sandbox {
         conn.record.container_id = Some(std::sync::Arc::clone(&s.grant.container));
     }
-    // The names the DNS door answered the dialled address for: a protocol
-    // that carries no name is known by them, and one that does must name
-    // one of them.
+    // The names the DNS door answered the dialled address for: they name
+    // a connection that carries no name (SSH, a database), and nothing
+    // else. A connection whose bytes name a host is judged by that name
+    // alone, since the gateway dials its own resolution of it.
     let answered: Vec<HostName> = match (&sandbox, orig) {
         (Some(s), Some(o)) => s.names_for(o.ip()),
         _ => Vec::new(),
     };
     let caller = sandbox.map(Caller::Sandbox);
-    if let (Some(caller), Some(port)) = (&caller, orig_port)
-        && let Some(target) = server_first_target(conn, caller, &answered, port)
-    {
-        return serve_known(conn, caller.clone(), target).await;
-    }
-
-    // The first bytes, under one deadline for all of them: a slow drip is
-    // cut at the peek timeout, not reset by every byte. The future is
-    // boxed: freed once done, so a relayed connection's state stays small.
     let policy = conn.gw.policy();
     let g = &policy.gateway;
     let mut buf = Vec::with_capacity(2048);
     let mut reader = OpeningReader::new(g.max_client_hello_bytes, g.max_request_head_bytes);
     let peek = Duration::from_millis(g.peek_timeout_ms);
+    drop(policy);
+    // An answered name whose entry names this port may be a server-first
+    // protocol: dialled at once, then whoever speaks first decides. Only
+    // a server that speaks first gets a raw relay; bytes from the client
+    // are read and judged like any connection's.
+    if let (Some(caller), Some(port)) = (&caller, orig_port)
+        && let Some(target) = server_first_target(conn, caller, &answered, port)
+    {
+        conn.record
+            .set_target(Protocol::Other, &target.host, target.port);
+        let allowed = allow(conn, Protocol::Other, caller.clone(), target).await?;
+        match Box::pin(open_tunnel(conn, &allowed.upstream, &mut buf, true, peek)).await {
+            TunnelOpening::ServerFirst => return Some((allowed, false, buf)),
+            TunnelOpening::Gone(end) => {
+                conn.record.end = end;
+                return None;
+            }
+            TunnelOpening::Refused(protocol, d) => {
+                drop(allowed);
+                return refused(conn, protocol, d, refusal(protocol, d)).await;
+            }
+            TunnelOpening::Client(opening) => {
+                return judge(conn, caller.clone(), opening, orig_port, buf, Some(allowed)).await;
+            }
+        }
+    }
+
+    // The first bytes, under one deadline for all of them: a slow drip is
+    // cut at the peek timeout, not reset by every byte. The future is
+    // boxed: freed once done, so a relayed connection's state stays small.
     let read = tokio::time::timeout(
         peek,
         Box::pin(read_until(&conn.client, &mut buf, &mut reader)),
@@ -125,38 +147,70 @@ async fn admit(conn: &mut Conn, peer: SocketAddr) -> Option<Ready> {
             return refused(conn, protocol, d, refusal(protocol, d)).await;
         }
     };
-    let (protocol, host, port) = match &opening {
-        Opening::Tls(hello) => (
-            Protocol::Tls,
-            Host::Name(hello.sni.clone()),
-            orig_port.unwrap_or(443),
-        ),
-        // Tunnels belong to the explicit proxy listener.
-        Opening::Http(head) if head.connect => {
-            let d = Deny::BadRequest;
-            return refused(conn, Protocol::Http, d, refusal(Protocol::Http, d)).await;
-        }
-        Opening::Http(head) => (
-            Protocol::Http,
-            head.host.clone(),
-            orig_port.or(head.port).unwrap_or(80),
-        ),
-        Opening::Other => {
-            return refused(conn, Protocol::Other, Deny::UnsupportedProtocol, None).await;
-        }
-    };
-    conn.record.set_target(protocol, &host, port);
-    if !answered.is_empty() && !matches!(&host, Host::Name(n) if answered.contains(n)) {
-        // It dialled an address answered for other names: a lie.
-        let d = Deny::HostNotAllowed;
-        return refused(conn, protocol, d, refusal(protocol, d)).await;
-    }
-    let target = Target { host, port };
-
     let Some(caller) = caller else {
+        let (protocol, host, port) = match target_of(&opening, orig_port) {
+            Ok(t) => t,
+            Err((protocol, d)) => return refused(conn, protocol, d, refusal(protocol, d)).await,
+        };
+        conn.record.set_target(protocol, &host, port);
         let d = Deny::UnknownSource;
         return refused(conn, protocol, d, refusal(protocol, d)).await;
     };
+    judge(conn, caller, opening, orig_port, buf, None).await
+}
+
+/// The protocol, host and port a client's first bytes name; a refusal
+/// when they name none.
+fn target_of(
+    opening: &Opening,
+    orig_port: Option<u16>,
+) -> Result<(Protocol, Host, u16), (Protocol, Deny)> {
+    match opening {
+        Opening::Tls(hello) => Ok((
+            Protocol::Tls,
+            Host::Name(hello.sni.clone()),
+            orig_port.unwrap_or(443),
+        )),
+        // Tunnels belong to the explicit proxy listener.
+        Opening::Http(head) if head.connect => Err((Protocol::Http, Deny::BadRequest)),
+        Opening::Http(head) => Ok((
+            Protocol::Http,
+            head.host.clone(),
+            orig_port.or(head.port).unwrap_or(80),
+        )),
+        Opening::Other => Err((Protocol::Other, Deny::UnsupportedProtocol)),
+    }
+}
+
+/// Judges a connection by what its client sent first. `known` is the
+/// upstream already dialled for an answered name on an explicit port: a
+/// protocol that names nothing is relayed to it, one that names the same
+/// target reuses it, and one that names another host is decided and
+/// dialled on its own.
+async fn judge(
+    conn: &mut Conn,
+    caller: Caller,
+    opening: Opening,
+    orig_port: Option<u16>,
+    buf: Vec<u8>,
+    known: Option<Allowed>,
+) -> Option<Ready> {
+    let (protocol, host, port) = match (target_of(&opening, orig_port), known) {
+        (Ok(t), known) => {
+            if let Some(k) = known
+                && k.target.host == t.1
+                && k.target.port == t.2
+            {
+                conn.record.set_target(t.0, &t.1, t.2);
+                return Some((k, t.0 == Protocol::Http, buf));
+            }
+            t
+        }
+        (Err((Protocol::Other, _)), Some(k)) => return Some((k, false, buf)),
+        (Err((protocol, d)), _) => return refused(conn, protocol, d, refusal(protocol, d)).await,
+    };
+    conn.record.set_target(protocol, &host, port);
+    let target = Target { host, port };
     let http = matches!(opening, Opening::Http(_));
     drop(opening);
     let allowed = allow(conn, protocol, caller, target).await?;
@@ -220,15 +274,6 @@ fn server_first_target(
     })
 }
 
-/// A connection whose target is known before a byte is read: decided,
-/// dialled, relayed raw.
-async fn serve_known(conn: &mut Conn, caller: Caller, target: Target) -> Option<Ready> {
-    conn.record
-        .set_target(Protocol::Other, &target.host, target.port);
-    let allowed = allow(conn, Protocol::Other, caller, target).await?;
-    Some((allowed, false, Vec::new()))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -263,7 +308,7 @@ mod tests {
             verifier,
             Shutdown::new(),
             OrigDstSource::Socket,
-            Vec::new(),
+            Default::default(),
             Arc::new(Resolver::new(&dns).unwrap()),
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -19,6 +19,7 @@ use crate::config::GatewayConfig;
 use crate::deny::Deny;
 use crate::host::{Host, HostName};
 use crate::metrics as m;
+use crate::net::local_addrs::LocalAddrs;
 use crate::resolver::Resolver;
 
 /// IPv4 ranges no sandbox may reach unless exempted by
@@ -103,6 +104,10 @@ pub struct Guard {
     allow: Vec<IpNet>,
     /// sluice's own listeners: never a destination (no loops).
     own: Vec<SocketAddr>,
+    /// The gateway namespace's own addresses: never a destination,
+    /// whatever `allow` says (`None` only with
+    /// `gateway.allow_local_destinations`).
+    local: Option<Arc<LocalAddrs>>,
 }
 
 impl Guard {
@@ -111,7 +116,14 @@ impl Guard {
             deny_private,
             allow,
             own,
+            local: None,
         }
+    }
+
+    /// Refuses every address of the gateway's own namespace too.
+    pub fn with_local(mut self, local: Option<Arc<LocalAddrs>>) -> Guard {
+        self.local = local;
+        self
     }
 
     pub fn permits(&self, addr: SocketAddr) -> bool {
@@ -129,11 +141,22 @@ impl Guard {
         if is_own {
             return false;
         }
+        if self.local.as_ref().is_some_and(|l| l.contains(ip)) {
+            return false;
+        }
         if !self.deny_private || !is_guarded(ip) {
             return true;
         }
         self.allow.iter().any(|net| net.contains(&ip))
     }
+}
+
+/// What is the gateway's own and never a destination: its listeners, and
+/// every address of its namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Own {
+    pub listeners: Vec<SocketAddr>,
+    pub addrs: Arc<LocalAddrs>,
 }
 
 /// Resolves, guards and connects.
@@ -145,7 +168,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &GatewayConfig, own: Vec<SocketAddr>, resolver: Arc<Resolver>) -> Upstream {
+    pub fn new(config: &GatewayConfig, own: &Own, resolver: Arc<Resolver>) -> Upstream {
         let overrides = config
             .resolve
             .iter()
@@ -157,8 +180,9 @@ impl Upstream {
             guard: Guard::new(
                 config.deny_private_destinations,
                 config.allow_destinations.clone(),
-                own,
-            ),
+                own.listeners.clone(),
+            )
+            .with_local((!config.allow_local_destinations).then(|| Arc::clone(&own.addrs))),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
         }
     }
@@ -375,7 +399,11 @@ mod tests {
             upstream: vec!["127.0.0.1:9".parse().unwrap()],
             ..Default::default()
         };
-        let u = Upstream::new(&config, vec![], Arc::new(Resolver::new(&dns).unwrap()));
+        let u = Upstream::new(
+            &config,
+            &Own::default(),
+            Arc::new(Resolver::new(&dns).unwrap()),
+        );
         let name = |s: &str| Host::Name(HostName::parse(s).unwrap());
         assert_eq!(
             u.resolve(&name("API.test."), 443).await,

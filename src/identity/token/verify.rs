@@ -23,7 +23,15 @@ pub struct Verifier {
     /// Bumped on every key-set change: a grant verified under an older
     /// generation is verified again before it is trusted.
     generation: std::sync::atomic::AtomicU64,
+    /// The longest life a token may have left (`auth.max_ttl_s`): a token
+    /// that outlives it is refused, so no revocation ever needs to be kept
+    /// longer, and one that claims to is cut to it.
+    max_life: u64,
 }
+
+/// A gateway's default for the longest token life (7 days), as
+/// `auth.max_ttl_s`'s.
+pub const DEFAULT_MAX_LIFE_S: u64 = 7 * 24 * 3600;
 
 struct UntilExpiry {
     leeway: u64,
@@ -67,7 +75,21 @@ impl Verifier {
             watchers: DashMap::new(),
             presets: Arc::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
+            max_life: DEFAULT_MAX_LIFE_S,
         }
+    }
+
+    /// Refuses tokens with more than `secs` of life left (`auth.max_ttl_s`).
+    pub fn with_max_life(mut self, secs: u64) -> Verifier {
+        self.max_life = secs;
+        self
+    }
+
+    /// The latest expiry a token verified now may have: what bounds every
+    /// revocation, local or from the fleet.
+    pub fn latest_exp(&self, now: u64) -> u64 {
+        now.saturating_add(self.max_life)
+            .saturating_add(self.leeway)
     }
 
     /// Uses these presets (built in and `[presets]`) for `@name` entries.
@@ -78,7 +100,11 @@ impl Verifier {
 
     /// Refuses the token with this `jti` from now on (until `exp`), and
     /// closes the live connections that watch it. `true` if it was new.
+    /// An `exp` past the longest life a token may have is cut to it: no
+    /// token this gateway accepts outlives that, and a far-future expiry
+    /// (from a hostile fleet peer) cannot pin an entry for ever.
     pub fn revoke(&self, jti: &str, exp: u64) -> bool {
+        let exp = exp.min(self.latest_exp(now_s()));
         let new = self.revoked.insert(jti.to_owned(), exp).is_none();
         if let Some((_, (_, token))) = self.watchers.remove(jti) {
             token.cancel();
@@ -243,6 +269,9 @@ impl Verifier {
         }
         if claims.container_id.is_empty() {
             return Err(TokenError::MissingClaim("container_id".into()));
+        }
+        if claims.exp > self.latest_exp(now_s()) {
+            return Err(TokenError::TooLong(self.max_life));
         }
         let allowlist = compile_hosts(&claims.allowed_hosts.0, &self.presets)?;
         Ok(Grant {
