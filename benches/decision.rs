@@ -251,7 +251,8 @@ fn dns_cache_hit(c: &mut Criterion) {
     };
     let resolver = rt.block_on(async { Resolver::new(&config).unwrap() });
     let localhost = HostName::parse("localhost").unwrap();
-    rt.block_on(resolver.resolve(&localhost)).unwrap();
+    rt.block_on(resolver.resolve(&localhost, sluice::resolver::Asker::Gateway))
+        .unwrap();
     let allowlist = Allowlist::new(
         (0..1_000)
             .map(|i| format!("host-{i}.example.test"))
@@ -270,7 +271,9 @@ fn dns_cache_hit(c: &mut Criterion) {
             let name = HostName::parse(&request.queries[0].name().to_ascii()).unwrap();
             let host = Host::Name(name.clone());
             assert!(allowlist.admits_name(&host));
-            let resolved = rt.block_on(resolver.resolve(&name)).unwrap();
+            let resolved = rt
+                .block_on(resolver.resolve(&name, sluice::resolver::Asker::Gateway))
+                .unwrap();
             let ips = resolved
                 .addrs
                 .iter()

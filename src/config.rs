@@ -100,6 +100,10 @@ pub struct DnsConfig {
     pub burst: u32,
     /// Lookups sent upstream at once, over all sandboxes (then SERVFAIL).
     pub max_inflight: usize,
+    /// Lookups one sandbox may have in flight at once, from its DNS
+    /// queries and the names its connections make the gateway resolve
+    /// alike (then SERVFAIL, or 502): its share of `max_inflight`.
+    pub max_inflight_per_sandbox: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -297,6 +301,7 @@ impl Default for DnsConfig {
             queries_per_second: 100,
             burst: 200,
             max_inflight: 256,
+            max_inflight_per_sandbox: 32,
         }
     }
 }
@@ -527,6 +532,10 @@ impl Config {
             ("dns.queries_per_second", u64::from(d.queries_per_second)),
             ("dns.burst", u64::from(d.burst)),
             ("dns.max_inflight", d.max_inflight as u64),
+            (
+                "dns.max_inflight_per_sandbox",
+                d.max_inflight_per_sandbox as u64,
+            ),
         ] {
             if value == 0 {
                 err(key, "must be greater than 0".into());

@@ -24,11 +24,9 @@
 //! listeners.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
@@ -165,7 +163,6 @@ pub fn qtype_label(t: RecordType) -> &'static str {
 /// The DNS door's state, shared by its listeners.
 pub struct Door {
     gw: Arc<Gateway>,
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 /// One query's outcome, for the audit line and the metrics.
@@ -208,18 +205,12 @@ impl Outcome<'_> {
 
 impl Door {
     pub fn new(gw: Arc<Gateway>) -> Door {
-        let d = &gw.config.dns;
-        let rate = NonZeroU32::new(d.queries_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(d.burst).unwrap_or(NonZeroU32::MIN);
-        Door {
-            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            gw,
-        }
+        Door { gw }
     }
 
     /// Forgets the rate-limit state of sources that have been quiet.
     pub fn tidy(&self) {
-        self.limiter.retain_recent();
+        self.gw.resolver.tidy();
     }
 
     /// Answers one query from `source`; `None` when nothing is to be sent.
@@ -286,7 +277,7 @@ impl Door {
         let Some(sandbox) = sandbox else {
             return deny(Deny::UnknownSource, Answer::Refused);
         };
-        if self.limiter.check_key(&sandbox.source_ip).is_err() {
+        if !self.gw.resolver.admit_query(sandbox.source_ip) {
             return deny(Deny::Overloaded, Answer::Refused);
         }
         if request.metadata.op_code != OpCode::Query {
@@ -319,7 +310,8 @@ impl Door {
             // allowed name: empty too.
             _ => return Answer::Empty,
         }
-        let (addrs, ttl) = match policy.upstream.resolve_name(&name).await {
+        let asker = crate::resolver::Asker::Query(sandbox.source_ip);
+        let (addrs, ttl) = match policy.upstream.resolve_name(&name, asker).await {
             Ok(r) => r,
             Err(d) => return deny(d, Answer::ServFail),
         };

@@ -3,17 +3,28 @@
 //! are always looked up as absolute names (never through a search list),
 //! /etc/hosts first, then `dns.upstream` (or the nameservers of
 //! /etc/resolv.conf), through `hickory-resolver`. Answers are cached for
-//! their TTL (capped at `dns.max_ttl_s`), failures negatively for a short
-//! while, and concurrent lookups of one name share one query; lookups in
-//! flight upstream are bounded. The answer a sandbox is given for a name
-//! and the addresses sluice dials for it come from the same cache entry.
+//! their TTL (capped at `dns.max_ttl_s`), names that do not exist and
+//! lookups that failed (a resolver that timed out) negatively for a short
+//! while, and concurrent lookups of one name share one query. The answer a
+//! sandbox is given for a name and the addresses sluice dials for it come
+//! from the same cache entry.
+//!
+//! Lookups are a budget every sandbox shares fairly: each [`Asker`] that is
+//! a sandbox (its DNS queries and the names its TLS and HTTP connections
+//! make the gateway resolve alike) is held to `dns.queries_per_second` and
+//! to `dns.max_inflight_per_sandbox` lookups in flight, within the
+//! gateway-wide `dns.max_inflight`; so one sandbox asking for slow names
+//! under its own wildcard cannot take every other sandbox's answers.
 //!
 //! `[gateway.resolve]` overrides are applied before this, by
 //! [`Upstream`](crate::proxy::upstream::Upstream).
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
@@ -24,6 +35,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::DnsConfig;
 use crate::host::HostName;
+use crate::identity::ConnectionCounts;
 use crate::metrics as m;
 
 /// How long a failed lookup is remembered.
@@ -37,6 +49,23 @@ pub struct Resolved {
     /// Empty: the name does not exist or has no address.
     pub addrs: Vec<IpAddr>,
     pub valid_until: Instant,
+    /// The lookup failed (no answer, a resolver error): remembered as
+    /// briefly as a missing name, so a name that times out is not asked
+    /// again on every query.
+    pub failed: bool,
+}
+
+/// Who a lookup is for, and so whose budget it spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// A DNS query from this source: its rate was counted when the query
+    /// arrived; a lookup takes one of its places in flight.
+    Query(IpAddr),
+    /// A connection from this source made the gateway resolve a name: a
+    /// lookup counts against its rate and takes a place in flight.
+    Connection(IpAddr),
+    /// The gateway's own (`sluice explain`, tests): no sandbox's budget.
+    Gateway,
 }
 
 impl Resolved {
@@ -51,6 +80,8 @@ impl Resolved {
 pub enum ResolveError {
     #[error("too many lookups in flight")]
     Busy,
+    #[error("this sandbox's lookups are over its budget")]
+    OverBudget,
     #[error("the resolver failed")]
     Failed,
     #[error("cannot build the resolver")]
@@ -62,6 +93,11 @@ pub struct Resolver {
     cache: moka::future::Cache<HostName, Arc<Resolved>>,
     inflight: Semaphore,
     max_ttl: Duration,
+    /// Queries and lookups per second, per sandbox.
+    rate: DefaultKeyedRateLimiter<IpAddr>,
+    /// Lookups in flight, per sandbox.
+    per_source: Arc<ConnectionCounts<IpAddr>>,
+    per_source_cap: usize,
 }
 
 struct UntilValid;
@@ -118,7 +154,12 @@ impl Resolver {
             tracing::error!(error = %e, "cannot build the resolver");
             ResolveError::Setup
         })?;
+        let rate = NonZeroU32::new(config.queries_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
         Ok(Resolver {
+            rate: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            per_source: Arc::default(),
+            per_source_cap: config.max_inflight_per_sandbox.max(1),
             dns,
             cache: moka::future::Cache::builder()
                 .max_capacity(CACHE_ENTRIES)
@@ -134,20 +175,53 @@ impl Resolver {
         u32::try_from(self.max_ttl.as_secs()).unwrap_or(u32::MAX)
     }
 
+    /// Counts one DNS query from `source` against its rate; `false` when
+    /// it is over it.
+    pub fn admit_query(&self, source: IpAddr) -> bool {
+        self.rate.check_key(&source).is_ok()
+    }
+
+    /// Forgets the rate state of sources that have been quiet.
+    pub fn tidy(&self) {
+        self.rate.retain_recent();
+    }
+
     /// The addresses of `name`, from the cache while its TTL lasts. A name
-    /// that does not resolve is an empty answer (cached briefly); only a
-    /// resolver that cannot be asked is an error.
-    pub async fn resolve(&self, name: &HostName) -> Result<Arc<Resolved>, ResolveError> {
+    /// that does not resolve is an empty answer (cached briefly); a lookup
+    /// that failed is an error (cached as briefly); a miss for a sandbox
+    /// past its budget is `OverBudget`.
+    pub async fn resolve(
+        &self,
+        name: &HostName,
+        asker: Asker,
+    ) -> Result<Arc<Resolved>, ResolveError> {
         if let Some(hit) = self.cache.get(name).await {
             ::metrics::counter!(m::DNS_CACHE_HITS).increment(1);
-            return Ok(hit);
+            return answer(hit);
         }
         ::metrics::counter!(m::DNS_CACHE_MISSES).increment(1);
+        // The asker's place, held while its lookup (or the one it shares)
+        // is under way.
+        let _place = match asker {
+            Asker::Gateway => None,
+            Asker::Query(ip) | Asker::Connection(ip) => {
+                if matches!(asker, Asker::Connection(_)) && !self.admit_query(ip) {
+                    return Err(ResolveError::OverBudget);
+                }
+                Some(
+                    self.per_source
+                        .try_acquire(&ip, self.per_source_cap)
+                        .ok_or(ResolveError::OverBudget)?,
+                )
+            }
+        };
         // Concurrent misses for one name share one lookup.
-        self.cache
+        let resolved = self
+            .cache
             .try_get_with(name.clone(), self.lookup(name))
             .await
-            .map_err(|e| *e)
+            .map_err(|e| *e)?;
+        answer(resolved)
     }
 
     async fn lookup(&self, name: &HostName) -> Result<Arc<Resolved>, ResolveError> {
@@ -170,16 +244,29 @@ impl Resolver {
                 Ok(Arc::new(Resolved {
                     addrs,
                     valid_until: until.max(now + Duration::from_secs(1)),
+                    failed: false,
                 }))
             }
-            Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Arc::new(Resolved {
-                addrs: Vec::new(),
-                valid_until: now + NEGATIVE_TTL,
-            })),
             Err(e) => {
-                tracing::debug!(%name, error = %e, "lookup failed");
-                Err(ResolveError::Failed)
+                let failed = !(e.is_no_records_found() || e.is_nx_domain());
+                if failed {
+                    tracing::debug!(%name, error = %e, "lookup failed");
+                }
+                Ok(Arc::new(Resolved {
+                    addrs: Vec::new(),
+                    valid_until: now + NEGATIVE_TTL,
+                    failed,
+                }))
             }
         }
+    }
+}
+
+/// A cache entry as an answer: a remembered failure is an error.
+fn answer(resolved: Arc<Resolved>) -> Result<Arc<Resolved>, ResolveError> {
+    if resolved.failed {
+        Err(ResolveError::Failed)
+    } else {
+        Ok(resolved)
     }
 }

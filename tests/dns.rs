@@ -272,3 +272,97 @@ async fn one_sandboxs_flood_is_refused_without_starving_another() {
     let r = ask_from("127.0.0.2", dns, &q).await.unwrap();
     assert_eq!(addresses(&r), vec![Ipv4Addr::LOCALHOST]);
 }
+
+/// A UDP resolver that answers names under `ok.test` with 127.0.0.1 and
+/// never answers anything else (a slow authoritative server, as one
+/// sandbox can make its own wildcard's names).
+async fn selective_upstream() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(question) = q.queries.first().cloned() else {
+                continue;
+            };
+            if !question.name().to_ascii().ends_with("ok.test.") {
+                continue;
+            }
+            let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            r.add_query(question.clone());
+            if question.query_type() == RecordType::A {
+                r.add_answer(hickory_proto::rr::Record::from_rdata(
+                    question.name().clone(),
+                    60,
+                    RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::LOCALHOST)),
+                ));
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+        }
+    });
+    addr
+}
+
+/// One sandbox asking for slow names under its own wildcard, through its
+/// DNS queries and through the names its connections make the gateway
+/// resolve, within its query rate, holds only its own share of the
+/// lookups in flight: another sandbox keeps being answered meanwhile.
+#[tokio::test]
+async fn slow_names_of_one_sandbox_do_not_starve_another() {
+    let upstream = selective_upstream().await;
+    let gw = start("127.0.0.1:80".parse().unwrap(), |c| {
+        c.dns.upstream = vec![upstream];
+        c.dns.max_inflight = 16;
+        c.dns.max_inflight_per_sandbox = 4;
+        c.dns.queries_per_second = 1000;
+        c.dns.burst = 1000;
+    })
+    .await;
+    gw.register("greedy", "127.0.0.3", &["*.slow.test"], 600)
+        .await;
+    gw.register("calm", "127.0.0.4", &["*.ok.test"], 600).await;
+    let dns = gw.running.dns_addr;
+    // The flood: 200 distinct slow names by query, and 40 by connection.
+    let flood = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    for i in 0..200 {
+        let q = query(&format!("n{i}.slow.test."), RecordType::A, false);
+        flood.send_to(&q.to_vec().unwrap(), dns).await.unwrap();
+    }
+    let mut conns = Vec::new();
+    for i in 0..40 {
+        let mut s = gw.connect_from("127.0.0.3").await;
+        let req = format!("GET / HTTP/1.1\r\nHost: c{i}.slow.test\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The other sandbox, meanwhile: every name answered.
+    let mut answered = 0;
+    for i in 0..20 {
+        let q = query(&format!("a{i}.ok.test."), RecordType::A, false);
+        let r = ask_from("127.0.0.4", dns, &q.to_vec().unwrap()).await;
+        if r.is_some_and(|r| addresses(&r) == vec![Ipv4Addr::LOCALHOST]) {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 20, "the calm sandbox was starved");
+    // The greedy sandbox's own excess was refused at once (SERVFAIL), not
+    // queued: most of its 200 queries are answered before any lookup
+    // could have finished.
+    let mut buf = vec![0u8; 4096];
+    let mut servfail = 0;
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(300), flood.recv_from(&mut buf)).await
+    {
+        if Message::from_vec(&buf[..n]).unwrap().metadata.response_code == ResponseCode::ServFail {
+            servfail += 1;
+        }
+    }
+    assert!(servfail >= 150, "{servfail} of 200 refused at once");
+    drop(conns);
+}

@@ -62,7 +62,12 @@ impl Conn {
     /// SIGHUP that tightened it applies to every new dial).
     pub async fn connect(&mut self, target: &Target) -> Result<TcpStream, Deny> {
         let policy = self.gw.policy();
-        let addrs = policy.upstream.resolve(&target.host, target.port).await?;
+        // Its lookups are the client's to spend.
+        let asker = crate::resolver::Asker::Connection(self.record.source.ip());
+        let addrs = policy
+            .upstream
+            .resolve(&target.host, target.port, asker)
+            .await?;
         let (stream, addr) = policy.upstream.connect(&addrs).await?;
         self.record.upstream = Some(addr);
         Ok(stream)

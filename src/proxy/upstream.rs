@@ -20,7 +20,7 @@ use crate::deny::Deny;
 use crate::host::{Host, HostName};
 use crate::metrics as m;
 use crate::net::local_addrs::LocalAddrs;
-use crate::resolver::Resolver;
+use crate::resolver::{Asker, Resolver};
 
 /// IPv4 ranges no sandbox may reach unless exempted by
 /// `allow_destinations`.
@@ -190,11 +190,16 @@ impl Upstream {
     /// The addresses for `host`, every one of them permitted by the guard.
     /// A name with any guarded address is refused whole: a resolver that
     /// mixes in a private address is not trusted for the others either.
-    pub async fn resolve(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, Deny> {
+    pub async fn resolve(
+        &self,
+        host: &Host,
+        port: u16,
+        asker: Asker,
+    ) -> Result<Vec<SocketAddr>, Deny> {
         let addrs: Vec<SocketAddr> = match host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
             Host::Name(name) => self
-                .resolve_name(name)
+                .resolve_name(name, asker)
                 .await?
                 .0
                 .into_iter()
@@ -217,13 +222,17 @@ impl Upstream {
     /// The addresses of a name and how long they hold: `[gateway.resolve]`
     /// (for the longest TTL allowed), else the shared resolver's cache
     /// entry. Not yet guarded.
-    pub async fn resolve_name(&self, name: &HostName) -> Result<(Vec<IpAddr>, u32), Deny> {
+    pub async fn resolve_name(
+        &self,
+        name: &HostName,
+        asker: Asker,
+    ) -> Result<(Vec<IpAddr>, u32), Deny> {
         if let Some(ips) = self.overrides.get(name) {
             return Ok((ips.clone(), self.resolver.max_ttl_s()));
         }
         let resolved = self
             .resolver
-            .resolve(name)
+            .resolve(name, asker)
             .await
             .map_err(|_| Deny::UpstreamUnreachable)?;
         Ok((
@@ -406,19 +415,20 @@ mod tests {
         );
         let name = |s: &str| Host::Name(HostName::parse(s).unwrap());
         assert_eq!(
-            u.resolve(&name("API.test."), 443).await,
+            u.resolve(&name("API.test."), 443, Asker::Gateway).await,
             Ok(vec!["198.18.1.10:443".parse().unwrap()])
         );
         assert_eq!(
-            u.resolve(&name("mixed.test"), 443).await,
+            u.resolve(&name("mixed.test"), 443, Asker::Gateway).await,
             Err(Deny::PrivateDestination)
         );
         assert_eq!(
-            u.resolve(&name("mapped.test"), 443).await,
+            u.resolve(&name("mapped.test"), 443, Asker::Gateway).await,
             Err(Deny::PrivateDestination)
         );
         assert_eq!(
-            u.resolve(&Host::Ip(ip("169.254.169.254")), 80).await,
+            u.resolve(&Host::Ip(ip("169.254.169.254")), 80, Asker::Gateway)
+                .await,
             Err(Deny::PrivateDestination)
         );
     }
