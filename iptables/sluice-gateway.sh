@@ -115,6 +115,14 @@ if [[ $action == apply && -n $shared && ${#binds[@]} -eq 0 && -z $dynamic && -z 
     echo "network below already prevents spoofing." >&2
     exit 2
 fi
+if [[ $action == apply && $iface == lo ]]; then
+    echo "refusing: lo is the gateway's own loopback, not a sandbox link" >&2
+    exit 2
+fi
+if [[ $action == apply && -n $iface ]] && ip -o route show default 2>/dev/null | grep -qE " dev $iface( |$)"; then
+    echo "refusing: $iface carries this host's default route (its upstream)" >&2
+    exit 2
+fi
 raw="SL-RAW-$tag"
 l2="SL-L2-$tag"
 arp="SL-ARP-$tag"
@@ -190,6 +198,10 @@ apply() {
     fi
     iptables -w -N "$lsn"
     iptables -w -A "$lsn" -p tcp --dport "$port" ! -i lo -m conntrack ! --ctstate DNAT -j DROP
+    if [[ -n $dns_port ]]; then
+        iptables -w -A "$lsn" -p udp --dport "$dns_port" ! -i lo -m conntrack ! --ctstate DNAT -j DROP
+        iptables -w -A "$lsn" -p tcp --dport "$dns_port" ! -i lo -m conntrack ! --ctstate DNAT -j DROP
+    fi
     iptables -w -I INPUT 1 -j "$lsn"
     iptables -w -t nat -N "$pre"
     if [[ -n $proxy_port ]]; then
@@ -200,6 +212,9 @@ apply() {
         iptables -w -t nat -A "$pre" -p tcp --dport 53 -j REDIRECT --to-ports "$dns_port"
     fi
     iptables -w -t nat -A "$pre" -p tcp -j REDIRECT --to-ports "$port"
+    # QUIC to any address becomes local, so INPUT's REJECT answers it at
+    # once whether or not this host forwards IPv4.
+    iptables -w -t nat -A "$pre" -p udp --dport 443 -j REDIRECT --to-ports 443
     iptables -w -t nat -I PREROUTING 1 "${match[@]}" -j "$pre"
 
     iptables -w -N "$in"
@@ -232,12 +247,25 @@ apply() {
         ip6tables -w -A "$fwd" -j DROP
         ip6tables -w -I FORWARD 1 "${match[@]}" -j "$fwd"
     fi
+    isolate_ports
+}
+
+# On a bridge every port is isolated: a sandbox's frames reach the gateway
+# (the bridge itself) and no neighbour, so none can answer ARP for the
+# gateway or send another raw frames.
+isolate_ports() {
+    [[ -n $iface && -n $shared ]] || return 0
+    local port
+    for port in $(ip -o link show master "$iface" | awk -F': ' '{print $2}' | cut -d@ -f1); do
+        bridge link set dev "$port" isolated on
+    done
 }
 
 bind() {
     iptables -w -t raw -n -L "$l2" >/dev/null 2>&1 || { echo "no $l2 chain: apply with --bind or --bind-dynamic first" >&2; exit 1; }
     if ! iptables -w -t raw -C "$l2" -s "${binds[0]%%=*}" -m mac --mac-source "${binds[0]#*=}" -j RETURN 2>/dev/null; then
         bind_rules -I "${binds[0]}"
+        isolate_ports
     fi
 }
 

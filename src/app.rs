@@ -192,6 +192,12 @@ impl Running {
     }
 }
 
+/// Connections the admin API holds at once, in total and from one source.
+const ADMIN_CONNECTIONS: usize = 1024;
+const ADMIN_PER_SOURCE: usize = 64;
+/// A TLS handshake on the admin API must finish within this.
+const ADMIN_HANDSHAKE: Duration = Duration::from_secs(3);
+
 /// Starts everything the config describes.
 pub async fn run(config: Config, options: Options) -> Result<Running, AppError> {
     config.validate()?;
@@ -427,20 +433,28 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         config.sandbox.reap_after_s,
         shutdown.clone(),
     )));
+    // The admin API through the listener primitive: connections capped in
+    // total and per source, so one party cannot hold every place.
+    let admin_limits = crate::listener::Limits::new(ADMIN_CONNECTIONS, ADMIN_PER_SOURCE);
     match crate::tls::TlsFiles::new(
         "admin.tls_",
         &config.admin.tls_cert_file,
         &config.admin.tls_key_file,
         Some(&config.admin.client_ca_file),
     ) {
-        None => servers.push(serve_http(admin_listener, admin_router, shutdown.clone())),
+        None => servers.push(serve_http(
+            crate::listener::Admitting::new(admin_listener, admin_limits, shutdown.clone()),
+            admin_router,
+            shutdown.clone(),
+        )),
         Some(files) => {
             let admin_tls = Arc::new(crate::tls::Reloadable::load(files)?);
             tls.push(Arc::clone(&admin_tls));
             let listener = crate::tls::TlsListener::new(
                 admin_listener,
                 admin_tls,
-                Duration::from_secs(10),
+                ADMIN_HANDSHAKE,
+                admin_limits,
                 shutdown.clone(),
             )
             .map_err(|source| AppError::Bind {
@@ -459,7 +473,11 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         }),
     );
     servers.push(serve_http(
-        metrics_listener,
+        crate::listener::Admitting::new(
+            metrics_listener,
+            crate::listener::Limits::new(ADMIN_CONNECTIONS, ADMIN_PER_SOURCE),
+            shutdown.clone(),
+        ),
         metrics_router,
         shutdown.clone(),
     ));

@@ -342,12 +342,27 @@ impl Door {
     }
 }
 
+/// Queries answered at once over UDP; past that a query is dropped (the
+/// client asks again). Per-source rates are the resolver's; this bounds
+/// the work any number of sources can start.
+const MAX_UDP_INFLIGHT: usize = 4096;
+/// TCP connections one source may hold to the DNS door (RFC 7766 clients
+/// use one or two).
+const TCP_PER_SOURCE: usize = 8;
+/// Queries one TCP connection may ask, and how long it may live: a client
+/// that sends without reading is closed well before the kernel's queues
+/// fill.
+const TCP_MAX_QUERIES: usize = 1000;
+const TCP_MAX_LIFE: Duration = Duration::from_secs(120);
+
 /// Answers queries on a UDP socket until shutdown. Each query runs on its
-/// own task, so a lookup that waits upstream does not hold up the others.
+/// own task, tracked by the drain, so a lookup that waits upstream does
+/// not hold up the others; at most `MAX_UDP_INFLIGHT` at once.
 pub async fn serve_udp(socket: UdpSocket, door: Arc<Door>) {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; MAX_QUERY + 1];
-    let stopping = door.gw.shutdown.clone();
+    let shutdown = door.gw.shutdown.clone();
+    let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_UDP_INFLIGHT));
     loop {
         let (n, peer) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
@@ -357,55 +372,54 @@ pub async fn serve_udp(socket: UdpSocket, door: Arc<Door>) {
                     continue;
                 }
             },
-            _ = stopping.stopping() => return,
+            _ = shutdown.stopping() => return,
+        };
+        let Ok(slot) = Arc::clone(&inflight).try_acquire_owned() else {
+            continue;
         };
         let query = buf[..n].to_vec();
         let (door, socket) = (Arc::clone(&door), Arc::clone(&socket));
-        tokio::spawn(async move {
+        shutdown.spawn(async move {
             if let Some(answer) = door.answer(peer.ip(), &query, Transport::Udp).await {
                 let _ = socket.send_to(&answer, peer).await;
             }
+            drop(slot);
         });
     }
 }
 
-/// Answers length-prefixed queries on TCP connections until shutdown.
+/// Answers length-prefixed queries on TCP connections until shutdown,
+/// through the one listener primitive: under the gateway's
+/// `max_connections`, at most `TCP_PER_SOURCE` per source, tracked by the
+/// drain.
 pub async fn serve_tcp(listener: TcpListener, door: Arc<Door>) {
-    let stopping = door.gw.shutdown.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(error = %e, "dns accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopping.stopping() => return,
-        };
-        let cap = door.gw.policy().gateway.max_connections_per_source;
-        let Some(slot) = door
-            .gw
-            .per_source
-            .try_acquire(&peer.ip().to_canonical(), cap)
-        else {
-            continue;
-        };
-        let door = Arc::clone(&door);
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ = tcp_connection(stream, peer, &door).await;
-        });
-    }
+    let limits = door.gw.limits.sharing_total(TCP_PER_SOURCE);
+    let shutdown = door.gw.shutdown.clone();
+    crate::listener::serve(
+        listener,
+        limits,
+        shutdown,
+        |stream, peer, admission| {
+            let door = Arc::clone(&door);
+            async move {
+                let _admission = admission;
+                let _ =
+                    tokio::time::timeout(TCP_MAX_LIFE, tcp_connection(stream, peer, &door)).await;
+            }
+        },
+        |stream, _| drop(stream),
+    )
+    .await;
 }
 
+/// One TCP client: reads and writes each under a deadline, and at most
+/// `TCP_MAX_QUERIES` queries.
 async fn tcp_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     door: &Door,
 ) -> std::io::Result<()> {
-    loop {
+    for _ in 0..TCP_MAX_QUERIES {
         let mut len = [0u8; 2];
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
             Ok(Ok(_)) => {}
@@ -429,8 +443,13 @@ async fn tcp_connection(
         let mut framed = Vec::with_capacity(answer.len() + 2);
         framed.extend_from_slice(&n.to_be_bytes());
         framed.extend_from_slice(&answer);
-        stream.write_all(&framed).await?;
+        // A client that does not read is cut here, not buffered for.
+        match tokio::time::timeout(TCP_IDLE, stream.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            _ => return Ok(()),
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ pub mod fleet;
 pub mod host;
 pub mod identity;
 pub mod invariants;
+pub mod listener;
 pub mod metrics;
 pub mod net;
 pub mod policy;

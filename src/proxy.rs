@@ -18,24 +18,21 @@ pub mod transparent;
 pub mod upstream;
 
 use std::borrow::Cow;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::config::{Config, GatewayConfig};
 use crate::deny::Deny;
+use crate::identity::Registry;
 use crate::identity::token::Verifier;
-use crate::identity::{ConnectionCounts, Registry};
 use crate::metrics::{self as m, Mode};
 use crate::net::orig_dst::OrigDstSource;
 use crate::resolver::Resolver;
 use crate::shutdown::Shutdown;
 use sniff::Protocol;
-use std::net::IpAddr;
 use upstream::{Own, Upstream};
 
 /// The part of the configuration SIGHUP can change (`[gateway]`: ports,
@@ -54,16 +51,15 @@ pub struct Gateway {
     pub verifier: Arc<Verifier>,
     pub shutdown: Shutdown,
     pub orig_dst: OrigDstSource,
-    /// `max_connections`, shared by every listener.
-    pub limit: Arc<Semaphore>,
+    /// `max_connections` and `max_connections_per_source`, shared by every
+    /// TCP door (the DNS door's TCP too), counted from accept on: a client
+    /// not yet identified cannot take the global budget.
+    pub limits: crate::listener::Limits,
     policy: RwLock<Arc<Policy>>,
     /// sluice's own listeners and addresses, never a destination.
     own: Own,
     /// The one caching resolver (kept across policy reloads).
     pub resolver: Arc<Resolver>,
-    /// Connections per source address, from accept on, on both doors: a
-    /// client not yet identified cannot take the global budget.
-    pub per_source: Arc<ConnectionCounts<IpAddr>>,
 }
 
 impl Gateway {
@@ -81,7 +77,10 @@ impl Gateway {
             gateway: config.gateway.clone(),
         });
         Gateway {
-            limit: Arc::new(Semaphore::new(config.gateway.max_connections)),
+            limits: crate::listener::Limits::new(
+                config.gateway.max_connections,
+                config.gateway.max_connections_per_source,
+            ),
             config,
             registry,
             verifier,
@@ -90,7 +89,6 @@ impl Gateway {
             policy: RwLock::new(policy),
             own,
             resolver,
-            per_source: Arc::default(),
         }
     }
 
@@ -106,85 +104,37 @@ impl Gateway {
             upstream: Upstream::new(gateway, &self.own, Arc::clone(&self.resolver)),
             gateway: gateway.clone(),
         });
+        self.limits
+            .set_per_source_cap(gateway.max_connections_per_source);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 }
 
-/// A connection's places under `max_connections` and its source's cap,
-/// held by its handler until it ends. Passed in, not held by an `async`
-/// block around the handler: such a block keeps the handler's future
-/// twice (captured, and again as it is awaited), which made an idle
-/// connection's task 3,096 B instead of 1,520 B.
-pub struct Admission {
-    _limit: tokio::sync::OwnedSemaphorePermit,
-    _per_source: crate::identity::CountGuard<IpAddr>,
-}
-
-impl Admission {
-    pub fn new(
-        limit: tokio::sync::OwnedSemaphorePermit,
-        per_source: crate::identity::CountGuard<IpAddr>,
-    ) -> Admission {
-        Admission {
-            _limit: limit,
-            _per_source: per_source,
-        }
-    }
-}
+pub use crate::listener::Admission;
 
 /// Accepts connections until shutdown, each on its own tracked task
-/// running `handle`.
+/// running `handle`; one over a cap is refused `overloaded`.
 pub async fn accept_loop<H, F>(listener: TcpListener, gw: Arc<Gateway>, mode: Mode, handle: H)
 where
     H: Fn(Arc<Gateway>, TcpStream, SocketAddr, Admission) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = gw.shutdown.stopping() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                if is_resource_exhaustion(&e) {
-                    // Out of descriptors or memory: give live connections a
-                    // moment to finish instead of spinning on accept.
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                } else {
-                    tracing::debug!(error = %e, "accept failed");
-                }
-                continue;
-            }
-        };
-        let source = peer.ip().to_canonical();
-        let cap = gw.policy().gateway.max_connections_per_source;
-        let Some(per_source) = gw.per_source.try_acquire(&source, cap) else {
-            overloaded(stream, peer, mode);
-            continue;
-        };
-        let Ok(permit) = Arc::clone(&gw.limit).try_acquire_owned() else {
-            overloaded(stream, peer, mode);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let admission = Admission::new(permit, per_source);
-        gw.shutdown
-            .spawn(handle(Arc::clone(&gw), stream, peer, admission));
-    }
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    let (limits, shutdown) = (gw.limits.clone(), gw.shutdown.clone());
+    crate::listener::serve(
+        listener,
+        limits,
+        shutdown,
+        |stream: TcpStream, peer, admission| {
+            let _ = stream.set_nodelay(true);
+            handle(Arc::clone(&gw), stream, peer, admission)
+        },
+        |stream, peer| overloaded(stream, peer, mode),
     )
+    .await;
 }
 
 fn overloaded(stream: TcpStream, peer: SocketAddr, mode: Mode) {
-    let mut record =
-        record::Record::new(mode, SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+    let mut record = record::Record::new(mode, peer);
     record.decide(Err(Deny::Overloaded));
     record.end = "overloaded";
     drop(stream);

@@ -145,6 +145,20 @@ impl Spec {
                 return Err(RulesError::Invalid(format!("bad port: {p}")));
             }
         }
+        if let Target::Iface(i) = &self.target
+            && i == "lo"
+        {
+            return Err(RulesError::Refused(
+                "lo is the gateway's own loopback, not a sandbox link".into(),
+            ));
+        }
+        if let Target::Subnet(n) = &self.target
+            && (n.contains(&Ipv4Addr::LOCALHOST) || n.prefix_len() == 0)
+        {
+            return Err(RulesError::Refused(format!(
+                "{n} holds loopback or everything: not a sandbox subnet"
+            )));
+        }
         if self.source.is_some() && !matches!(self.target, Target::Iface(_)) {
             return Err(RulesError::Invalid("--source goes with --iface".into()));
         }
@@ -326,13 +340,24 @@ fn v4_chains(spec: &Spec, c: &Chains) -> Vec<Chain> {
             jump_match: m.clone(),
         });
     }
+    // The listeners sandboxes reach only through REDIRECT (the
+    // transparent door, the DNS door) are dropped for anything else that
+    // is not loopback: another interface, an upstream network.
+    let mut lsn = vec![format!(
+        "-p tcp --dport {} ! -i lo -m conntrack ! --ctstate DNAT -j DROP",
+        spec.port
+    )];
+    if let Some(d) = spec.dns_port {
+        for proto in ["udp", "tcp"] {
+            lsn.push(format!(
+                "-p {proto} --dport {d} ! -i lo -m conntrack ! --ctstate DNAT -j DROP"
+            ));
+        }
+    }
     out.push(Chain {
         table: "filter",
         name: c.lsn.clone(),
-        rules: vec![format!(
-            "-p tcp --dport {} ! -i lo -m conntrack ! --ctstate DNAT -j DROP",
-            spec.port
-        )],
+        rules: lsn,
         parent: "INPUT",
         jump_match: String::new(),
     });
@@ -347,6 +372,10 @@ fn v4_chains(spec: &Spec, c: &Chains) -> Vec<Chain> {
         pre.push(format!("-p tcp --dport 53 -j REDIRECT --to-ports {d}"));
     }
     pre.push(format!("-p tcp -j REDIRECT --to-ports {}", spec.port));
+    // QUIC to any address becomes local, so the INPUT chain's REJECT
+    // answers it at once whether or not this host forwards IPv4 (with
+    // forwarding off, a packet for another address never reaches FORWARD).
+    pre.push("-p udp --dport 443 -j REDIRECT --to-ports 443".into());
     out.push(Chain {
         table: "nat",
         name: c.pre.clone(),
@@ -559,6 +588,13 @@ pub fn is_shared(target: &Target) -> Result<bool, RulesError> {
 /// target's earlier ones. Idempotent.
 pub fn apply(spec: &Spec) -> Result<(), RulesError> {
     spec.check(is_shared(&spec.target)?)?;
+    if let Target::Iface(i) = &spec.target
+        && upstream_ifaces()?.iter().any(|u| u == i)
+    {
+        return Err(RulesError::Refused(format!(
+            "{i} carries this host's default route (its upstream): REDIRECTing it would capture the gateway's own traffic"
+        )));
+    }
     let c = Chains::of(&spec.target);
     let (v4, v6) = apply_batches(spec, &save("iptables-save")?, &save("ip6tables-save")?);
     // IPv6 and ARP first: by the time sandboxes are REDIRECTed, what must
@@ -576,7 +612,53 @@ pub fn apply(spec: &Spec) -> Result<(), RulesError> {
     if let Some(b) = v4 {
         restore("iptables-restore", &b)?;
     }
+    isolate_ports(&spec.target)?;
     Ok(())
+}
+
+/// On a bridge, every port is isolated: a sandbox's frames reach the
+/// gateway (the bridge itself) and nothing else, so a neighbour can
+/// neither answer ARP for the gateway's address nor send it raw frames.
+/// Ports that join later are isolated by the next `apply` or `bind` (a
+/// launch or a `--bind-dynamic` registration binds).
+fn isolate_ports(target: &Target) -> Result<(), RulesError> {
+    let Target::Iface(bridge) = target else {
+        return Ok(());
+    };
+    if !is_shared(target)? {
+        return Ok(());
+    }
+    let ports = run("ip", &["-o", "link", "show", "master", bridge], None)?;
+    for line in ports.lines() {
+        let Some(name) = line.split(": ").nth(1).and_then(|n| n.split('@').next()) else {
+            continue;
+        };
+        run(
+            "bridge",
+            &["link", "set", "dev", name, "isolated", "on"],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// The interfaces this namespace's default routes leave by.
+fn upstream_ifaces() -> Result<Vec<String>, RulesError> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let routes = run("ip", &[family, "-o", "route", "show", "default"], None)?;
+        for line in routes.lines() {
+            let mut words = line.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "dev"
+                    && let Some(dev) = words.next()
+                {
+                    out.push(dev.to_owned());
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Removes every rule of `target`. On a clean namespace it does nothing.
@@ -690,6 +772,8 @@ pub fn bind(target: &Target, b: &Binding, add: bool) -> Result<(), RulesError> {
             &format!("*raw\n-I {} 1 {}\nCOMMIT\n", c.l2, l2_rule(b)),
         )?;
         arp_bind("-I", &c.arp, b)?;
+        // The sandbox's port may be new since the last apply.
+        isolate_ports(target)?;
     } else if !add && !present.is_empty() {
         let mut text = String::from("*raw\n");
         for line in &present {

@@ -15,14 +15,18 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::listener::{Accepted, AdmittedIo, Limits};
 use crate::shutdown::Shutdown;
 
-/// Handshakes the admin listener runs at once; more wait for their turn.
+/// Handshakes the admin listener runs at once, and from one source: past
+/// either, a new connection is closed at once (never queued), so silent
+/// connections cannot lock out an operator from another address.
 const MAX_HANDSHAKES: usize = 256;
+const HANDSHAKES_PER_SOURCE: usize = 8;
 
 /// The files of one TLS door, and the config keys that named them.
 #[derive(Debug, Clone)]
@@ -203,44 +207,50 @@ impl Reloadable {
 /// time and number), so a slow client holds up nobody else.
 pub struct TlsListener {
     local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(AdmittedIo<TlsStream<TcpStream>>, SocketAddr)>,
 }
 
 impl TlsListener {
+    /// `established` caps the connections that finished their handshake
+    /// (and hold their place until they end); handshakes under way are
+    /// capped apart, in total and per source, each within `timeout`.
     pub fn new(
         listener: TcpListener,
         tls: Arc<Reloadable>,
         timeout: Duration,
+        established: Limits,
         shutdown: Shutdown,
     ) -> std::io::Result<TlsListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
-        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let handshakes = Limits::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE);
+        let stopping = shutdown.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
+            while let Some(accepted) =
+                crate::listener::next(&listener, &handshakes, &stopping).await
+            {
+                let (stream, peer, handshake) = match accepted {
+                    Accepted::Admitted(stream, peer, a) => (stream, peer, a),
+                    Accepted::Refused(stream, peer) => {
+                        tracing::debug!(%peer, "admin TLS: too many handshakes; closed");
+                        drop(stream);
+                        continue;
+                    }
                 };
-                let (stream, peer) = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "admin accept");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = shutdown.stopping() => return,
+                let Some(place) = established.admit(peer) else {
+                    tracing::debug!(%peer, "admin TLS: too many connections; closed");
+                    continue;
                 };
                 let (tls, tx) = (Arc::clone(&tls), tx.clone());
-                tokio::spawn(async move {
-                    match tls.accept(stream, timeout).await {
+                shutdown.spawn(async move {
+                    let result = tls.accept(stream, timeout).await;
+                    drop(handshake);
+                    match result {
                         Ok(s) => {
-                            let _ = tx.send((s, peer)).await;
+                            let _ = tx.send((AdmittedIo::new(s, place), peer)).await;
                         }
                         Err(e) => tracing::debug!(%peer, error = %e, "admin TLS handshake failed"),
                     }
-                    drop(slot);
                 });
             }
         });
@@ -249,7 +259,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = AdmittedIo<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use netns::{Lab, MAC_A, MAC_B, require_root};
+use netns::{Lab, MAC_A, MAC_B};
 
 const UP: &str = "198.18.1.10";
 
@@ -67,7 +67,10 @@ for _ in range(5):
 
 #[test]
 fn a_neighbour_on_the_bridge_cannot_become_another_sandbox() {
-    if !require_root("a_neighbour_on_the_bridge_cannot_become_another_sandbox") {
+    if !netns::require_root_and(
+        "a_neighbour_on_the_bridge_cannot_become_another_sandbox",
+        &["arping", "ping", "bridge"],
+    ) {
         return;
     }
     let mut lab = Lab::bridged("l2");
@@ -107,6 +110,47 @@ fn a_neighbour_on_the_bridge_cannot_become_another_sandbox() {
             .count(),
         1,
         "{status:?}"
+    );
+
+    // Sandbox ports cannot reach each other at L2: A's frames to B (its
+    // ARP for B, then anything) never arrive, and A's ARP claiming the
+    // gateway's address does not reach B's neighbour table.
+    let r = lab.run_in(
+        &lab.sb.clone(),
+        &[],
+        &["ping", "-c", "2", "-W", "1", "198.18.0.3"],
+    );
+    assert!(
+        r.code != 0 && r.stdout.contains("100% packet loss"),
+        "a sandbox reached its neighbour: {r:?}"
+    );
+    let r = lab.run_in(
+        &s2.clone(),
+        &[],
+        &["ping", "-c", "1", "-W", "1", "198.18.0.1"],
+    );
+    let _ = r; // ICMP to the gateway is dropped; the ARP it made is what counts.
+    let dev_a = format!("sl{}ea", lab.id);
+    let r = lab.run_in(
+        &lab.sb.clone(),
+        &[],
+        &[
+            "arping",
+            "-c",
+            "2",
+            "-U",
+            "-s",
+            "198.18.0.1",
+            "-I",
+            &dev_a,
+            "198.18.0.1",
+        ],
+    );
+    let _ = r;
+    let neigh = lab.run_in(&s2.clone(), &[], &["ip", "neigh", "show", "198.18.0.1"]);
+    assert!(
+        !neigh.stdout.to_ascii_lowercase().contains(MAC_A),
+        "the neighbour took the gateway's address: {neigh:?}"
     );
 
     serve_http(lab.listen_upstream(&format!("{UP}:80")));

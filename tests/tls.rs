@@ -438,3 +438,69 @@ async fn pip_downloads_through_https_proxy() {
     assert!(dest.join("demo-1.0-py3-none-any.whl").exists(), "{text}");
     drop(index);
 }
+
+/// Silent connections (no certificate needed to open them) cannot lock
+/// the admin API: past a few handshakes in progress from one source the
+/// next is closed at once, handshakes have a short deadline, and an
+/// operator from another address is served meanwhile.
+#[tokio::test]
+async fn silent_connections_do_not_lock_operators_out_of_the_tls_admin_api() {
+    let ca = Ca::new("sluice test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"], "admin one");
+    let cf = write(dir.path(), "admin.pem", &cert);
+    let kf = write(dir.path(), "admin-key.pem", &key);
+    let caf = write(dir.path(), "ca.pem", &ca.pem());
+    let gw = start("127.0.0.1:9".parse().unwrap(), move |c| {
+        c.admin.tls_cert_file = cf;
+        c.admin.tls_key_file = kf;
+        c.admin.client_ca_file = caf;
+    })
+    .await;
+    let addr = gw.running.admin_addr;
+    let (client_cert, client_key) = ca.leaf(&["operator"], "operator");
+    let operator = client(&ca.pem(), Some((&client_cert, &client_key)));
+    // More silent connections than the API ever had handshake places.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let mut tls = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        operator.connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("the operator's handshake waited behind silent connections")
+    .unwrap();
+    tls.write_all(get("/healthz", None).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "served after {:?}",
+        started.elapsed()
+    );
+    // Every silent connection is closed: at once past the source's cap,
+    // the rest at the handshake deadline.
+    let closed_by = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    for s in &mut silent {
+        let mut byte = [0u8; 1];
+        let left = closed_by.saturating_duration_since(std::time::Instant::now());
+        let r = tokio::time::timeout(left, s.read(&mut byte)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent connection still open"
+        );
+    }
+}
