@@ -296,3 +296,109 @@ fn the_gateways_own_addresses_are_never_destinations() {
         "the node's service was reached"
     );
 }
+
+/// The DNS door's TCP from a hostile client: connections capped per
+/// source, a client that sends without reading is closed (no send queue
+/// growing for ever), another sandbox is answered meanwhile, and the DNS
+/// port is not reachable from a network that is not the sandboxes'. And
+/// QUIC is rejected at once whether the gateway forwards IPv4 or not.
+#[test]
+fn dns_over_tcp_and_quic_from_a_hostile_sandbox() {
+    if !require_root_and(
+        "dns_over_tcp_and_quic_from_a_hostile_sandbox",
+        &["dig", "python3", "ss"],
+    ) {
+        return;
+    }
+    let mut lab = Lab::with_rules("hd", "--dns-port 15053");
+    lab.start_sluice(&format!(
+        "[dns]\nlisten = \"0.0.0.0:15053\"\nupstream = [\"127.0.0.1:9\"]\n[gateway.resolve]\n\"api.test\" = [\"{FRONTEND}\"]\n"
+    ));
+    let token = lab.mint("sb-d", &["api.test"], 600);
+    lab.register(&token, "198.18.0.2");
+    let calm = lab.mint("sb-calm", &["api.test"], 600);
+    lab.register(&calm, "198.18.0.3");
+    // 20 connections from one sandbox, each sending 1,200 queries and
+    // reading nothing, held open by the client for 6 s.
+    let flood = r#"
+import socket, struct, time
+q = struct.pack('>HHHHHH', 1, 0x0100, 1, 0, 0, 0) + b'\x03api\x04test\x00' + struct.pack('>HH', 1, 1)
+framed = struct.pack('>H', len(q)) + q
+conns = []
+for i in range(20):
+    s = socket.create_connection(('198.18.0.1', 53), timeout=3)
+    s.setblocking(False)
+    conns.append(s)
+for s in conns:
+    try:
+        s.send(framed * 1200)
+    except OSError:
+        pass
+time.sleep(6)
+print('held', len(conns))
+"#;
+    let sb = lab.sb.clone();
+    let holder = {
+        let lab_sb = sb.clone();
+        std::thread::spawn(move || {
+            let mut cmd = std::process::Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{lab_sb}"))
+                .args(["timeout", "30", "python3", "-c", flood]);
+            cmd.output().unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // The other sandbox, over TCP, meanwhile.
+    let r = lab.run_in(
+        &sb,
+        &[],
+        &[
+            "dig",
+            "+tcp",
+            "+short",
+            "+time=3",
+            "+tries=1",
+            "-b",
+            "198.18.0.3",
+            "@198.18.0.1",
+            "api.test",
+        ],
+    );
+    assert_eq!(r.stdout.trim(), FRONTEND, "{r:?}");
+    // While the flood's client still holds its sockets, the gateway holds
+    // none of them open.
+    std::thread::sleep(Duration::from_millis(2500));
+    let ss = lab.run_in(
+        &lab.gw.clone(),
+        &[],
+        &["ss", "-Htn", "state", "established", "( sport = :15053 )"],
+    );
+    assert_eq!(ss.stdout.trim(), "", "DNS connections still open: {ss:?}");
+    let out = holder.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("held 20"),
+        "{out:?}"
+    );
+
+    // The DNS port from the upstream network: dropped.
+    let direct = Lab::in_ns(&lab.up, || {
+        TcpStream::connect_timeout(&"198.18.1.1:15053".parse().unwrap(), Duration::from_secs(1))
+    });
+    assert!(direct.is_err(), "{direct:?}");
+
+    // QUIC: ICMP port unreachable at once, forwarding on and off.
+    let quic = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.connect(('{FRONTEND}', 443))\n\
+         s.settimeout(2)\ns.send(b'x')\ntry:\n    s.recv(16)\n    print('answered')\nexcept ConnectionRefusedError:\n    print('rejected')\nexcept socket.timeout:\n    print('silent')\n"
+    );
+    for forward in ["1", "0"] {
+        let r = lab.run_in(
+            &lab.gw.clone(),
+            &[],
+            &["sysctl", "-qw", &format!("net.ipv4.ip_forward={forward}")],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let r = lab.run_in(&sb, &[], &["python3", "-c", &quic]);
+        assert_eq!(r.stdout.trim(), "rejected", "ip_forward={forward}: {r:?}");
+    }
+}
