@@ -33,6 +33,10 @@ pub enum HostError {
     WildcardIp,
     #[error("`*.{0}` would cover a public suffix: every domain registered under it")]
     PublicSuffix(String),
+    #[error(
+        "`{0}` is under a wildcard-DNS service, whose names map to any address their text names: a wildcard there allows every address"
+    )]
+    WildcardDns(String),
     #[error("the unspecified address reaches this host's own services, never an upstream")]
     Unspecified,
 }
@@ -188,6 +192,9 @@ impl FromStr for HostPattern {
                 (Host::Name(name), _) if is_public_suffix(&name) => {
                     Err(HostError::PublicSuffix(name.to_string()))
                 }
+                (Host::Name(name), _) if is_wildcard_dns(&name) => {
+                    Err(HostError::WildcardDns(format!("*.{name}")))
+                }
                 (Host::Name(name), port) => Ok(HostPattern::Wildcard(name, port)),
                 (Host::Ip(_), _) => Err(HostError::WildcardIp),
             };
@@ -201,6 +208,29 @@ impl FromStr for HostPattern {
             (Host::Ip(ip), port) => HostPattern::Ip(ip, port),
         })
     }
+}
+
+/// Services whose every name resolves to the address written in it
+/// (`10.0.0.1.nip.io`, `1-2-3-4.sslip.io`): a wildcard under one is an
+/// allowlist of every address.
+const WILDCARD_DNS: &[&str] = &[
+    "nip.io",
+    "sslip.io",
+    "xip.io",
+    "traefik.me",
+    "localtest.me",
+    "lvh.me",
+    "vcap.me",
+    "nip.direct",
+    "backname.io",
+];
+
+/// Is `name` a wildcard-DNS service, or under one?
+fn is_wildcard_dns(name: &HostName) -> bool {
+    let n = name.as_str();
+    WILDCARD_DNS
+        .iter()
+        .any(|d| n == *d || n.strip_suffix(d).is_some_and(|rest| rest.ends_with('.')))
 }
 
 /// Would `*.name` cover a public suffix? A single label (any top-level
@@ -324,6 +354,16 @@ mod tests {
                 "{raw}"
             );
         }
+        for raw in ["*.nip.io", "*.sslip.io:443", "*.a.nip.io", "*.LVH.ME"] {
+            assert!(
+                matches!(raw.parse::<HostPattern>(), Err(HostError::WildcardDns(_))),
+                "{raw}"
+            );
+        }
+        // An exact name there pins the one address its text names; a
+        // look-alike domain is not the service.
+        assert!("10.0.0.1.nip.io".parse::<HostPattern>().is_ok());
+        assert!("*.notnip.io".parse::<HostPattern>().is_ok());
         for raw in [
             "0.0.0.0",
             "0.0.0.0:80",
