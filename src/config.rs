@@ -340,6 +340,24 @@ impl Default for SandboxConfig {
     }
 }
 
+/// Sets aside what `path` (serde's path to a value that did not parse)
+/// names in a section: one element of a list (`allowed_ports[1]`), so
+/// the list's other elements are still read and validated, or else the
+/// whole key. `false` when nothing could be set aside.
+fn set_aside(table: &mut toml::Table, path: &str) -> bool {
+    if let Some((key, rest)) = path.split_once('[')
+        && !key.contains('.')
+        && let Some(index) = rest.strip_suffix(']').and_then(|i| i.parse::<usize>().ok())
+        && let Some(toml::Value::Array(items)) = table.get_mut(key)
+        && index < items.len()
+    {
+        items.remove(index);
+        return true;
+    }
+    let first = path.split(['.', '[']).next().unwrap_or("");
+    !first.is_empty() && first != "?" && table.remove(first).is_some()
+}
+
 /// Reads one section. A key that does not parse is an error with its full
 /// key; it is set aside and the rest of the section read again, so every
 /// bad key of a section is named in one run. `None` if the section could
@@ -366,11 +384,8 @@ fn section<T: serde::de::DeserializeOwned + Default>(
                 let message = e.into_inner().to_string();
                 let message = message.lines().next().unwrap_or("").trim().to_owned();
                 errors.push(KeyError { key, message });
-                let first = path.split('.').next().unwrap_or("").to_owned();
                 let removed = match &mut value {
-                    toml::Value::Table(t) if !first.is_empty() && first != "?" => {
-                        t.remove(&first).is_some()
-                    }
+                    toml::Value::Table(t) => set_aside(t, &path),
                     _ => false,
                 };
                 if !removed {
@@ -712,6 +727,23 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_value_of_the_wrong_type_hides_nothing_else_in_its_section() {
+        let e = Config::parse(
+            "[gateway]\nallowed_ports = [0, 70000]\ntransparent_listen = \"nowhere\"\nidle_timeout_ms = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "gateway.allowed_ports[1]",
+            "gateway.transparent_listen",
+            "gateway.idle_timeout_ms",
+            "port 0 is not a port",
+        ] {
+            assert!(e.contains(key), "{key} missing from:\n{e}");
+        }
+    }
 
     #[test]
     fn every_error_of_a_file_is_reported_with_its_key() {
