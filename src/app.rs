@@ -94,7 +94,11 @@ pub struct Running {
     /// With `[store] backend = "redis"`.
     fleet: Option<Arc<crate::fleet::Fleet>>,
     gateway: Arc<Gateway>,
+    /// Mints tokens; its presets are replaced on SIGHUP.
+    signer: Option<Arc<Signer>>,
     started_with: Arc<Config>,
+    /// `[dns]` as it applies now (SIGHUP replaces it).
+    dns_now: std::sync::RwLock<crate::config::DnsConfig>,
     pub transparent_addr: SocketAddr,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -136,46 +140,98 @@ impl Running {
         self.tls.iter().filter_map(|t| t.reload().err()).collect()
     }
 
-    /// Applies a new configuration's `[gateway]` policy (SIGHUP) to
-    /// connections from now on; live ones keep theirs. What is fixed at
-    /// start (listeners, `max_connections`, `[auth]`, `[admin]`,
-    /// `[metrics]`, `[sandbox]`, `state_dir`) is left as it was, with a
-    /// warning naming what differs.
+    /// Applies a new configuration (SIGHUP) to what comes from now on:
+    /// `[gateway]`'s policy, `[dns]` (a new resolver, its cache empty) and
+    /// `[presets]` (tokens verified from now on). What is fixed at start
+    /// keeps its value and is named, every key in one log line: listener
+    /// addresses, `max_connections`, the proxy's TLS file names,
+    /// `l2_bind_iface` (its bindings live on that bridge), `dns.listen`,
+    /// `[store]`, `[auth]`, `[admin]`, `[metrics]`, `[sandbox]`,
+    /// `state_dir`. Live connections keep what they started with.
     pub fn reload_config(&self, new: &Config) -> Result<(), ConfigError> {
         new.validate()?;
+        let presets = crate::presets::Presets::new(&new.presets).map_err(|e| {
+            ConfigError::Invalid(vec![crate::config::KeyError {
+                key: "presets".into(),
+                message: e.to_string(),
+            }])
+        })?;
         let old = &self.started_with;
-        let g = &old.gateway;
-        let mut fixed = Vec::new();
-        if new.gateway.transparent_listen != g.transparent_listen {
-            fixed.push("gateway.transparent_listen");
+        let (mut g, was) = (new.gateway.clone(), &old.gateway);
+        let mut restart: Vec<&'static str> = Vec::new();
+        let mut keep = |changed: bool, key: &'static str| {
+            if changed {
+                restart.push(key);
+            }
+        };
+        keep(
+            g.transparent_listen != was.transparent_listen,
+            "gateway.transparent_listen",
+        );
+        keep(g.proxy_listen != was.proxy_listen, "gateway.proxy_listen");
+        keep(
+            g.max_connections != was.max_connections,
+            "gateway.max_connections",
+        );
+        // The files named at start are read again on SIGHUP; other names
+        // take a restart.
+        keep(
+            g.proxy_tls_cert_file != was.proxy_tls_cert_file,
+            "gateway.proxy_tls_cert_file",
+        );
+        keep(
+            g.proxy_tls_key_file != was.proxy_tls_key_file,
+            "gateway.proxy_tls_key_file",
+        );
+        keep(
+            g.l2_bind_iface != was.l2_bind_iface,
+            "gateway.l2_bind_iface",
+        );
+        keep(new.dns.listen != old.dns.listen, "dns.listen");
+        keep(new.store != old.store, "[store]");
+        keep(new.auth != old.auth, "[auth]");
+        keep(new.admin != old.admin, "[admin]");
+        keep(new.metrics != old.metrics, "[metrics]");
+        keep(new.sandbox != old.sandbox, "[sandbox]");
+        keep(new.state_dir != old.state_dir, "state_dir");
+        // The data plane and the control plane keep one view of what is
+        // fixed: the values they started with.
+        g.transparent_listen = was.transparent_listen;
+        g.proxy_listen = was.proxy_listen;
+        g.max_connections = was.max_connections;
+        g.proxy_tls_cert_file.clone_from(&was.proxy_tls_cert_file);
+        g.proxy_tls_key_file.clone_from(&was.proxy_tls_key_file);
+        g.l2_bind_iface.clone_from(&was.l2_bind_iface);
+        let mut dns = new.dns.clone();
+        dns.listen = old.dns.listen;
+        let applied_dns = dns != *self.dns_now.read().unwrap_or_else(|p| p.into_inner());
+        if applied_dns {
+            let resolver = crate::resolver::Resolver::new(&dns).map_err(|e| {
+                ConfigError::Invalid(vec![crate::config::KeyError {
+                    key: "dns".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+            self.gateway.set_resolver(resolver, &g);
+            *self.dns_now.write().unwrap_or_else(|p| p.into_inner()) = dns;
+        } else {
+            self.gateway.set_policy(&g);
         }
-        if new.gateway.proxy_listen != g.proxy_listen {
-            fixed.push("gateway.proxy_listen");
+        let presets = Arc::new(presets);
+        if let Some(signer) = &self.signer {
+            signer.set_presets(Arc::clone(&presets));
         }
-        if new.gateway.max_connections != g.max_connections {
-            fixed.push("gateway.max_connections");
+        self.verifier.set_presets(presets);
+        if !restart.is_empty() {
+            tracing::warn!(
+                keys = %restart.join(", "),
+                "these changed keys take effect only with a restart; their running values stay"
+            );
         }
-        if new.gateway.proxy_tls_cert_file != g.proxy_tls_cert_file
-            || new.gateway.proxy_tls_key_file != g.proxy_tls_key_file
-        {
-            // The files named at start are read again on SIGHUP; other
-            // names take a restart.
-            fixed.push("gateway.proxy_tls_cert_file/key_file");
-        }
-        if new.auth != old.auth {
-            fixed.push("[auth]");
-        }
-        if new.admin != old.admin || new.metrics != old.metrics {
-            fixed.push("[admin]/[metrics]");
-        }
-        if new.sandbox != old.sandbox || new.state_dir != old.state_dir {
-            fixed.push("[sandbox]/state_dir");
-        }
-        if !fixed.is_empty() {
-            tracing::warn!(keys = ?fixed, "these settings change only with a restart");
-        }
-        self.gateway.set_policy(&new.gateway);
-        tracing::info!("gateway policy reloaded");
+        tracing::info!(
+            dns = applied_dns,
+            "configuration reloaded: [gateway] policy and [presets] applied; [dns] applied when it changed"
+        );
         Ok(())
     }
 
@@ -523,7 +579,9 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         jwks_refresh,
         fleet,
         gateway: Arc::clone(&gateway),
+        signer: signer.clone(),
         started_with: Arc::clone(&config),
+        dns_now: std::sync::RwLock::new(config.dns.clone()),
         transparent_addr,
         proxy_addr,
         admin_addr,

@@ -210,7 +210,7 @@ impl Door {
 
     /// Forgets the rate-limit state of sources that have been quiet.
     pub fn tidy(&self) {
-        self.gw.resolver.tidy();
+        self.gw.resolver().tidy();
     }
 
     /// Answers one query from `source`; `None` when nothing is to be sent.
@@ -277,7 +277,7 @@ impl Door {
         let Some(sandbox) = sandbox else {
             return deny(Deny::UnknownSource, Answer::Refused);
         };
-        if !self.gw.resolver.admit_query(sandbox.source_ip) {
+        if !self.gw.resolver().admit_query(sandbox.source_ip) {
             return deny(Deny::Overloaded, Answer::Refused);
         }
         if request.metadata.op_code != OpCode::Query {

@@ -58,8 +58,9 @@ pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     /// sluice's own listeners and addresses, never a destination.
     own: Own,
-    /// The one caching resolver (kept across policy reloads).
-    pub resolver: Arc<Resolver>,
+    /// The one caching resolver: kept across policy reloads, replaced
+    /// when `[dns]` changes.
+    resolver: RwLock<Arc<Resolver>>,
 }
 
 impl Gateway {
@@ -88,8 +89,13 @@ impl Gateway {
             orig_dst,
             policy: RwLock::new(policy),
             own,
-            resolver,
+            resolver: RwLock::new(resolver),
         }
+    }
+
+    /// The resolver in use now.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        Arc::clone(&self.resolver.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The current policy (a connection takes it once, at its start).
@@ -97,11 +103,18 @@ impl Gateway {
         Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Replaces the resolver (a changed `[dns]`, its cache starting empty)
+    /// and the policy built on it, for lookups from now on.
+    pub fn set_resolver(&self, resolver: Resolver, gateway: &GatewayConfig) {
+        *self.resolver.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(resolver);
+        self.set_policy(gateway);
+    }
+
     /// Replaces the policy for connections from now on. Listener addresses
     /// and `max_connections` are fixed at start and not changed here.
     pub fn set_policy(&self, gateway: &GatewayConfig) {
         let policy = Arc::new(Policy {
-            upstream: Upstream::new(gateway, &self.own, Arc::clone(&self.resolver)),
+            upstream: Upstream::new(gateway, &self.own, self.resolver()),
             gateway: gateway.clone(),
         });
         self.limits

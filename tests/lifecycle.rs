@@ -543,3 +543,76 @@ async fn a_restart_verifies_restored_tokens_without_waiting_for_them() {
     let (status, _) = gw.admin("GET", "/v1/sandboxes/good", None).await;
     assert_eq!(status, 200);
 }
+
+/// SIGHUP applies `[presets]` (to minting and to tokens verified from
+/// then on) and `[dns]` (a new resolver with the new rate), and keeps the
+/// running value of what needs a restart, in the data plane as in the
+/// control plane: a changed `l2_bind_iface` does not make a registration
+/// without a MAC fail, since nothing was bound on the new bridge.
+#[tokio::test]
+async fn a_reload_applies_presets_and_dns_and_keeps_what_needs_a_restart() {
+    let gw = start("127.0.0.1:9".parse().unwrap(), |c| {
+        c.dns.queries_per_second = 1000;
+        c.dns.burst = 1000;
+    })
+    .await;
+    let mint = |hosts: serde_json::Value| {
+        let gw = &gw;
+        async move {
+            gw.admin(
+                "POST",
+                "/v1/tokens",
+                Some(serde_json::json!({"container_id": "sb-r", "user_id": "u", "allowed_hosts": hosts, "ttl_seconds": 600})),
+            )
+            .await
+        }
+    };
+    let (status, _) = mint(serde_json::json!(["@team"])).await;
+    assert_eq!(status, 400, "an unknown preset");
+    let mut config = test_config(gw.dir.path());
+    config
+        .presets
+        .insert("team".into(), vec!["api.team.test".into()]);
+    config.dns.queries_per_second = 1;
+    config.dns.burst = 1;
+    config.gateway.l2_bind_iface = "br-new".into();
+    gw.running.reload_config(&config).unwrap();
+    let (status, body) = mint(serde_json::json!(["@team"])).await;
+    assert_eq!(status, 201, "{body}");
+    // The new DNS rate: the second query at once is refused.
+    gw.register("sb-dns", "127.0.0.6", &["api.test"], 600).await;
+    let q = {
+        let mut m = hickory_proto::op::Message::new(
+            7,
+            hickory_proto::op::MessageType::Query,
+            hickory_proto::op::OpCode::Query,
+        );
+        m.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii("api.test.").unwrap(),
+            hickory_proto::rr::RecordType::A,
+        ));
+        m.to_vec().unwrap()
+    };
+    let sock = tokio::net::UdpSocket::bind("127.0.0.6:0").await.unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        sock.send_to(&q, gw.running.dns_addr).await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let m = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+        codes.push(m.metadata.response_code);
+    }
+    assert_eq!(
+        codes,
+        [
+            hickory_proto::op::ResponseCode::NoError,
+            hickory_proto::op::ResponseCode::Refused
+        ]
+    );
+    // l2_bind_iface needs a restart: registrations still work as before
+    // (no MAC required, none bound).
+    gw.register("sb-l2", "127.0.0.7", &["api.test"], 600).await;
+}

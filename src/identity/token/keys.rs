@@ -209,7 +209,7 @@ pub struct Signer {
     key: EncodingKey,
     issuer: String,
     audience: String,
-    presets: Arc<Presets>,
+    presets: RwLock<Arc<Presets>>,
 }
 
 /// Is `s` a safe identifier (container or user id)? Letters, digits, `_`,
@@ -236,13 +236,19 @@ impl Signer {
             key,
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
-            presets: Arc::default(),
+            presets: RwLock::default(),
         })
     }
 
+    /// Replaces the presets minting checks `@name` entries against
+    /// (SIGHUP).
+    pub fn set_presets(&self, presets: Arc<Presets>) {
+        *self.presets.write().unwrap_or_else(|p| p.into_inner()) = presets;
+    }
+
     /// Checks `@name` entries against these presets when minting.
-    pub fn with_presets(mut self, presets: Arc<Presets>) -> Signer {
-        self.presets = presets;
+    pub fn with_presets(self, presets: Arc<Presets>) -> Signer {
+        self.set_presets(presets);
         self
     }
 
@@ -265,7 +271,8 @@ impl Signer {
         if req.allowed_hosts.is_empty() {
             return Err(MintError::BadRequest("allowed_hosts is empty".into()));
         }
-        compile_hosts(&req.allowed_hosts, &self.presets)
+        let presets = Arc::clone(&self.presets.read().unwrap_or_else(|p| p.into_inner()));
+        compile_hosts(&req.allowed_hosts, &presets)
             .map_err(|e| MintError::BadRequest(e.to_string()))?;
         if req.ttl.is_zero() {
             return Err(MintError::BadRequest("ttl must be positive".into()));

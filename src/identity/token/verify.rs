@@ -19,7 +19,7 @@ pub struct Verifier {
     /// holding it close.
     watchers: DashMap<String, (u64, CancellationToken)>,
     /// `@name` entries expand from these.
-    presets: Arc<Presets>,
+    presets: RwLock<Arc<Presets>>,
     /// Bumped on every key-set change: a grant verified under an older
     /// generation is verified again before it is trusted.
     generation: std::sync::atomic::AtomicU64,
@@ -73,7 +73,7 @@ impl Verifier {
                 .build(),
             revoked: DashMap::new(),
             watchers: DashMap::new(),
-            presets: Arc::default(),
+            presets: RwLock::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
             max_life: DEFAULT_MAX_LIFE_S,
         }
@@ -93,9 +93,21 @@ impl Verifier {
     }
 
     /// Uses these presets (built in and `[presets]`) for `@name` entries.
-    pub fn with_presets(mut self, presets: Arc<Presets>) -> Verifier {
-        self.presets = presets;
+    pub fn with_presets(self, presets: Arc<Presets>) -> Verifier {
+        self.set_presets(presets);
         self
+    }
+
+    /// Replaces the presets (SIGHUP): tokens verified from now on expand
+    /// `@name` with these (the proxy door's cached grants are dropped); a
+    /// registered sandbox keeps the allowlist it registered with.
+    pub fn set_presets(&self, presets: Arc<Presets>) {
+        *self.presets.write().unwrap_or_else(|p| p.into_inner()) = presets;
+        self.cache.invalidate_all();
+    }
+
+    fn presets(&self) -> Arc<Presets> {
+        Arc::clone(&self.presets.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Refuses the token with this `jti` from now on (until `exp`), and
@@ -273,7 +285,7 @@ impl Verifier {
         if claims.exp > self.latest_exp(now_s()) {
             return Err(TokenError::TooLong(self.max_life));
         }
-        let allowlist = compile_hosts(&claims.allowed_hosts.0, &self.presets)?;
+        let allowlist = compile_hosts(&claims.allowed_hosts.0, &self.presets())?;
         Ok(Grant {
             container: Arc::from(claims.container_id.as_str()),
             claims,
@@ -306,7 +318,7 @@ impl Verifier {
         let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|e| TokenError::Malformed(e.to_string()))?;
         let grant = Grant {
-            allowlist: compile_hosts(&claims.allowed_hosts.0, &self.presets)?,
+            allowlist: compile_hosts(&claims.allowed_hosts.0, &self.presets())?,
             container: Arc::from(claims.container_id.as_str()),
             claims,
         };
