@@ -92,3 +92,40 @@ async fn hostile_http_is_refused_cleanly() {
     );
     assert!(!String::from_utf8(up.received()).unwrap().contains("GET /2"));
 }
+
+/// Every answer is paired with the request it answers: an upstream that
+/// switches protocols (`101`) before the upgrade request went up whole
+/// does not turn the connection raw, so what the client sends next is
+/// still judged (and a request for another host never reaches it).
+#[tokio::test]
+async fn an_early_switch_does_not_open_a_raw_path() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        1,
+    )
+    .await;
+    let gw = start(up.addr, |_| {}).await;
+    let port = up.addr.port();
+    gw.register("c1", "127.0.0.1", &[&format!("api.test:{port}")], 600)
+        .await;
+    let mut s = gw.connect_from("127.0.0.1").await;
+    s.write_all(b"POST /ws HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 4\r\n\r\n")
+        .await
+        .unwrap();
+    // The upstream answers 101 while the body is still to come.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _ = s.write_all(b"body").await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let _ = s
+        .write_all(b"GET /after HTTP/1.1\r\nHost: forbidden.test\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let seen = String::from_utf8_lossy(&up.received()).into_owned();
+    assert!(!seen.contains("forbidden.test"), "the upstream got: {seen}");
+    assert!(
+        !String::from_utf8_lossy(&out).contains("101"),
+        "the client was told of a switch"
+    );
+}

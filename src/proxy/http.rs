@@ -84,7 +84,13 @@ pub struct Exchange {
 
 /// A request forwarded, waiting for its answer.
 struct Pending {
+    /// Which request it is, in order.
+    seq: u64,
     head_method: bool,
+    /// Its head and body have all gone upstream: only then may it be
+    /// answered `101` (an upstream that switches earlier is answering
+    /// something else, or nothing).
+    forwarded: bool,
     /// Told whether the answer switched protocols.
     upgrade: Option<oneshot::Sender<bool>>,
 }
@@ -151,7 +157,9 @@ pub async fn relay(
 /// Client → upstream: request by request.
 async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Result<Done> {
     let counter = &ex.traffic.to_upstream;
+    let mut seq: u64 = 0;
     loop {
+        seq += 1;
         let mut reader = HeadReader::new(ex.max_head);
         let head = match read_until(&ex.client, &mut buf, &mut reader).await? {
             ReadEnd::Found(head) => head,
@@ -197,7 +205,9 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back(Pending {
+                seq,
                 head_method: head.method == "HEAD",
+                forwarded: false,
                 upgrade: tx,
             });
         shared.progress.send_modify(|p| p.outstanding += 1);
@@ -221,6 +231,16 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
         if !body_done {
             shutdown_write(&ex.upstream);
             return Ok(Done::Half);
+        }
+        // Answered early (an error before the body) it is gone already.
+        if let Some(p) = shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .back_mut()
+            .filter(|p| p.seq == seq)
+        {
+            p.forwarded = true;
         }
         if let Some(rx) = rx {
             // Nothing more is read from the client until the answer says
@@ -281,17 +301,26 @@ async fn responses(ex: &Exchange, shared: &Shared) -> io::Result<Done> {
                 return Ok(Done::Half);
             }
         };
-        send(&ex.client, &buf[..head.len], counter, &ex.traffic).await?;
-        buf.drain(..head.len);
+        // Each answer is paired with the request it answers, checked
+        // before a byte of it reaches the client: none with no request
+        // outstanding, and a switch only to an upgrade request that went
+        // up whole.
         let front = {
             let q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.front().map(|p| (p.head_method, p.upgrade.is_some()))
+            q.front()
+                .map(|p| (p.head_method, p.upgrade.is_some(), p.forwarded))
         };
-        let (head_method, upgrade) = front.unwrap_or((false, false));
+        let Some((head_method, upgrade, forwarded)) = front else {
+            return Err(io::Error::other("an answer to no request"));
+        };
+        if head.status == 101 && !(upgrade && forwarded) {
+            return Err(io::Error::other(
+                "101 to a request that asked no upgrade, or before it was forwarded",
+            ));
+        }
+        send(&ex.client, &buf[..head.len], counter, &ex.traffic).await?;
+        buf.drain(..head.len);
         if head.status == 101 {
-            if !upgrade {
-                return Err(io::Error::other("101 to a request that asked no upgrade"));
-            }
             if let Some(tx) = pop(shared).and_then(|p| p.upgrade) {
                 let _ = tx.send(true);
             }
