@@ -12,8 +12,8 @@
 //! - for a name it may not reach: NXDOMAIN, and the query never leaves the
 //!   gateway (no exfiltration through queries);
 //! - from an unknown source, or past its query rate: REFUSED; PTR:
-//!   NXDOMAIN; a malformed message: FORMERR (or nothing, when not even its
-//!   ID can be read).
+//!   NXDOMAIN; an EDNS version other than 0: BADVERS; a malformed
+//!   message: FORMERR (or nothing, when not even its ID can be read).
 //!
 //! Messages are parsed and built with `hickory-proto`. The ID, the
 //! question as sent (0x20 case randomisation survives) and EDNS(0) are
@@ -69,6 +69,9 @@ pub enum Answer {
     FormErr,
     ServFail,
     NotImp,
+    /// An EDNS version other than 0 (RFC 6891): BADVERS, with our OPT
+    /// saying version 0.
+    BadVers,
 }
 
 /// Parses a query. `Err(Some(id))`: malformed, answered FORMERR with that
@@ -100,6 +103,7 @@ pub fn respond(request: &Message, answer: &Answer, max_size: usize) -> Vec<u8> {
         Answer::FormErr => ResponseCode::FormErr,
         Answer::ServFail => ResponseCode::ServFail,
         Answer::NotImp => ResponseCode::NotImp,
+        Answer::BadVers => ResponseCode::BADVERS,
     };
     let mut msg = Message::error_msg(meta.id, meta.op_code, code);
     msg.metadata.recursion_desired = meta.recursion_desired;
@@ -279,6 +283,9 @@ impl Door {
         };
         if !self.gw.resolver().admit_query(sandbox.source_ip) {
             return deny(Deny::Overloaded, Answer::Refused);
+        }
+        if request.edns.as_ref().is_some_and(|e| e.version() != 0) {
+            return deny(Deny::BadRequest, Answer::BadVers);
         }
         if request.metadata.op_code != OpCode::Query {
             return deny(Deny::UnsupportedProtocol, Answer::NotImp);

@@ -366,3 +366,25 @@ async fn slow_names_of_one_sandbox_do_not_starve_another() {
     assert!(servfail >= 150, "{servfail} of 200 refused at once");
     drop(conns);
 }
+
+/// RFC 6891: a query with an EDNS version other than 0 is answered
+/// BADVERS (from a registered sandbox, never sent upstream).
+#[tokio::test]
+async fn an_unknown_edns_version_gets_badvers() {
+    let (upstream, seen) = counting_upstream().await;
+    let gw = start("127.0.0.1:1".parse().unwrap(), |c| {
+        c.dns.upstream = vec![upstream];
+    })
+    .await;
+    gw.register("v", "127.0.0.8", &["*.any.test"], 600).await;
+    let mut q = query("x.any.test.", RecordType::A, true);
+    if let Some(e) = q.edns.as_mut() {
+        e.set_version(1);
+    }
+    let r = ask_from("127.0.0.8", gw.running.dns_addr, &q.to_vec().unwrap())
+        .await
+        .unwrap();
+    // BADVERS is 16 on the wire (read back, hickory names 16 BADSIG).
+    assert_eq!(u16::from(r.metadata.response_code), 16);
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
+}

@@ -91,3 +91,19 @@ fn query_type_labels_are_a_closed_set() {
     assert_eq!(qtype_label(RecordType::HTTPS), "HTTPS");
     assert_eq!(qtype_label(RecordType::NULL), "other");
 }
+
+#[test]
+fn an_unknown_edns_version_is_answered_badvers() {
+    let mut q = query("api.test.", RecordType::A);
+    let mut edns = Edns::new();
+    edns.set_version(1);
+    edns.set_max_payload(1232);
+    q.set_edns(edns);
+    let bytes = respond(&q, &Answer::BadVers, 512);
+    let r = Message::from_vec(&bytes).unwrap();
+    // 16 on the wire (hickory names 16 BADSIG when it reads it: the same
+    // number, TSIG's name for it).
+    assert_eq!(u16::from(r.metadata.response_code), 16);
+    assert_eq!(r.edns.as_ref().map(|e| e.version()), Some(0));
+    assert!(r.answers.is_empty());
+}
