@@ -400,14 +400,14 @@ impl Fleet {
 
 /// A message on the revocations channel.
 #[derive(Debug, PartialEq)]
-enum Message<'a> {
+pub enum Message<'a> {
     Revoke(&'a str, u64),
     Sync,
 }
 
 /// Parses a channel message; `None` for anything that is not exactly a
 /// revocation of a jti-shaped id with a whole-number expiry, or a sync.
-fn parse_message(text: &str) -> Option<Message<'_>> {
+pub fn parse_message(text: &str) -> Option<Message<'_>> {
     let mut words = text.split(' ');
     match (words.next(), words.next(), words.next(), words.next()) {
         (Some("revoke"), Some(jti), Some(exp), None) if is_jti(jti) => {
@@ -419,7 +419,7 @@ fn parse_message(text: &str) -> Option<Message<'_>> {
 }
 
 /// A jti as sluice mints them and as it accepts them from peers.
-fn is_jti(jti: &str) -> bool {
+pub fn is_jti(jti: &str) -> bool {
     !jti.is_empty()
         && jti.len() <= 128
         && jti
@@ -431,7 +431,7 @@ fn is_jti(jti: &str) -> bool {
 /// whole seconds; `None` for what is not a finite, non-negative number.
 /// Values past `u64::MAX` saturate (and are cut to the longest token life
 /// when applied).
-fn parse_score(text: &str) -> Option<u64> {
+pub fn parse_score(text: &str) -> Option<u64> {
     if let Ok(n) = text.parse::<u64>() {
         return Some(n);
     }

@@ -162,3 +162,21 @@ pub fn dns_message(data: &[u8]) {
         }
     }
 }
+
+/// Any bytes as a message on the fleet's revocations channel, or as a
+/// score read back from its sorted set: never a panic; a revocation that
+/// parses names a jti-shaped id; a score that parses is a finite,
+/// non-negative number.
+pub fn fleet_message(data: &[u8]) {
+    use crate::fleet::{Message, is_jti, parse_message, parse_score};
+    let text = String::from_utf8_lossy(data);
+    if let Some(Message::Revoke(jti, _)) = parse_message(&text) {
+        assert!(is_jti(jti), "{jti:?}");
+        assert!(text.starts_with("revoke "));
+    }
+    if parse_score(&text).is_some() {
+        let ok = text.parse::<u64>().is_ok()
+            || text.parse::<f64>().is_ok_and(|f| f.is_finite() && f >= 0.0);
+        assert!(ok, "{text:?} read as a score");
+    }
+}

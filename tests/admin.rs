@@ -94,6 +94,18 @@ async fn minting_tokens() {
             json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["*.com"]}),
         ),
         (
+            "a wildcard over a registrable namespace (PSL private section)",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["*.github.io"]}),
+        ),
+        (
+            "a wildcard over a wildcard-DNS service",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["*.nip.io"]}),
+        ),
+        (
+            "a wildcard under a wildcard-DNS service",
+            json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["*.x.sslip.io:443"]}),
+        ),
+        (
             "the unspecified address",
             json!({"container_id": "c", "user_id": "u", "allowed_hosts": ["0.0.0.0:15001"]}),
         ),

@@ -121,3 +121,42 @@ async fn sluice_never_dials_its_own_listeners() {
         "{answer}"
     );
 }
+
+/// The gateway's own addresses are never destinations, whatever
+/// `allow_destinations` exempts: with loopback exempt but
+/// `allow_local_destinations` off (the default), a name that resolves to
+/// any address of this host, or a literal one, is refused and the service
+/// there never sees a connection.
+#[tokio::test]
+async fn the_gateways_own_addresses_are_refused_inside_allow_destinations() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let gw = start(up.addr, |c| {
+        c.gateway.allow_destinations = vec!["127.0.0.0/8".parse().unwrap()];
+        c.gateway.allow_local_destinations = false;
+        c.gateway
+            .resolve
+            .insert("node.test".into(), vec![ip("127.0.0.1")]);
+    })
+    .await;
+    gw.register(
+        "c1",
+        "127.0.0.1",
+        &[&format!("node.test:{port}"), &format!("127.0.0.1:{port}")],
+        600,
+    )
+    .await;
+    let cases = ["node.test", "127.0.0.1"]
+        .into_iter()
+        .map(|host| Case {
+            name: host,
+            source: "127.0.0.1",
+            send: format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes(),
+            refusal: Refusal::Http(403),
+            protocol: "http",
+            reason: "private_destination",
+        })
+        .collect();
+    run_cases(&gw, &[&up], cases).await;
+    assert_eq!(up.accepted(), 0);
+}

@@ -68,3 +68,8 @@ fn admin_bodies_corpus() {
 fn dns_message_corpus() {
     replay("dns_message", sluice::invariants::dns_message);
 }
+
+#[test]
+fn fleet_message_corpus() {
+    replay("fleet_message", sluice::invariants::fleet_message);
+}
