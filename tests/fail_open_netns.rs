@@ -19,7 +19,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netns::{Lab, require_root};
+use netns::{Lab, from_sandbox, read_for, require_root};
 
 const FRONTEND: &str = "198.18.1.10";
 
@@ -104,19 +104,6 @@ fn serve_counting(listener: TcpListener, received: Arc<Mutex<usize>>) {
     });
 }
 
-/// Reads what arrives within `wait` (until EOF or quiet).
-fn read_for(s: &mut TcpStream, wait: Duration) -> Vec<u8> {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return out,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// Reads one answer: until `want` has arrived, EOF, or 5 s.
 fn read_until(s: &mut TcpStream, want: &[u8]) -> String {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -129,20 +116,6 @@ fn read_until(s: &mut TcpStream, want: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Runs `f` with a TCP connection opened from the sandbox namespace.
-fn from_sandbox<T: Send + 'static>(
-    lab: &Lab,
-    to: &str,
-    f: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> T {
-    let to = to.to_owned();
-    Lab::in_ns(&lab.sb, move || {
-        let s = TcpStream::connect(&to).unwrap();
-        s.set_nodelay(true).unwrap();
-        f(s)
-    })
 }
 
 fn logged_hosts(log: &Log, needle: &str) -> usize {

@@ -97,6 +97,44 @@ fn fleet(port: u16, keys: std::path::PathBuf) -> impl FnOnce(&mut Config) + Clon
     }
 }
 
+/// A redis-server of the test's own and two gateways sharing it, both
+/// connected.
+struct Fleet<T> {
+    port: u16,
+    redis: Redis,
+    keys: tempfile::TempDir,
+    tweak: T,
+    one: Gw,
+    two: Gw,
+}
+
+impl Fleet<()> {
+    async fn start() -> Fleet<impl FnOnce(&mut Config) + Clone> {
+        let port = free_port();
+        let redis = Redis::start(port);
+        let keys = tempfile::tempdir().unwrap();
+        sluice::identity::token::KeyPair::generate("sluice-1")
+            .unwrap()
+            .write(keys.path())
+            .unwrap();
+        let tweak = fleet(port, keys.path().to_owned());
+        let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+        let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+        eventually(Duration::from_secs(5), "both connected", || {
+            one.running.store_up() && two.running.store_up()
+        })
+        .await;
+        Fleet {
+            port,
+            redis,
+            keys,
+            tweak,
+            one,
+            two,
+        }
+    }
+}
+
 #[tokio::test]
 async fn two_gateways_share_sessions_and_revocations_through_redis() {
     if !have_tool(
@@ -106,20 +144,14 @@ async fn two_gateways_share_sessions_and_revocations_through_redis() {
     ) {
         return;
     }
-    let port = free_port();
-    let mut redis = Redis::start(port);
-    let keys = tempfile::tempdir().unwrap();
-    sluice::identity::token::KeyPair::generate("sluice-1")
-        .unwrap()
-        .write(keys.path())
-        .unwrap();
-    let tweak = fleet(port, keys.path().to_owned());
-    let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
-    let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
-    eventually(Duration::from_secs(5), "both connected", || {
-        one.running.store_up() && two.running.store_up()
-    })
-    .await;
+    let Fleet {
+        port,
+        mut redis,
+        keys: _keys,
+        tweak,
+        one,
+        two,
+    } = Fleet::start().await;
 
     // A session per registration, with the token's remaining life.
     let token = one
@@ -251,20 +283,14 @@ async fn hostile_fleet_entries_do_not_stop_revocations() {
     ) {
         return;
     }
-    let port = free_port();
-    let mut redis = Redis::start(port);
-    let keys = tempfile::tempdir().unwrap();
-    sluice::identity::token::KeyPair::generate("sluice-1")
-        .unwrap()
-        .write(keys.path())
-        .unwrap();
-    let tweak = fleet(port, keys.path().to_owned());
-    let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
-    let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
-    eventually(Duration::from_secs(5), "both connected", || {
-        one.running.store_up() && two.running.store_up()
-    })
-    .await;
+    let Fleet {
+        port,
+        mut redis,
+        keys: _keys,
+        tweak: _,
+        one,
+        two,
+    } = Fleet::start().await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

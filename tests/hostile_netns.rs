@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netns::{Lab, require_root_and};
+use netns::{Lab, from_sandbox, read_for, require_root_and};
 
 const FRONTEND: &str = "198.18.1.10";
 
@@ -68,31 +68,6 @@ fn serve_logging(listener: TcpListener, log: Log) {
             });
         }
     });
-}
-
-fn read_for(s: &mut TcpStream, wait: Duration) -> Vec<u8> {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return out,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn from_sandbox<T: Send + 'static>(
-    lab: &Lab,
-    to: &str,
-    f: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> T {
-    let to = to.to_owned();
-    Lab::in_ns(&lab.sb, move || {
-        let s = TcpStream::connect(&to).unwrap();
-        s.set_nodelay(true).unwrap();
-        f(s)
-    })
 }
 
 /// An HTTP request for `host` sent to `to`, and what came back.

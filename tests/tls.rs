@@ -439,12 +439,9 @@ async fn pip_downloads_through_https_proxy() {
     drop(index);
 }
 
-/// Silent connections (no certificate needed to open them) cannot lock
-/// the admin API: past a few handshakes in progress from one source the
-/// next is closed at once, handshakes have a short deadline, and an
-/// operator from another address is served meanwhile.
-#[tokio::test]
-async fn silent_connections_do_not_lock_operators_out_of_the_tls_admin_api() {
+/// A gateway whose admin API speaks TLS with client certificates from a
+/// test CA; the CA and the folder its files are in.
+async fn admin_over_tls() -> (Gw, Ca, tempfile::TempDir) {
     let ca = Ca::new("sluice test CA");
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"], "admin one");
@@ -457,6 +454,16 @@ async fn silent_connections_do_not_lock_operators_out_of_the_tls_admin_api() {
         c.admin.client_ca_file = caf;
     })
     .await;
+    (gw, ca, dir)
+}
+
+/// Silent connections (no certificate needed to open them) cannot lock
+/// the admin API: past a few handshakes in progress from one source the
+/// next is closed at once, handshakes have a short deadline, and an
+/// operator from another address is served meanwhile.
+#[tokio::test]
+async fn silent_connections_do_not_lock_operators_out_of_the_tls_admin_api() {
+    let (gw, ca, _dir) = admin_over_tls().await;
     let addr = gw.running.admin_addr;
     let (client_cert, client_key) = ca.leaf(&["operator"], "operator");
     let operator = client(&ca.pem(), Some((&client_cert, &client_key)));

@@ -637,6 +637,34 @@ fn output(mut cmd: Command, env: &[(&str, &str)]) -> CurlOut {
     }
 }
 
+/// Reads what arrives within `wait` (until EOF or quiet).
+pub fn read_for(s: &mut std::net::TcpStream, wait: Duration) -> Vec<u8> {
+    use std::io::Read;
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Runs `f` with a TCP connection opened from the sandbox namespace.
+pub fn from_sandbox<T: Send + 'static>(
+    lab: &Lab,
+    to: &str,
+    f: impl FnOnce(std::net::TcpStream) -> T + Send + 'static,
+) -> T {
+    let to = to.to_owned();
+    Lab::in_ns(&lab.sb, move || {
+        let s = std::net::TcpStream::connect(&to).unwrap();
+        s.set_nodelay(true).unwrap();
+        f(s)
+    })
+}
+
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
