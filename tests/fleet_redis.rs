@@ -77,6 +77,21 @@ impl Drop for Redis {
     }
 }
 
+/// A token minted on `gw` for `container`: the token and its jti.
+async fn mint(gw: &Gw, container: &str) -> (String, String) {
+    let (_, minted) = gw
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"container_id": container, "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
+        )
+        .await;
+    (
+        minted["token"].as_str().unwrap().to_owned(),
+        minted["jti"].as_str().unwrap().to_owned(),
+    )
+}
+
 async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -186,17 +201,7 @@ async fn two_gateways_share_sessions_and_revocations_through_redis() {
     .await;
 
     // A revocation on one is refused by the other within 1 s.
-    let (_, minted) = one
-        .admin(
-            "POST",
-            "/v1/tokens",
-            Some(json!({"container_id": "sb-x", "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
-        )
-        .await;
-    let (tx, jti) = (
-        minted["token"].as_str().unwrap().to_owned(),
-        minted["jti"].as_str().unwrap().to_owned(),
-    );
+    let (tx, jti) = mint(&one, "sb-x").await;
     assert!(two.running.verifier.verify(&tx).is_ok());
     let revoked_at = Instant::now();
     let (status, _) = one
@@ -222,17 +227,7 @@ async fn two_gateways_share_sessions_and_revocations_through_redis() {
     assert_eq!(metric(&page, "sluice_store_up"), 0.0, "{page}");
     one.register("sb-during", "198.18.0.3", &["api.test"], 600)
         .await;
-    let (_, minted) = one
-        .admin(
-            "POST",
-            "/v1/tokens",
-            Some(json!({"container_id": "sb-y", "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
-        )
-        .await;
-    let (ty, jti_y) = (
-        minted["token"].as_str().unwrap().to_owned(),
-        minted["jti"].as_str().unwrap().to_owned(),
-    );
+    let (ty, jti_y) = mint(&one, "sb-y").await;
     let (status, _) = one
         .admin("POST", "/v1/revocations", Some(json!({"jti": jti_y})))
         .await;
@@ -348,17 +343,7 @@ async fn hostile_fleet_entries_do_not_stop_revocations() {
         .unwrap();
     assert!(far as u64 <= latest, "re-seeded until {far}");
     // ... and a revocation on one is refused by the other within 1 s.
-    let (_, minted) = one
-        .admin(
-            "POST",
-            "/v1/tokens",
-            Some(json!({"container_id": "sb-z", "user_id": "u", "allowed_hosts": ["api.test"], "ttl_seconds": 600})),
-        )
-        .await;
-    let (tz, jti) = (
-        minted["token"].as_str().unwrap().to_owned(),
-        minted["jti"].as_str().unwrap().to_owned(),
-    );
+    let (tz, jti) = mint(&one, "sb-z").await;
     assert!(two.running.verifier.verify(&tz).is_ok());
     let (status, _) = one
         .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
