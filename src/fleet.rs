@@ -55,6 +55,10 @@ const MAX_RESEED_WAIT: Duration = Duration::from_secs(30);
 /// Revocations one catch-up read applies at most (the nearest expiries
 /// first): a peer that floods the set cannot make a read unbounded.
 const MAX_READ: usize = 100_000;
+/// Revocations a gateway holds at most before it refuses the fleet's new
+/// ones (about 100 B each): far above what a fleet revokes within the
+/// longest token life, far below what hurts.
+const MAX_HELD: usize = 1_000_000;
 
 /// This gateway's side of the fleet store.
 pub struct Fleet {
@@ -329,7 +333,8 @@ impl Fleet {
         let (entries, rejected) = parse_scored(raw);
         self.rejected(rejected);
         let entries = self.valid(entries);
-        apply_revocations(local, entries).await;
+        let over = apply_revocations(local, entries).await;
+        self.rejected(over);
         Ok(())
     }
 
@@ -390,7 +395,8 @@ impl Fleet {
     async fn on_message(&self, text: &str, local: &Local) {
         match parse_message(text) {
             Some(Message::Revoke(jti, exp)) => {
-                apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
+                let over = apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
+                self.rejected(over);
             }
             Some(Message::Sync) => self.sync_now.notify_one(),
             None => self.rejected(1),
@@ -477,23 +483,38 @@ fn parse_scored(raw: Vec<redis::Value>) -> (Vec<(String, u64)>, usize) {
 
 /// Revokes (locally, durably, without sharing again) what is new here,
 /// each expiry cut to the longest life a token may have.
-async fn apply_revocations(local: &Local, all: Vec<(String, u64)>) {
+///
+/// Past `MAX_HELD` revocations held, the fleet's new ones are refused
+/// (and counted): a peer that floods revocations cannot grow a gateway's
+/// memory without bound. This gateway's own revocations are always kept.
+async fn apply_revocations(local: &Local, all: Vec<(String, u64)>) -> usize {
     let latest = local.verifier.latest_exp(now_s());
+    let mut over = 0;
     let fresh: Vec<Change> = all
         .into_iter()
-        .filter(|(jti, exp)| is_jti(jti) && local.verifier.revoke(jti, *exp))
+        .filter(|(jti, exp)| {
+            if !is_jti(jti) || local.verifier.is_revoked(jti) {
+                return false;
+            }
+            if local.verifier.revoked_len() >= MAX_HELD {
+                over += 1;
+                return false;
+            }
+            local.verifier.revoke(jti, *exp)
+        })
         .map(|(jti, exp)| Change::Revoke {
             jti,
             exp: exp.min(latest),
         })
         .collect();
     if fresh.is_empty() {
-        return;
+        return over;
     }
     tracing::info!(count = fresh.len(), "revocations from the fleet applied");
     if let Err(e) = local.store.apply_unshared(fresh).await {
         tracing::error!(error = %crate::error_chain(&e), "cannot keep the fleet's revocations");
     }
+    over
 }
 
 #[cfg(test)]

@@ -85,9 +85,11 @@ async fn guarded_destinations_are_refused_cleanly() {
         });
     }
     run_cases(&gw, &[&up], cases).await;
+    the_gateways_own_addresses_are_refused_inside_allow_destinations().await;
+    sluice_never_dials_its_own_listeners().await;
 }
 
-#[tokio::test]
+/// (Run after the table, not beside it: it counts the same series.)
 async fn sluice_never_dials_its_own_listeners() {
     // The original destination is the gateway's own admin port; the name
     // resolves to loopback, which is exempt: the loop guard still refuses.
@@ -126,8 +128,8 @@ async fn sluice_never_dials_its_own_listeners() {
 /// `allow_destinations` exempts: with loopback exempt but
 /// `allow_local_destinations` off (the default), a name that resolves to
 /// any address of this host, or a literal one, is refused and the service
-/// there never sees a connection.
-#[tokio::test]
+/// there never sees a connection. (Run after the table above, not beside
+/// it: both count the same series.)
 async fn the_gateways_own_addresses_are_refused_inside_allow_destinations() {
     let up = http_upstream().await;
     let port = up.addr.port();

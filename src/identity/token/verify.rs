@@ -128,6 +128,11 @@ impl Verifier {
         self.revoked.contains_key(jti)
     }
 
+    /// How many revocations are held.
+    pub fn revoked_len(&self) -> usize {
+        self.revoked.len()
+    }
+
     /// Revoked tokens not yet expired, as `(jti, exp)`.
     pub fn revoked(&self) -> Vec<(String, u64)> {
         let mut all: Vec<_> = self
