@@ -615,6 +615,16 @@ fn goals(o: &Options, s: &Samples) -> String {
         r.map(|r| r >= 1.2),
         shown(r),
     );
+    // Against HAProxy writing a line per connection, as sluice does.
+    let r = ratio(
+        m(Figure::ConnRate, Target::Sluice),
+        m(Figure::ConnRate, Target::HaproxyLog),
+    );
+    line(
+        "new connections/s ≥ 1.2× HAProxy with its per-connection log",
+        r.map(|r| r >= 1.2),
+        shown(r),
+    );
     // Lower is better: sluice's median at or under the better HAProxy's.
     for (f, what, unit, digits) in [
         (Figure::P99, "p99 latency ≤ HAProxy's", "µs", 0),

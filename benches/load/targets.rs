@@ -9,6 +9,9 @@
 //!   splice on in both directions, default (64 KiB) pipes.
 //! - `haproxy-1m`: the same with `tune.pipesize 1048576`, HAProxy's own
 //!   answer to single-stream throughput.
+//! - `haproxy-log`: `haproxy` with a log line per connection (`option
+//!   tcplog` to its stdout, a file), as sluice writes an audit line per
+//!   connection: the fair comparison for the connection rate.
 //! - `nginx`: Debian's nginx, stream module, `ssl_preread` and a `map`
 //!   allowlist.
 
@@ -25,15 +28,17 @@ pub enum Target {
     Sluice,
     Haproxy,
     Haproxy1m,
+    HaproxyLog,
     Nginx,
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Direct,
         Target::Sluice,
         Target::Haproxy,
         Target::Haproxy1m,
+        Target::HaproxyLog,
         Target::Nginx,
     ];
 
@@ -43,6 +48,7 @@ impl Target {
             Target::Sluice => "sluice",
             Target::Haproxy => "haproxy",
             Target::Haproxy1m => "haproxy-1m",
+            Target::HaproxyLog => "haproxy-log",
             Target::Nginx => "nginx",
         }
     }
@@ -55,7 +61,7 @@ impl Target {
     pub fn missing(self) -> Option<String> {
         let program = match self {
             Target::Direct | Target::Sluice => return None,
-            Target::Haproxy | Target::Haproxy1m => "haproxy",
+            Target::Haproxy | Target::Haproxy1m | Target::HaproxyLog => "haproxy",
             Target::Nginx => "nginx",
         };
         let found = std::env::var_os("PATH")
@@ -80,8 +86,9 @@ impl Gateway {
         let child = match target {
             Target::Direct => None,
             Target::Sluice => Some(start_sluice(lab, max_conns)?),
-            Target::Haproxy => Some(start_haproxy(lab, max_conns, None)?),
-            Target::Haproxy1m => Some(start_haproxy(lab, max_conns, Some(1 << 20))?),
+            Target::Haproxy => Some(start_haproxy(lab, max_conns, None, false)?),
+            Target::Haproxy1m => Some(start_haproxy(lab, max_conns, Some(1 << 20), false)?),
+            Target::HaproxyLog => Some(start_haproxy(lab, max_conns, None, true)?),
             Target::Nginx => Some(start_nginx(lab, max_conns)?),
         };
         let gw = Gateway { child };
@@ -234,11 +241,20 @@ fn register(lab: &Lab) -> Result<()> {
 }
 
 /// HAProxy, with `tune.pipesize` when `pipesize` is given.
-fn start_haproxy(lab: &Lab, max_conns: usize, pipesize: Option<usize>) -> Result<Child> {
+fn start_haproxy(lab: &Lab, max_conns: usize, pipesize: Option<usize>, log: bool) -> Result<Child> {
     let config = lab.dir.path().join("haproxy.cfg");
     let tune = pipesize
         .map(|n| format!("    tune.pipesize {n}\n"))
         .unwrap_or_default();
+    // One line per connection on stdout, which `spawn` sends to a file.
+    let (global_log, defaults_log) = if log {
+        (
+            "    log stdout format raw local0\n",
+            "    log global\n    option tcplog\n",
+        )
+    } else {
+        ("", "")
+    };
     std::fs::write(
         &config,
         format!(
@@ -246,8 +262,8 @@ fn start_haproxy(lab: &Lab, max_conns: usize, pipesize: Option<usize>) -> Result
     maxconn {max}
     maxpipes 512
     nbthread 2
-{tune}defaults
-    mode tcp
+{global_log}{tune}defaults
+{defaults_log}    mode tcp
     timeout connect 5s
     timeout client 300s
     timeout server 300s
@@ -331,7 +347,7 @@ pub fn log_of(lab: &Lab, target: Target) -> String {
     let name = match target {
         Target::Direct => return String::new(),
         Target::Sluice => "sluice.log",
-        Target::Haproxy | Target::Haproxy1m => "haproxy.log",
+        Target::Haproxy | Target::Haproxy1m | Target::HaproxyLog => "haproxy.log",
         Target::Nginx => "nginx/logs/error.log",
     };
     let text = std::fs::read_to_string(lab.dir.path().join(name)).unwrap_or_default();
