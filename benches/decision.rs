@@ -230,6 +230,37 @@ fn identity(c: &mut Criterion) {
     g.finish();
 }
 
+/// A request judged by request rules: normalise its path, then match it
+/// against the rules of its host (10 / 100 / 1,000 of them, a quarter
+/// sharing the request's first segment, the one that admits it pushed
+/// last): the trie of literal prefixes keeps it flat.
+fn request_rules(c: &mut Criterion) {
+    use sluice::policy::rules::{RequestRule, RuleSet, normalize_path};
+    let target = "/repos/acme/widgets/contents/src/%6Dain.rs?ref=main";
+    c.bench_function("rules/normalize_path", |b| {
+        b.iter(|| normalize_path(black_box(target)).unwrap())
+    });
+    let mut g = c.benchmark_group("rules/match");
+    for n in [10usize, 100, 1_000] {
+        // Rules spread over first segments, as an organisation's many
+        // entries are, and one that starts with a wildcard.
+        let mut rules = RuleSet::default();
+        for i in 0..n {
+            let glob = format!("/{}/org-{i}/**", ["repos", "orgs", "users", "gists"][i % 4]);
+            rules.push(RequestRule::parse(&["GET|HEAD", &glob]).unwrap());
+        }
+        rules.push(RequestRule::parse(&["*", "/*/health"]).unwrap());
+        rules.push(RequestRule::parse(&["GET|HEAD", "/repos/acme/*/contents/**"]).unwrap());
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let path = normalize_path(black_box(target)).unwrap();
+                rules.admits("GET", &path).is_some()
+            })
+        });
+    }
+    g.finish();
+}
+
 /// The DNS door's path for a name in the cache: parse the query, match
 /// the name against the allowlist (any port), take the addresses from the
 /// shared resolver's cache entry, build the answer.
@@ -293,6 +324,7 @@ criterion_group!(
     dribbles,
     allowlists,
     identity,
+    request_rules,
     dns_cache_hit
 );
 criterion_main!(benches);

@@ -180,3 +180,27 @@ pub fn fleet_message(data: &[u8]) {
         assert!(ok, "{text:?} read as a score");
     }
 }
+
+/// Any bytes as a request target: normalising never panics; what it
+/// gives is a path in normal form (one leading `/`, no empty, `.` or `..`
+/// segment, no query), normalising it again changes nothing, and matching
+/// it against globs never panics.
+pub fn request_path(data: &[u8]) {
+    use crate::policy::rules::{PathGlob, normalize_path};
+    let text = String::from_utf8_lossy(data);
+    let Ok(normal) = normalize_path(&text) else {
+        return;
+    };
+    assert!(normal.starts_with('/'), "{normal:?}");
+    assert!(!normal.contains('?'), "{normal:?}");
+    let inner = normal.trim_end_matches('/');
+    for seg in inner.split('/').skip(1) {
+        assert!(!seg.is_empty() && seg != "." && seg != "..", "{normal:?}");
+    }
+    assert_eq!(normalize_path(&normal).as_deref(), Ok(normal.as_str()));
+    for glob in ["/**", "/acme/**", "/acme/*/info/refs", "/*/*.git/**/x"] {
+        if let Ok(g) = PathGlob::parse(glob) {
+            let _ = g.matches(&normal);
+        }
+    }
+}

@@ -6,6 +6,8 @@
 //! exactly and once per parent suffix (wildcards), an IP literal once.
 //! This module never resolves, connects or reads the network.
 
+pub mod rules;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 

@@ -73,3 +73,8 @@ fn dns_message_corpus() {
 fn fleet_message_corpus() {
     replay("fleet_message", sluice::invariants::fleet_message);
 }
+
+#[test]
+fn request_path_corpus() {
+    replay("request_path", sluice::invariants::request_path);
+}
