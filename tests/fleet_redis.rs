@@ -92,6 +92,26 @@ async fn mint(gw: &Gw, container: &str) -> (String, String) {
     )
 }
 
+/// A token minted on `one`, accepted by `two`, revoked on `one`: refused
+/// by `two` within 1 s. Returns the token.
+async fn revoked_across(one: &Gw, two: &Gw, container: &str) -> String {
+    let (token, jti) = mint(one, container).await;
+    assert!(two.running.verifier.verify(&token).is_ok());
+    let revoked_at = Instant::now();
+    let (status, _) = one
+        .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
+        .await;
+    assert_eq!(status, 204);
+    eventually(
+        Duration::from_secs(1),
+        "the revocation on the other",
+        || two.running.verifier.verify(&token).is_err(),
+    )
+    .await;
+    eprintln!("revocation across gateways: {:?}", revoked_at.elapsed());
+    token
+}
+
 async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -201,20 +221,7 @@ async fn two_gateways_share_sessions_and_revocations_through_redis() {
     .await;
 
     // A revocation on one is refused by the other within 1 s.
-    let (tx, jti) = mint(&one, "sb-x").await;
-    assert!(two.running.verifier.verify(&tx).is_ok());
-    let revoked_at = Instant::now();
-    let (status, _) = one
-        .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
-        .await;
-    assert_eq!(status, 204);
-    eventually(
-        Duration::from_secs(1),
-        "the revocation on the other",
-        || two.running.verifier.verify(&tx).is_err(),
-    )
-    .await;
-    eprintln!("revocation across gateways: {:?}", revoked_at.elapsed());
+    let tx = revoked_across(&one, &two, "sb-x").await;
     drop(token);
 
     // Redis gone: both keep serving from local state and say so.
@@ -343,16 +350,5 @@ async fn hostile_fleet_entries_do_not_stop_revocations() {
         .unwrap();
     assert!(far as u64 <= latest, "re-seeded until {far}");
     // ... and a revocation on one is refused by the other within 1 s.
-    let (tz, jti) = mint(&one, "sb-z").await;
-    assert!(two.running.verifier.verify(&tz).is_ok());
-    let (status, _) = one
-        .admin("POST", "/v1/revocations", Some(json!({"jti": jti})))
-        .await;
-    assert_eq!(status, 204);
-    eventually(
-        Duration::from_secs(1),
-        "the revocation on the other",
-        || two.running.verifier.verify(&tz).is_err(),
-    )
-    .await;
+    revoked_across(&one, &two, "sb-z").await;
 }
