@@ -51,8 +51,6 @@ pub enum AppError {
     },
     #[error("TLS")]
     Tls(#[from] crate::tls::TlsError),
-    #[error("cannot set up the TLS proxy")]
-    Pairing(#[source] std::io::Error),
     #[error("keys from auth.jwks_url")]
     Jwks(#[from] crate::identity::jwks_remote::RemoteError),
     #[error("store.redis_url")]
@@ -305,6 +303,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Some(r) => r.initial().await?,
         None => state.jwks,
     };
+    let shutdown = Shutdown::new();
     let verifier = Arc::new(
         Verifier::new(
             jwks,
@@ -313,7 +312,8 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
             config.auth.leeway_s,
         )
         .with_max_life(config.auth.max_ttl_s)
-        .with_presets(Arc::clone(&state.presets)),
+        .with_presets(Arc::clone(&state.presets))
+        .with_stop(shutdown.hard()),
     );
     let registry = Arc::new(Registry::new());
     let store = Arc::new(Store::open(&config.state_dir)?);
@@ -325,7 +325,6 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
             "registry restored"
         );
     }
-    let shutdown = Shutdown::new();
     // The fleet store: this gateway's durable changes are shared once on
     // disk here; Redis's health is sluice_store_up.
     let fleet = match config.store.backend {
@@ -431,21 +430,17 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Some(files) => {
             let door_tls = Arc::new(crate::tls::Reloadable::load(files)?);
             tls.push(Arc::clone(&door_tls));
-            let pairing = crate::proxy::tls_bridge::Pairing::new(shutdown.clone())
-                .await
-                .map_err(AppError::Pairing)?;
             servers.push(tokio::spawn(accept_loop(
                 proxy,
                 Arc::clone(&gateway),
                 Mode::Proxy,
                 move |gw, stream, peer, admission| {
-                    crate::proxy::tls_bridge::handle(
+                    crate::proxy::explicit::handle_tls(
                         gw,
                         stream,
                         peer,
                         admission,
                         Arc::clone(&door_tls),
-                        Arc::clone(&pairing),
                     )
                 },
             )));

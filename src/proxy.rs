@@ -3,9 +3,10 @@
 //! accept → [`net::orig_dst`](crate::net::orig_dst) → identity →
 //! [`sniff`] → [`decision`](crate::decision) → [`upstream`] → [`relay`]
 //! (with [`http`] judging every request of an HTTP connection), strung
-//! together once in [`pipeline`]; [`transparent`] and [`explicit`] are the
-//! two front doors over it, and [`record`] writes what became of each
-//! connection.
+//! together once in [`pipeline`], over the [`stream`] each connection
+//! runs on (TCP, spliced; or TLS); [`transparent`] and [`explicit`] are the
+//! front doors that negotiate a caller and a target and make one pipeline
+//! call, and [`record`] writes what became of each connection.
 
 pub mod explicit;
 pub mod http;
@@ -13,14 +14,13 @@ pub mod pipeline;
 pub mod record;
 pub mod relay;
 pub mod sniff;
-pub mod tls_bridge;
+pub mod stream;
 pub mod transparent;
 pub mod upstream;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -201,23 +201,22 @@ pub fn deny_response(protocol: Protocol, deny: Deny) -> Option<Cow<'static, [u8]
     }
 }
 
-/// Shuts down our write half, then waits (briefly, bounded) for the
-/// client's remaining bytes, so the close does not reset the connection
-/// before the answer is read.
-pub async fn linger_close(stream: &TcpStream) {
-    crate::net::shutdown_write(stream);
-    let linger = async {
-        let mut buf = Vec::with_capacity(16 * 1024);
-        let mut total = 0usize;
-        while total < 256 * 1024 {
-            buf.clear();
-            match crate::net::read_some(stream, &mut buf, 16 * 1024).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_millis(500), linger).await;
+/// The proxy door's answer to a refused request: a credential failure is
+/// a 407 with the challenge, anything else the HTTP answer by reason.
+pub fn proxy_deny_response(d: Deny) -> Vec<u8> {
+    if !crate::decision::is_auth_failure(d) {
+        return deny_response(Protocol::Http, d)
+            .map(|b| b.into_owned())
+            .unwrap_or_default();
+    }
+    let body = format!("sluice: {}\n", d.as_str());
+    format!(
+        "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"sluice\"\r\n\
+         x-deny-reason: {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        d.as_str(),
+        body.len()
+    )
+    .into_bytes()
 }
 
 #[cfg(test)]
@@ -236,6 +235,17 @@ mod tests {
         assert!(bytes.starts_with(b"HTTP/1.1 504 "));
         let bytes = deny_response(Protocol::Http, Deny::BadRequest).unwrap();
         assert!(bytes.starts_with(b"HTTP/1.1 400 "));
+    }
+
+    #[test]
+    fn auth_failures_are_407_with_the_challenge() {
+        let r = String::from_utf8(proxy_deny_response(Deny::TokenExpired)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 407 "));
+        assert!(r.contains("\r\nProxy-Authenticate: Basic realm=\"sluice\"\r\n"));
+        assert!(r.contains("\r\nx-deny-reason: token_expired\r\n"));
+        let r = String::from_utf8(proxy_deny_response(Deny::HostNotAllowed)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 403 "));
+        assert!(!r.contains("Proxy-Authenticate"));
     }
 
     #[test]

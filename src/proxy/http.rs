@@ -14,11 +14,10 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -27,8 +26,8 @@ use super::sniff::{
     ChunkProgress, ChunkedState, Framing, HeadReader, MAX_HEADERS, ReadEnd, RequestHead,
     read_until, strip_scheme,
 };
+use super::stream::{ReadHalf, Split, Stream, WriteHalf};
 use crate::deny::Deny;
-use crate::net::{read_some, shutdown_write};
 
 /// Body bytes read at a time while forwarding.
 const BODY_BUF: usize = 64 * 1024;
@@ -71,15 +70,25 @@ pub enum HttpEnd {
 pub type Check = Box<dyn Fn(&RequestHead) -> Result<Verdict, Deny> + Send + Sync>;
 
 /// One client connection's HTTP exchange with one upstream.
-pub struct Exchange {
-    pub client: Arc<TcpStream>,
-    pub upstream: Arc<TcpStream>,
-    pub traffic: Arc<Traffic>,
+pub struct Exchange<'a> {
+    /// The client's connection: borrowed, since it may carry another
+    /// exchange after this one (the proxy door's next authority).
+    pub client: &'a mut Split,
+    pub upstream: Stream,
+    pub traffic: &'a Traffic,
     pub max_head: usize,
     pub rewrite: Rewrite,
     pub check: Check,
     /// The refusal a door writes for a deny.
     pub answer: fn(Deny) -> Vec<u8>,
+}
+
+/// What both directions read of an exchange.
+struct Rules {
+    max_head: usize,
+    rewrite: Rewrite,
+    check: Check,
+    answer: fn(Deny) -> Vec<u8>,
 }
 
 /// A request forwarded, waiting for its answer.
@@ -101,16 +110,20 @@ struct Progress {
     responses_done: bool,
 }
 
-struct Shared {
+struct Shared<'a> {
     queue: Mutex<VecDeque<Pending>>,
     progress: watch::Sender<Progress>,
     /// The client's write half belongs to the request side from now on (a
     /// refusal or a hand-over is coming): the response side must not close it.
     held: AtomicBool,
     end: Mutex<Option<HttpEnd>>,
+    /// The client's write half: the answers' mostly, a refusal's at the end.
+    client_write: tokio::sync::Mutex<&'a mut WriteHalf>,
+    traffic: &'a Traffic,
+    rules: Rules,
 }
 
-impl Shared {
+impl Shared<'_> {
     fn set_end(&self, end: HttpEnd) {
         *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
     }
@@ -119,32 +132,49 @@ impl Shared {
 /// Runs the exchange until it ends; `buf` holds the bytes already read
 /// from the client (beginning at a request head).
 pub async fn relay(
-    ex: Exchange,
+    ex: Exchange<'_>,
     buf: Vec<u8>,
     idle: Duration,
     revoked: &CancellationToken,
-    hard_stop: &CancellationToken,
 ) -> (RelayEnd, HttpEnd) {
-    let shared = Arc::new(Shared {
+    let Exchange {
+        client,
+        upstream,
+        traffic,
+        max_head,
+        rewrite,
+        check,
+        answer,
+    } = ex;
+    let Split {
+        read: client_read,
+        write: client_write,
+    } = client;
+    let Split {
+        read: mut upstream_read,
+        write: mut upstream_write,
+    } = upstream.split();
+    let shared = Shared {
         queue: Mutex::new(VecDeque::new()),
         progress: watch::Sender::new(Progress::default()),
         held: AtomicBool::new(false),
         end: Mutex::new(None),
-    });
-    let ex = Arc::new(ex);
-    let requests = {
-        let (ex, shared) = (Arc::clone(&ex), Arc::clone(&shared));
-        async move { Box::pin(requests(&ex, &shared, buf)).await }
+        client_write: tokio::sync::Mutex::new(client_write),
+        traffic,
+        rules: Rules {
+            max_head,
+            rewrite,
+            check,
+            answer,
+        },
     };
-    let responses = {
-        let (ex, shared) = (Arc::clone(&ex), Arc::clone(&shared));
-        async move {
-            let r = Box::pin(responses(&ex, &shared)).await;
-            shared.progress.send_modify(|p| p.responses_done = true);
-            r
-        }
+    let requests = Box::pin(requests(client_read, &mut upstream_write, &shared, buf));
+    let responses = async {
+        let r = Box::pin(responses(&mut upstream_read, &shared)).await;
+        shared.progress.send_modify(|p| p.responses_done = true);
+        r
     };
-    let end = relay::run_pair(requests, responses, &ex.traffic, idle, revoked, hard_stop).await;
+    let end = relay::run_pair(requests, responses, traffic, idle, revoked).await;
     let http = shared
         .end
         .lock()
@@ -155,26 +185,33 @@ pub async fn relay(
 }
 
 /// Client → upstream: request by request.
-async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Result<Done> {
-    let counter = &ex.traffic.to_upstream;
+async fn requests(
+    client: &mut ReadHalf,
+    upstream: &mut WriteHalf,
+    shared: &Shared<'_>,
+    mut buf: Vec<u8>,
+) -> io::Result<Done> {
+    let traffic = shared.traffic;
+    let counter = &traffic.to_upstream;
+    let rules = &shared.rules;
     let mut seq: u64 = 0;
     loop {
         seq += 1;
-        let mut reader = HeadReader::new(ex.max_head);
-        let head = match read_until(&ex.client, &mut buf, &mut reader).await? {
+        let mut reader = HeadReader::new(rules.max_head);
+        let head = match read_until(client, &mut buf, &mut reader).await? {
             ReadEnd::Found(head) => head,
             // EOF between requests is the normal end.
             ReadEnd::Eof => {
-                shutdown_write(&ex.upstream);
+                upstream.shutdown().await;
                 return Ok(Done::Half);
             }
-            ReadEnd::Invalid(d) => return refuse(ex, shared, d).await,
+            ReadEnd::Invalid(d) => return refuse(upstream, shared, d).await,
         };
-        ex.traffic.touch();
-        match (ex.check)(&head) {
-            Err(d) => return refuse(ex, shared, d).await,
+        traffic.touch();
+        match (rules.check)(&head) {
+            Err(d) => return refuse(upstream, shared, d).await,
             Ok(Verdict::Elsewhere) => {
-                let answered = hold_client(ex, shared).await;
+                let answered = hold_client(upstream, shared).await;
                 if answered {
                     shared.set_end(HttpEnd::Elsewhere { head, buf });
                 }
@@ -182,7 +219,7 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
             }
             Ok(Verdict::Forward) => {}
         }
-        let rewritten = match ex.rewrite {
+        let rewritten = match rules.rewrite {
             Rewrite::StripProxyAuth if head.proxy_authorization.is_some() => {
                 strip_proxy_authorization(&buf[..head.head_len])
             }
@@ -191,7 +228,7 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
         };
         let rewritten = match rewritten {
             Ok(r) => r,
-            Err(d) => return refuse(ex, shared, d).await,
+            Err(d) => return refuse(upstream, shared, d).await,
         };
         let (tx, rx) = if head.upgrade {
             let (tx, rx) = oneshot::channel();
@@ -211,25 +248,23 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
                 upgrade: tx,
             });
         shared.progress.send_modify(|p| p.outstanding += 1);
-        send(&ex.upstream, &rewritten, counter, &ex.traffic).await?;
+        send(upstream, &rewritten, counter, traffic).await?;
         buf.drain(..head.head_len);
 
         let body_done = match head.framing {
             Framing::None => true,
             Framing::Length(n) => {
-                forward_length(&ex.client, &ex.upstream, &mut buf, n, counter, &ex.traffic).await?
+                forward_length(client, upstream, &mut buf, n, counter, traffic).await?
             }
             Framing::Chunked => {
-                match forward_chunked(&ex.client, &ex.upstream, &mut buf, counter, &ex.traffic)
-                    .await?
-                {
+                match forward_chunked(client, upstream, &mut buf, counter, traffic).await? {
                     Some(done) => done,
-                    None => return refuse(ex, shared, Deny::BadRequest).await,
+                    None => return refuse(upstream, shared, Deny::BadRequest).await,
                 }
             }
         };
         if !body_done {
-            shutdown_write(&ex.upstream);
+            upstream.shutdown().await;
             return Ok(Done::Half);
         }
         // Answered early (an error before the body) it is gone already.
@@ -246,9 +281,9 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
             // Nothing more is read from the client until the answer says
             // whether the connection still speaks HTTP.
             if rx.await.unwrap_or(false) {
-                send(&ex.upstream, &buf, counter, &ex.traffic).await?;
+                send(upstream, &buf, counter, traffic).await?;
                 drop(buf);
-                return relay::pipe(&ex.client, &ex.upstream, counter, &ex.traffic).await;
+                return relay::pipe(client, upstream, counter, traffic).await;
             }
         }
     }
@@ -257,9 +292,9 @@ async fn requests(ex: &Exchange, shared: &Shared, mut buf: Vec<u8>) -> io::Resul
 /// Stops sending upstream and waits (bounded) until the answers to the
 /// requests already forwarded have reached the client. `true` if they all
 /// did, so the client connection may carry something more.
-async fn hold_client(ex: &Exchange, shared: &Shared) -> bool {
+async fn hold_client(upstream: &mut WriteHalf, shared: &Shared<'_>) -> bool {
     shared.held.store(true, Ordering::Release);
-    shutdown_write(&ex.upstream);
+    upstream.shutdown().await;
     let mut rx = shared.progress.subscribe();
     let waited = tokio::time::timeout(
         REFUSAL_GRACE,
@@ -272,31 +307,35 @@ async fn hold_client(ex: &Exchange, shared: &Shared) -> bool {
 /// Refuses a request: never forwarded; the earlier answers let finish,
 /// then the refusal, unless an answer was cut short (the client then gets
 /// a close, not a refusal inside a body).
-async fn refuse(ex: &Exchange, shared: &Shared, deny: Deny) -> io::Result<Done> {
-    let answered = hold_client(ex, shared).await;
+async fn refuse(upstream: &mut WriteHalf, shared: &Shared<'_>, deny: Deny) -> io::Result<Done> {
+    let answered = hold_client(upstream, shared).await;
     if answered {
-        let bytes = (ex.answer)(deny);
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            send(&ex.client, &bytes, &ex.traffic.to_client, &ex.traffic),
-        )
+        let bytes = (shared.rules.answer)(deny);
+        let t = shared.traffic;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut client = shared.client_write.lock().await;
+            send(&mut client, &bytes, &t.to_client, t).await
+        })
         .await;
     }
     shared.set_end(HttpEnd::Refused { deny, answered });
     Ok(Done::Whole)
 }
 
-/// Upstream → client: response by response.
-async fn responses(ex: &Exchange, shared: &Shared) -> io::Result<Done> {
-    let counter = &ex.traffic.to_client;
+/// Upstream → client: response by response. The client's write half is
+/// held while an answer goes through, and let go between answers.
+async fn responses(upstream: &mut ReadHalf, shared: &Shared<'_>) -> io::Result<Done> {
+    let traffic = shared.traffic;
+    let counter = &traffic.to_client;
+    let max_head = shared.rules.max_head;
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     loop {
-        let head = match read_response_head(&ex.upstream, &mut buf, ex.max_head).await? {
+        let head = match read_response_head(upstream, &mut buf, max_head).await? {
             Some(head) => head,
             None => {
                 // The upstream closed between answers.
                 if !shared.held.load(Ordering::Acquire) {
-                    shutdown_write(&ex.client);
+                    shared.client_write.lock().await.shutdown().await;
                 }
                 return Ok(Done::Half);
             }
@@ -318,15 +357,16 @@ async fn responses(ex: &Exchange, shared: &Shared) -> io::Result<Done> {
                 "101 to a request that asked no upgrade, or before it was forwarded",
             ));
         }
-        send(&ex.client, &buf[..head.len], counter, &ex.traffic).await?;
+        let mut client = shared.client_write.lock().await;
+        send(&mut client, &buf[..head.len], counter, traffic).await?;
         buf.drain(..head.len);
         if head.status == 101 {
             if let Some(tx) = pop(shared).and_then(|p| p.upgrade) {
                 let _ = tx.send(true);
             }
-            send(&ex.client, &buf, counter, &ex.traffic).await?;
+            send(&mut client, &buf, counter, traffic).await?;
             drop(buf);
-            return relay::pipe(&ex.upstream, &ex.client, counter, &ex.traffic).await;
+            return relay::pipe(upstream, &mut client, counter, traffic).await;
         }
         if (100..200).contains(&head.status) {
             // Informational: the final answer follows.
@@ -340,34 +380,35 @@ async fn responses(ex: &Exchange, shared: &Shared) -> io::Result<Done> {
         let complete = match framing {
             ResponseBody::None => true,
             ResponseBody::Length(n) => {
-                forward_length(&ex.upstream, &ex.client, &mut buf, n, counter, &ex.traffic).await?
+                forward_length(upstream, &mut client, &mut buf, n, counter, traffic).await?
             }
             ResponseBody::Chunked => {
-                forward_chunked(&ex.upstream, &ex.client, &mut buf, counter, &ex.traffic)
+                forward_chunked(upstream, &mut client, &mut buf, counter, traffic)
                     .await?
                     .ok_or_else(|| io::Error::other("malformed chunked response"))?
             }
             ResponseBody::UntilClose => {
-                send(&ex.client, &buf, counter, &ex.traffic).await?;
+                send(&mut client, &buf, counter, traffic).await?;
                 buf.clear();
-                move_bytes(&ex.upstream, &ex.client, None, counter, &ex.traffic).await?;
+                move_bytes(upstream, &mut client, None, counter, traffic).await?;
                 false
             }
         };
+        drop(client);
         if let Some(tx) = pop(shared).and_then(|p| p.upgrade) {
             let _ = tx.send(false);
         }
         if !complete {
             // The answer ended with the upstream's side of the connection.
             if !shared.held.load(Ordering::Acquire) {
-                shutdown_write(&ex.client);
+                shared.client_write.lock().await.shutdown().await;
             }
             return Ok(Done::Half);
         }
     }
 }
 
-fn pop(shared: &Shared) -> Option<Pending> {
+fn pop(shared: &Shared<'_>) -> Option<Pending> {
     let p = shared
         .queue
         .lock()
@@ -442,7 +483,7 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, io::Error> {
 /// Reads the upstream until `buf` starts with a whole response head.
 /// `None` at EOF before the first byte of one.
 async fn read_response_head(
-    upstream: &TcpStream,
+    upstream: &mut ReadHalf,
     buf: &mut Vec<u8>,
     max_head: usize,
 ) -> io::Result<Option<ResponseHead>> {
@@ -460,7 +501,7 @@ async fn read_response_head(
         if buf.len() >= max_head {
             return Err(io::Error::other("response head over the cap"));
         }
-        if read_some(upstream, buf, max_head).await? == 0 {
+        if upstream.read_some(buf, max_head).await? == 0 {
             if buf.is_empty() {
                 return Ok(None);
             }
@@ -472,8 +513,8 @@ async fn read_response_head(
 /// Forwards exactly `len` body bytes, those already in `buf` first, the
 /// rest spliced. `false` if the source closed first.
 async fn forward_length(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf,
+    dst: &mut WriteHalf,
     buf: &mut Vec<u8>,
     len: u64,
     counter: &AtomicU64,
@@ -493,8 +534,8 @@ async fn forward_length(
 /// Forwards a chunked body up to its end. `Some(false)` if the source
 /// closed first, `None` if the chunking is malformed.
 async fn forward_chunked(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf,
+    dst: &mut WriteHalf,
     buf: &mut Vec<u8>,
     counter: &AtomicU64,
     traffic: &Traffic,
@@ -513,7 +554,7 @@ async fn forward_chunked(
             }
             ChunkProgress::Invalid => return Ok(None),
         }
-        if read_some(src, buf, BODY_BUF).await? == 0 {
+        if src.read_some(buf, BODY_BUF).await? == 0 {
             return Ok(Some(false));
         }
     }

@@ -1,13 +1,13 @@
-//! The connection pipeline both doors are thin adapters over:
-//! accepted → (caller, target) → [`Permit`] → connected → relayed. A door
+//! The connection pipeline every door hands its connections to. A door
 //! finds its caller and target its own way (a source address and the first
-//! bytes; credentials and a request head); from there every connection
-//! takes the same steps: the one decision ([`crate::decision`]), a dial
-//! under the current policy, and a relay that judges every HTTP request and
-//! watches the token. A CONNECT tunnel is a connection whose target is
-//! already known: its first bytes go through [`open_tunnel`], the same
-//! classification and checks as a transparent connection's.
-//! The [`Record`] a connection carries writes its audit line and metrics.
+//! bytes; credentials and a request head) and calls [`drive`] once; from
+//! there every connection takes the same steps to its end: the one
+//! decision ([`crate::decision`]), a dial under the current policy, the
+//! opening a tunnel or an answered name needs (its first bytes read and
+//! judged as a transparent connection's), and a relay that judges every
+//! HTTP request and watches the token. The gateway's hard stop is applied
+//! here, around all of it. The [`Record`] a connection carries writes its
+//! audit line and metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +17,16 @@ use tokio::net::TcpStream;
 use super::http::{self, Exchange, HttpEnd, Rewrite, Verdict};
 use super::record::Record;
 use super::relay::{self, RelayEnd};
-use super::sniff::{Opening, OpeningReader, Protocol, ReadEnd, RequestHead, read_until};
-use super::{Gateway, Policy, linger_close};
+use super::sniff::{
+    Incremental, Opening, OpeningReader, Protocol, ReadEnd, RequestHead, read_until,
+};
+use super::stream::{Split, Stream};
+use super::{Gateway, Policy, deny_response, proxy_deny_response};
 use crate::decision::{Caller, Decision, Permit, Target};
 use crate::deny::Deny;
 use crate::host::Host;
+use crate::identity::CountGuard;
+use crate::metrics::Mode;
 
 impl Gateway {
     /// The decision under `policy`.
@@ -37,11 +42,24 @@ impl Gateway {
 /// A client connection being served, and its record.
 pub struct Conn {
     pub gw: Arc<Gateway>,
-    pub client: Arc<TcpStream>,
+    pub client: Split,
     pub record: Record,
+    /// The container's share of connections, taken at the first allowed
+    /// session and held for the connection's life (the proxy door's later
+    /// sessions reuse it).
+    slot: Option<CountGuard>,
 }
 
 impl Conn {
+    pub fn new(gw: Arc<Gateway>, client: Stream, mode: Mode, peer: std::net::SocketAddr) -> Conn {
+        Conn {
+            gw,
+            client: client.split(),
+            record: Record::new(mode, peer),
+            slot: None,
+        }
+    }
+
     /// Refuses: the decision recorded, the answer (counted) written, then
     /// a bounded linger so the answer is read before the close.
     pub async fn refuse(&mut self, protocol: Protocol, deny: Deny, answer: Option<Vec<u8>>) {
@@ -51,11 +69,11 @@ impl Conn {
             let t = &self.record.traffic;
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
-                relay::send(&self.client, &bytes, &t.to_client, t),
+                relay::send(&mut self.client.write, &bytes, &t.to_client, t),
             )
             .await;
         }
-        linger_close(&self.client).await;
+        linger_close(&mut self.client).await;
     }
 
     /// Resolves, guards and connects under the policy in force now (a
@@ -71,6 +89,349 @@ impl Conn {
         let (stream, addr) = policy.upstream.connect(&addrs).await?;
         self.record.upstream = Some(addr);
         Ok(stream)
+    }
+
+    /// The one decision, holding the container's slot: taken now, or the
+    /// one this connection already holds.
+    fn permit(&mut self, caller: &Caller, target: &Target) -> Result<Permit, Deny> {
+        let policy = self.gw.policy();
+        let decision = self.gw.decision(&policy);
+        let Some(held) = self.slot.take() else {
+            return decision.decide(caller, target);
+        };
+        match decision.authorize(caller, target) {
+            Ok(a) => Ok(Permit {
+                revoked: self.gw.verifier.watch(&a.grant),
+                grant: a.grant,
+                explicit_port: a.explicit_port,
+                slot: held,
+            }),
+            Err(d) => {
+                self.slot = Some(held);
+                Err(d)
+            }
+        }
+    }
+
+    /// Decides and dials; refused in `opened`'s form when either fails.
+    async fn open(
+        &mut self,
+        opened: &Opened,
+        caller: &Caller,
+        target: &Target,
+    ) -> Option<(Permit, TcpStream)> {
+        let protocol = opened.protocol();
+        self.record.set_target(protocol, &target.host, target.port);
+        let permit = match self.permit(caller, target) {
+            Ok(p) => p,
+            Err(d) => {
+                self.refuse(protocol, d, opened.refusal(protocol, d)).await;
+                return None;
+            }
+        };
+        self.record.container_id = Some(Arc::clone(&permit.grant.container));
+        match self.connect(target).await {
+            Ok(upstream) => {
+                self.record.decide(Ok(()));
+                Some((permit, upstream))
+            }
+            Err(d) => {
+                self.slot = Some(permit.slot);
+                self.refuse(protocol, d, opened.refusal(protocol, d)).await;
+                None
+            }
+        }
+    }
+}
+
+/// What a door knows of a connection when it hands it over; the bytes
+/// already read from the client go with it.
+pub enum Opened {
+    /// The client's first bytes, read and naming the target: TLS, HTTP
+    /// (judged request by request, each against the same host), or
+    /// another protocol on a port an entry names.
+    FirstBytes(Protocol),
+    /// A `CONNECT` (its head, `head_len` bytes, first in the buffer):
+    /// answered 200, then the tunnel's own first bytes are read and judged.
+    Tunnel { head_len: usize },
+    /// Absolute-form requests through the proxy door to one authority,
+    /// each judged by the door's `check`.
+    Requests { check: http::Check },
+    /// A name the DNS door answered for the dialled address, whose entry
+    /// names this port: dialled before the client speaks, so a server
+    /// that speaks first (SSH, SMTP, a database) can.
+    Answered,
+}
+
+impl Opened {
+    fn protocol(&self) -> Protocol {
+        match self {
+            Opened::FirstBytes(p) => *p,
+            Opened::Tunnel { .. } => Protocol::Connect,
+            Opened::Requests { .. } => Protocol::Http,
+            Opened::Answered => Protocol::Other,
+        }
+    }
+
+    /// What a client refused before its relay began is sent: the proxy
+    /// door's answer (407 for a credential failure) to a proxy request,
+    /// the protocol's own (403, a TLS alert, a close) otherwise.
+    fn refusal(&self, protocol: Protocol, d: Deny) -> Option<Vec<u8>> {
+        match self {
+            Opened::Tunnel { .. } | Opened::Requests { .. } => Some(proxy_deny_response(d)),
+            Opened::FirstBytes(_) | Opened::Answered => {
+                deny_response(protocol, d).map(|b| b.into_owned())
+            }
+        }
+    }
+}
+
+/// How a connection handed to the pipeline ended.
+pub enum Ending {
+    /// It is over: the client connection is done with.
+    Closed,
+    /// The proxy door's next request (its head first in `buf`) names
+    /// another authority; the client connection is still open.
+    Elsewhere { head: RequestHead, buf: Vec<u8> },
+}
+
+/// Drives a connection from its caller and target to its end: decided,
+/// dialled, opened as `opened` says, relayed; `buf` holds what was read
+/// from the client. Once allowed, everything that waits on the client or
+/// the upstream also waits on the permit's token, cancelled by
+/// revocation, unregistration, expiry or the gateway's hard stop (the
+/// verifier makes every such token a child of it): one wire, one place.
+pub async fn drive(
+    conn: &mut Conn,
+    caller: Caller,
+    target: Target,
+    opened: Opened,
+    buf: Vec<u8>,
+) -> Ending {
+    // Boxed: deciding, dialling and opening are freed once done, so a
+    // relayed connection keeps only the relay's state.
+    let ready = match Box::pin(open(conn, caller, target, opened, buf)).await {
+        Ok(ready) => ready,
+        Err(ending) => return ending,
+    };
+    let (idle, max_head) = idle_and_head(conn);
+    let permit = ready.permit;
+    let ending = match ready.exchange {
+        // Two TCP sockets, spliced: the common case, its state inline.
+        None => {
+            let traffic = Arc::clone(&conn.record.traffic);
+            let end = match (conn.client.tcp(), ready.upstream) {
+                (Some(client), Stream::Tcp(upstream)) => {
+                    let (head, closed) = (ready.buf, &permit.revoked);
+                    relay::raw_pair(client, &upstream, head, &traffic, idle, closed).await
+                }
+                (_, upstream) => {
+                    let (head, closed) = (ready.buf, &permit.revoked);
+                    let copy =
+                        relay::copy_pair(&mut conn.client, upstream, head, &traffic, idle, closed);
+                    Box::pin(copy).await
+                }
+            };
+            conn.record.end = end.as_str();
+            Ending::Closed
+        }
+        Some(rules) => {
+            let traffic = Arc::clone(&conn.record.traffic);
+            let ex = Exchange {
+                client: &mut conn.client,
+                upstream: ready.upstream,
+                traffic: &traffic,
+                max_head,
+                rewrite: rules.rewrite,
+                check: rules.check,
+                answer: rules.answer,
+            };
+            // Boxed: a raw connection, the common case, does not carry
+            // the HTTP exchange's state in its own.
+            let relayed = http::relay(ex, ready.buf, idle, &permit.revoked);
+            let (end, http_end) = Box::pin(relayed).await;
+            match http_end {
+                HttpEnd::Elsewhere { head, buf } => {
+                    conn.record.end = "closed";
+                    Ending::Elsewhere { head, buf }
+                }
+                other => {
+                    // Boxed: only an HTTP connection's ending pays for it.
+                    Box::pin(finish_http(conn, end, other)).await;
+                    Ending::Closed
+                }
+            }
+        }
+    };
+    // Held for the connection's life, whatever it carries next.
+    conn.slot = Some(permit.slot);
+    ending
+}
+
+/// A connection decided, dialled and opened: what the relay needs.
+struct Ready {
+    permit: Permit,
+    upstream: Stream,
+    /// Bytes read from the client, not yet sent.
+    buf: Vec<u8>,
+    /// `None`: raw bytes. `Some`: HTTP, each request judged by these.
+    exchange: Option<HttpRules>,
+}
+
+/// How each request of an HTTP connection is judged, rewritten and, when
+/// refused, answered.
+struct HttpRules {
+    check: http::Check,
+    rewrite: Rewrite,
+    answer: fn(Deny) -> Vec<u8>,
+}
+
+impl Ready {
+    /// Relayed as the first bytes say: HTTP judged request by request
+    /// against the one host, anything else raw.
+    fn to_origin(
+        conn: &Conn,
+        permit: Permit,
+        caller: Caller,
+        target: Target,
+        upstream: TcpStream,
+        http: bool,
+        buf: Vec<u8>,
+    ) -> Ready {
+        let exchange = http.then(|| HttpRules {
+            check: same_host_check(&conn.gw, caller, target),
+            rewrite: Rewrite::StripProxyAuth,
+            answer: origin_answer,
+        });
+        Ready {
+            permit,
+            upstream: Stream::Tcp(upstream),
+            buf,
+            exchange,
+        }
+    }
+}
+
+/// Decides, dials, and opens the connection as `opened` says; `Err` with
+/// its ending when it goes no further (refused, gone, or over).
+async fn open(
+    conn: &mut Conn,
+    caller: Caller,
+    mut target: Target,
+    mut opened: Opened,
+    mut buf: Vec<u8>,
+) -> Result<Ready, Ending> {
+    loop {
+        let Some((permit, upstream)) = conn.open(&opened, &caller, &target).await else {
+            return Err(Ending::Closed);
+        };
+        match opened {
+            Opened::FirstBytes(protocol) => {
+                let http = protocol == Protocol::Http;
+                return Ok(Ready::to_origin(
+                    conn, permit, caller, target, upstream, http, buf,
+                ));
+            }
+            Opened::Tunnel { head_len } => {
+                buf.drain(..head_len.min(buf.len()));
+                return tunnel(conn, permit, caller, target, upstream, buf).await;
+            }
+            Opened::Requests { check } => {
+                return Ok(Ready {
+                    permit,
+                    upstream: Stream::Tcp(upstream),
+                    buf,
+                    exchange: Some(HttpRules {
+                        check,
+                        rewrite: Rewrite::OriginForm,
+                        answer: proxy_deny_response,
+                    }),
+                });
+            }
+            Opened::Answered => {}
+        }
+        let peek = Duration::from_millis(conn.gw.policy().gateway.peek_timeout_ms);
+        let opening = match open_tunnel(conn, &upstream, &mut buf, &permit, peek).await {
+            TunnelOpening::ServerFirst => {
+                return Ok(Ready::to_origin(
+                    conn, permit, caller, target, upstream, false, buf,
+                ));
+            }
+            TunnelOpening::Gone(end) => {
+                conn.record.end = end;
+                return Err(Ending::Closed);
+            }
+            TunnelOpening::Refused(protocol, d) => {
+                drop(upstream);
+                conn.refuse(protocol, d, refusal(protocol, d)).await;
+                return Err(Ending::Closed);
+            }
+            TunnelOpening::Client(opening) => opening,
+        };
+        match target_of(&opening, Some(target.port)) {
+            // It names what was dialled: go on with it.
+            Ok((protocol, host, port)) if host == target.host && port == target.port => {
+                conn.record.set_target(protocol, &host, port);
+                let http = protocol == Protocol::Http;
+                return Ok(Ready::to_origin(
+                    conn, permit, caller, target, upstream, http, buf,
+                ));
+            }
+            // It names another host: decided and dialled on its own.
+            Ok((protocol, host, port)) => {
+                drop(upstream);
+                conn.slot = Some(permit.slot);
+                (target, opened) = (Target { host, port }, Opened::FirstBytes(protocol));
+            }
+            // It names nothing (SSH's banner): the answered name.
+            Err((Protocol::Other, _)) => {
+                return Ok(Ready::to_origin(
+                    conn, permit, caller, target, upstream, false, buf,
+                ));
+            }
+            Err((protocol, d)) => {
+                drop(upstream);
+                conn.refuse(protocol, d, refusal(protocol, d)).await;
+                return Err(Ending::Closed);
+            }
+        }
+        // Round once more: the new target's opening is its first bytes.
+    }
+}
+
+/// What a refused client is sent, by protocol.
+fn refusal(protocol: Protocol, d: Deny) -> Option<Vec<u8>> {
+    deny_response(protocol, d).map(|b| b.into_owned())
+}
+
+/// The answer to a refused HTTP request on a connection to one origin
+/// (transparent, or inside a tunnel): the client speaks to the origin, so
+/// never a 407.
+fn origin_answer(d: Deny) -> Vec<u8> {
+    refusal(Protocol::Http, d).unwrap_or_default()
+}
+
+/// The protocol, host and port a client's first bytes name (the port
+/// dialled if known, else the one the request names, else the protocol's);
+/// a refusal when they name none.
+pub fn target_of(
+    opening: &Opening,
+    port: Option<u16>,
+) -> Result<(Protocol, Host, u16), (Protocol, Deny)> {
+    match opening {
+        Opening::Tls(hello) => Ok((
+            Protocol::Tls,
+            Host::Name(hello.sni.clone()),
+            port.unwrap_or(443),
+        )),
+        // Tunnels belong to the explicit proxy listener.
+        Opening::Http(head) if head.connect => Err((Protocol::Http, Deny::BadRequest)),
+        Opening::Http(head) => Ok((
+            Protocol::Http,
+            head.host.clone(),
+            port.or(head.port).unwrap_or(80),
+        )),
+        Opening::Other => Err((Protocol::Other, Deny::UnsupportedProtocol)),
     }
 }
 
@@ -92,95 +453,88 @@ pub fn same_host_check(gw: &Arc<Gateway>, caller: Caller, target: Target) -> htt
     })
 }
 
-/// A connection past its decision: who, where, what it holds, and the
-/// upstream it was connected to.
-pub struct Allowed {
-    pub caller: Caller,
-    pub target: Target,
-    pub permit: Permit,
-    pub upstream: TcpStream,
-}
-
-/// Relays an allowed connection whose first bytes (in `buf`) are known,
-/// until it ends: request by request when they are HTTP (`http`), raw
-/// otherwise; the record gets the ending.
-pub async fn relay_opening(
-    conn: &mut Conn,
-    allowed: Allowed,
-    http: bool,
-    buf: Vec<u8>,
-    answer: fn(Deny) -> Vec<u8>,
-) {
-    let Allowed {
-        caller,
-        target,
-        permit,
-        upstream,
-    } = allowed;
-    let (idle, max_head) = {
-        let policy = conn.gw.policy();
-        let g = &policy.gateway;
-        (
-            Duration::from_millis(g.idle_timeout_ms),
-            g.max_request_head_bytes,
-        )
-    };
-    if http {
-        let ex = Exchange {
-            client: Arc::clone(&conn.client),
-            upstream: Arc::new(upstream),
-            traffic: Arc::clone(&conn.record.traffic),
-            max_head,
-            rewrite: Rewrite::StripProxyAuth,
-            check: same_host_check(&conn.gw, caller, target),
-            answer,
-        };
-        // Boxed: a raw connection, the common case, does not carry the
-        // HTTP exchange's state in its own.
-        let (end, http_end) = Box::pin(http::relay(
-            ex,
-            buf,
-            idle,
-            &permit.revoked,
-            conn.gw.shutdown.hard(),
-        ))
-        .await;
-        finish_http(conn, end, http_end).await;
-        return;
-    }
-    // Not needed while the bytes flow.
-    drop((caller, target));
-    let end = raw(conn, &upstream, buf, idle, &permit).await;
-    conn.record.end = end.as_str();
-}
-
-/// Both directions raw, the bytes already read first.
-async fn raw(
-    conn: &Conn,
-    upstream: &TcpStream,
-    buf: Vec<u8>,
-    idle: Duration,
-    permit: &Permit,
-) -> RelayEnd {
-    relay::raw_pair(
-        &conn.client,
-        upstream,
-        buf,
-        &conn.record.traffic,
-        idle,
-        &permit.revoked,
-        conn.gw.shutdown.hard(),
+fn idle_and_head(conn: &Conn) -> (Duration, usize) {
+    let policy = conn.gw.policy();
+    let g = &policy.gateway;
+    (
+        Duration::from_millis(g.idle_timeout_ms),
+        g.max_request_head_bytes,
     )
-    .await
+}
+
+/// `CONNECT`: answer 200, then treat the tunnel like a transparent
+/// connection whose target is already known (bytes the client sent after
+/// the CONNECT head go first).
+async fn tunnel(
+    conn: &mut Conn,
+    permit: Permit,
+    caller: Caller,
+    target: Target,
+    upstream: TcpStream,
+    mut buf: Vec<u8>,
+) -> Result<Ready, Ending> {
+    let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    let t = Arc::clone(&conn.record.traffic);
+    if relay::send(&mut conn.client.write, established, &t.to_client, &t)
+        .await
+        .is_err()
+    {
+        conn.record.end = "client_error";
+        return Err(Ending::Closed);
+    }
+    // However late a tunnel's first bytes come, they are read and judged.
+    let idle = Duration::from_millis(conn.gw.policy().gateway.idle_timeout_ms);
+    let opening = open_tunnel(conn, &upstream, &mut buf, &permit, idle).await;
+    let opening = match opening {
+        TunnelOpening::Client(o) => o,
+        TunnelOpening::ServerFirst => Opening::Other,
+        TunnelOpening::Gone(end) => {
+            conn.record.end = end;
+            return Err(Ending::Closed);
+        }
+        TunnelOpening::Refused(protocol, d) => {
+            drop(upstream);
+            conn.refuse(protocol, d, refusal(protocol, d)).await;
+            return Err(Ending::Closed);
+        }
+    };
+    if let Err((protocol, d)) = tunnel_target_check(&opening, &target.host, permit.explicit_port) {
+        drop(upstream);
+        conn.refuse(protocol, d, refusal(protocol, d)).await;
+        return Err(Ending::Closed);
+    }
+    let http = matches!(opening, Opening::Http(_));
+    Ok(Ready::to_origin(
+        conn, permit, caller, target, upstream, http, buf,
+    ))
 }
 
 /// Records how an HTTP exchange ended; a refusal closes the connection.
-pub async fn finish_http(conn: &mut Conn, end: RelayEnd, http_end: HttpEnd) {
+async fn finish_http(conn: &mut Conn, end: RelayEnd, http_end: HttpEnd) {
     conn.record.end = end.as_str();
     if let HttpEnd::Refused { deny, .. } = http_end {
         conn.record.decide(Err(deny));
-        linger_close(&conn.client).await;
+        linger_close(&mut conn.client).await;
     }
+}
+
+/// Shuts down our write half, then waits (briefly, bounded) for the
+/// client's remaining bytes, so the close does not reset the connection
+/// before the answer is read.
+pub async fn linger_close(client: &mut Split) {
+    client.write.shutdown().await;
+    let linger = async {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            buf.clear();
+            match client.read.read_some(&mut buf, 16 * 1024).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), linger).await;
 }
 
 /// What a tunnel's first bytes turned out to be.
@@ -201,31 +555,42 @@ pub enum TunnelOpening {
 /// bytes as the transparent door does, read within `read_limit` once they
 /// start. An upstream that speaks first lets the connection go raw only
 /// when an allowlist entry names the port.
-pub async fn open_tunnel(
-    conn: &Conn,
+async fn open_tunnel(
+    conn: &mut Conn,
     upstream: &TcpStream,
     buf: &mut Vec<u8>,
-    explicit_port: bool,
+    permit: &Permit,
     read_limit: Duration,
 ) -> TunnelOpening {
+    let (explicit_port, stop) = (permit.explicit_port, &permit.revoked);
     let policy = conn.gw.policy();
     let g = &policy.gateway;
     let mut reader = OpeningReader::new(g.max_client_hello_bytes, g.max_request_head_bytes);
     let idle = Duration::from_millis(g.idle_timeout_ms);
+    drop(policy);
     if explicit_port && buf.is_empty() {
         // Only while the client has sent nothing: a hello under way is
-        // read to its end and checked.
-        // `peek`, not `readable`: readiness left over from reading the
-        // CONNECT head would say the client had spoken when it has not.
-        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+        // read to its end and checked. The client's first bytes are read
+        // (a cancelled read keeps what it read); the upstream's are only
+        // looked at, and stay for the relay.
+        let (cap, mut other) = (reader.cap(), [0u8; 1]);
         tokio::select! {
             biased;
-            _ = conn.client.peek(&mut one) => {}
+            r = conn.client.read.read_some(buf, cap) => match r {
+                Ok(0) | Err(_) => return TunnelOpening::Gone("closed"),
+                Ok(_) => {}
+            },
             _ = upstream.peek(&mut other) => return TunnelOpening::ServerFirst,
             _ = tokio::time::sleep(idle) => return TunnelOpening::Gone("idle_timeout"),
+            _ = stop.cancelled() => return TunnelOpening::Gone(RelayEnd::Cancelled.as_str()),
         }
     }
-    match tokio::time::timeout(read_limit, read_until(&conn.client, buf, &mut reader)).await {
+    let read = read_until(&mut conn.client.read, buf, &mut reader);
+    let read = tokio::select! {
+        r = tokio::time::timeout(read_limit, read) => r,
+        _ = stop.cancelled() => return TunnelOpening::Gone(RelayEnd::Cancelled.as_str()),
+    };
+    match read {
         Err(_) => TunnelOpening::Gone("idle_timeout"),
         Ok(Err(_)) | Ok(Ok(ReadEnd::Eof)) => TunnelOpening::Gone("closed"),
         Ok(Ok(ReadEnd::Invalid(d))) => TunnelOpening::Refused(reader.protocol(), d),
@@ -236,7 +601,7 @@ pub async fn open_tunnel(
 /// The target a tunnel's first bytes may name: for TLS, the SNI must be
 /// the CONNECT host; for HTTP, every request is checked against it; any
 /// other protocol only where an entry names the port.
-pub fn tunnel_target_check(
+fn tunnel_target_check(
     opening: &Opening,
     connect_host: &Host,
     explicit_port: bool,

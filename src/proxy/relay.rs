@@ -27,6 +27,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::stream::{ReadHalf, Split, Stream, WriteHalf};
 use crate::net::shutdown_write;
 
 /// How a direction ended.
@@ -97,15 +98,15 @@ impl Traffic {
 
 /// Runs the two directions of an exchange, polled together in the
 /// caller's task, until both end, one ends the whole connection or fails,
-/// the pair is idle for `idle`, or one of the tokens is cancelled. Dropping
-/// the future drops both directions (and whatever they hold).
+/// the pair is idle for `idle`, or `closed` is cancelled (the gateway's
+/// hard stop is the pipeline's, around the whole connection). Dropping the
+/// future drops both directions (and whatever they hold).
 pub async fn run_pair<A, B>(
     to_upstream: A,
     to_client: B,
     traffic: &Traffic,
     idle: Duration,
     closed: &CancellationToken,
-    hard_stop: &CancellationToken,
 ) -> RelayEnd
 where
     A: Future<Output = io::Result<Done>>,
@@ -135,7 +136,6 @@ where
                 }
             }
             _ = closed.cancelled() => return RelayEnd::Cancelled,
-            _ = hard_stop.cancelled() => return RelayEnd::Cancelled,
             _ = tokio::time::sleep_until(idle_at) => {
                 if traffic.last() + idle <= tokio::time::Instant::now() {
                     return RelayEnd::Idle;
@@ -234,22 +234,53 @@ impl PipePool {
 }
 
 /// Moves bytes from `src` to `dst` until `src` reaches EOF, then shuts
-/// down `dst`'s write half: one direction of a raw relay.
+/// down `dst`'s write half: one direction of a relay.
 pub async fn pipe(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf,
+    dst: &mut WriteHalf,
     counter: &AtomicU64,
     traffic: &Traffic,
 ) -> io::Result<Done> {
     move_bytes(src, dst, None, counter, traffic).await?;
-    shutdown_write(dst);
+    dst.shutdown().await;
     Ok(Done::Half)
 }
 
 /// Moves bytes from `src` to `dst` until `src` reaches EOF, or until
 /// `limit` bytes have moved if one is given; returns how many moved. Leaves
-/// `dst` open. Splices when it can, copies when it cannot.
+/// `dst` open. Splices between two TCP sockets, copies otherwise.
 pub async fn move_bytes(
+    src: &mut ReadHalf,
+    dst: &mut WriteHalf,
+    limit: Option<u64>,
+    counter: &AtomicU64,
+    traffic: &Traffic,
+) -> io::Result<u64> {
+    if let (Some(s), Some(d)) = (src.tcp(), dst.tcp()) {
+        return splice_bytes(s, d, limit, counter, traffic).await;
+    }
+    let mut buf = Vec::with_capacity(COPY_BUF);
+    let mut moved = 0u64;
+    loop {
+        let want = match limit {
+            Some(l) if moved >= l => break,
+            Some(l) => usize::try_from(l - moved).unwrap_or(COPY_BUF).min(COPY_BUF),
+            None => COPY_BUF,
+        };
+        buf.clear();
+        let n = src.read_some(&mut buf, want).await?;
+        if n == 0 {
+            break;
+        }
+        send(dst, &buf, counter, traffic).await?;
+        moved += n as u64;
+    }
+    Ok(moved)
+}
+
+/// [`move_bytes`] between two TCP sockets: spliced when the kernel lets
+/// it, copied when it does not.
+async fn splice_bytes(
     src: &TcpStream,
     dst: &TcpStream,
     limit: Option<u64>,
@@ -325,8 +356,35 @@ pub async fn move_bytes(
 }
 
 /// Relays a raw connection in both directions until both reach EOF, one
-/// fails, the pair is idle for `idle`, or one of the tokens is cancelled;
-/// `head` (bytes already read from the client) goes upstream first.
+/// fails, the pair is idle for `idle`, or `closed` is cancelled; `head`
+/// (bytes already read from the client) goes upstream first. For a pair
+/// that is not two TCP sockets (those go through [`raw_pair`], spliced):
+/// both directions copied.
+pub async fn copy_pair(
+    client: &mut Split,
+    upstream: Stream,
+    head: Vec<u8>,
+    traffic: &Traffic,
+    idle: Duration,
+    closed: &CancellationToken,
+) -> RelayEnd {
+    let mut up = upstream.split();
+    let to_upstream = async {
+        send(&mut up.write, &head, &traffic.to_upstream, traffic).await?;
+        pipe(
+            &mut client.read,
+            &mut up.write,
+            &traffic.to_upstream,
+            traffic,
+        )
+        .await
+    };
+    let to_client = pipe(&mut up.read, &mut client.write, &traffic.to_client, traffic);
+    run_pair(to_upstream, to_client, traffic, idle, closed).await
+}
+
+/// Relays two TCP sockets raw, both directions spliced; otherwise as
+/// [`copy_pair`].
 ///
 /// One state machine in the connection's own task drives both
 /// directions, so a connection costs one task, and an idle one keeps only
@@ -340,17 +398,15 @@ pub async fn raw_pair(
     traffic: &Traffic,
     idle: Duration,
     closed: &CancellationToken,
-    hard_stop: &CancellationToken,
 ) -> RelayEnd {
     traffic.touch();
     let mut up = Flow::new(head);
     let mut down = Flow::new(Vec::new());
     let mut closed = pin!(closed.cancelled());
-    let mut hard_stop = pin!(hard_stop.cancelled());
     let mut timer = pin!(tokio::time::sleep_until(traffic.last() + idle));
     let mut up_first = false;
     std::future::poll_fn(|cx| {
-        if closed.as_mut().poll(cx).is_ready() || hard_stop.as_mut().poll(cx).is_ready() {
+        if closed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(RelayEnd::Cancelled);
         }
         up_first = !up_first;
@@ -583,7 +639,7 @@ impl Flow {
 
 /// Writes `bytes` and counts them.
 pub async fn send(
-    dst: &TcpStream,
+    dst: &mut WriteHalf,
     bytes: &[u8],
     counter: &AtomicU64,
     traffic: &Traffic,
@@ -591,7 +647,7 @@ pub async fn send(
     if bytes.is_empty() {
         return Ok(());
     }
-    crate::net::write_all(dst, bytes).await?;
+    dst.write_all(bytes).await?;
     counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     traffic.touch();
     Ok(())
@@ -630,7 +686,9 @@ async fn copy_bytes(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        send(dst, &buf[..n], counter, traffic).await?;
+        crate::net::write_all(dst, &buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        traffic.touch();
         moved += n as u64;
     }
     Ok(moved)
@@ -678,7 +736,6 @@ mod tests {
             direction(Arc::clone(&held)),
             &traffic,
             Duration::from_secs(60),
-            &token,
             &token,
         );
         tokio::task::yield_now().await;

@@ -15,8 +15,6 @@
 use std::io;
 use std::net::IpAddr;
 
-use tokio::net::TcpStream;
-
 use crate::deny::Deny;
 use crate::host::{Host, HostName, split_authority};
 
@@ -480,7 +478,7 @@ pub enum ReadEnd<T> {
 /// `buf` are looked at first. The caller bounds it in time.
 /// Cancellation-safe: `buf` holds every byte read, whenever it is dropped.
 pub async fn read_until<P: Incremental>(
-    stream: &TcpStream,
+    stream: &mut super::stream::ReadHalf,
     buf: &mut Vec<u8>,
     parser: &mut P,
 ) -> io::Result<ReadEnd<P::Output>> {
@@ -493,7 +491,7 @@ pub async fn read_until<P: Incremental>(
             }
             Parsed::NeedMore => {}
         }
-        if crate::net::read_some(stream, buf, parser.cap()).await? == 0 {
+        if stream.read_some(buf, parser.cap()).await? == 0 {
             return Ok(if buf.is_empty() {
                 ReadEnd::Eof
             } else {

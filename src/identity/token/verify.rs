@@ -18,6 +18,9 @@ pub struct Verifier {
     /// `jti` → cancelled when that token is revoked: live connections
     /// holding it close.
     watchers: DashMap<String, (u64, CancellationToken)>,
+    /// The parent of every watcher: cancelled, it closes every connection
+    /// (the gateway's hard stop).
+    root: CancellationToken,
     /// `@name` entries expand from these.
     presets: RwLock<Arc<Presets>>,
     /// Bumped on every key-set change: a grant verified under an older
@@ -73,10 +76,18 @@ impl Verifier {
                 .build(),
             revoked: DashMap::new(),
             watchers: DashMap::new(),
+            root: CancellationToken::new(),
             presets: RwLock::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
             max_life: DEFAULT_MAX_LIFE_S,
         }
+    }
+
+    /// Every connection's token is also cancelled with `stop` (the
+    /// gateway's hard stop): one wire ends every connection, wherever it is.
+    pub fn with_stop(mut self, stop: &CancellationToken) -> Verifier {
+        self.root = stop.child_token();
+        self
     }
 
     /// Refuses tokens with more than `secs` of life left (`auth.max_ttl_s`).
@@ -144,7 +155,8 @@ impl Verifier {
         all
     }
 
-    /// A token cancelled when this grant's token is revoked.
+    /// A token cancelled when this grant's token is revoked or expires, the
+    /// sandbox is unregistered, or the gateway stops hard.
     pub fn watch(&self, grant: &Grant) -> CancellationToken {
         let jti = &grant.claims.jti;
         if self.is_revoked(jti) {
@@ -159,7 +171,7 @@ impl Verifier {
         }
         self.watchers
             .entry(jti.clone())
-            .or_insert_with(|| (grant.claims.exp, CancellationToken::new()))
+            .or_insert_with(|| (grant.claims.exp, self.root.child_token()))
             .1
             .clone()
     }

@@ -1,0 +1,176 @@
+//! The stream under the byte movers: a client's or an upstream's
+//! connection as [`relay`](super::relay) and [`http`](super::http) see it.
+//! A plain TCP socket stays one, so two of them are spliced in the kernel;
+//! anything else (the TLS proxy door's stream, an inspected connection's
+//! ends) is any async byte stream, copied. A connection is split once into
+//! its halves, so the two directions of a relay each own the half they
+//! read and the half they write.
+
+use std::io;
+
+use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Any byte stream a connection may run over.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connection, before it is split.
+pub enum Stream {
+    Tcp(TcpStream),
+    Other(Box<dyn Io>),
+}
+
+impl Stream {
+    /// Any byte stream (a TCP socket is better given as [`Stream::Tcp`]).
+    pub fn other(io: impl Io) -> Stream {
+        Stream::Other(Box::new(io))
+    }
+
+    /// Its two halves, each usable on its own.
+    pub fn split(self) -> Split {
+        match self {
+            Stream::Tcp(s) => {
+                let (read, write) = s.into_split();
+                Split {
+                    read: ReadHalf::Tcp(read),
+                    write: WriteHalf::Tcp(write),
+                }
+            }
+            Stream::Other(io) => {
+                let (read, write) = tokio::io::split(io);
+                Split {
+                    read: ReadHalf::Other(read),
+                    write: WriteHalf::Other(write),
+                }
+            }
+        }
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Stream {
+        Stream::Tcp(s)
+    }
+}
+
+/// A connection's two halves.
+pub struct Split {
+    pub read: ReadHalf,
+    pub write: WriteHalf,
+}
+
+impl Split {
+    /// The TCP socket underneath when the bytes on it are the
+    /// connection's own (not TLS records): what splice may move.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        self.read.tcp()
+    }
+}
+
+/// The half a connection is read from.
+pub enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Other(tokio::io::ReadHalf<Box<dyn Io>>),
+}
+
+impl ReadHalf {
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            ReadHalf::Tcp(r) => Some(r.as_ref()),
+            ReadHalf::Other(_) => None,
+        }
+    }
+
+    /// Reads once into the spare room of `buf`, at most `max` bytes in all;
+    /// 0 means EOF (or no room). Cancellation-safe: `buf` only ever grows
+    /// by the bytes actually read.
+    pub async fn read_some(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        match self {
+            ReadHalf::Tcp(r) => crate::net::read_some(r.as_ref(), buf, max).await,
+            ReadHalf::Other(r) => {
+                let room = max.saturating_sub(buf.len()).min(16 * 1024);
+                if room == 0 {
+                    return Ok(0);
+                }
+                buf.reserve(room);
+                r.read_buf(&mut (&mut *buf).limit(room)).await
+            }
+        }
+    }
+}
+
+/// The half a connection is written to.
+pub enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Other(tokio::io::WriteHalf<Box<dyn Io>>),
+}
+
+impl WriteHalf {
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            WriteHalf::Tcp(w) => Some(w.as_ref()),
+            WriteHalf::Other(_) => None,
+        }
+    }
+
+    /// Writes all of `bytes` (through to the socket: a TLS stream's
+    /// records are flushed).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            WriteHalf::Tcp(w) => crate::net::write_all(w.as_ref(), bytes).await,
+            WriteHalf::Other(w) => {
+                w.write_all(bytes).await?;
+                w.flush().await
+            }
+        }
+    }
+
+    /// Ends what this side sends, so the peer sees EOF (a TLS stream says
+    /// `close_notify` first); a peer already gone is not an error here.
+    pub async fn shutdown(&mut self) {
+        match self {
+            WriteHalf::Tcp(w) => crate::net::shutdown_write(w.as_ref()),
+            WriteHalf::Other(w) => {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), w.shutdown()).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that is not TCP reads and writes, and says EOF when its
+    /// peer shuts down its side.
+    #[tokio::test]
+    async fn any_stream_reads_writes_and_ends() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut a = Stream::other(a).split();
+        let mut b = Stream::other(b).split();
+        assert!(a.tcp().is_none());
+        a.write.write_all(b"hello").await.unwrap();
+        let mut buf = Vec::new();
+        let n = b.read.read_some(&mut buf, 3).await.unwrap();
+        assert_eq!((n, &buf[..]), (3, &b"hel"[..]));
+        // No room left under the cap: 0, and nothing is read.
+        assert_eq!(b.read.read_some(&mut buf, 3).await.unwrap(), 0);
+        a.write.shutdown().await;
+        let mut rest = Vec::new();
+        while b.read.read_some(&mut rest, 64).await.unwrap() > 0 {}
+        assert_eq!(rest, b"lo");
+    }
+
+    #[tokio::test]
+    async fn tcp_stays_tcp() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let split = Stream::from(c).split();
+        assert!(split.tcp().is_some() && split.write.tcp().is_some());
+    }
+}
