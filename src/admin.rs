@@ -10,6 +10,7 @@
 //! handlers and their request and answer types (`utoipa`), so it describes
 //! what is served.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -166,6 +167,7 @@ fn v1() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(register, list))
         .routes(routes!(launch))
         .routes(routes!(show, unregister))
+        .routes(routes!(ca_pem))
         .routes(routes!(exec))
         .routes(routes!(revoke))
         .routes(routes!(explain))
@@ -257,6 +259,10 @@ pub(crate) struct TokenRequest {
     #[serde(default)]
     #[schema(minimum = 1)]
     ttl_seconds: Option<u64>,
+    /// `[credentials.NAME]` the sandbox may use (claim `credentials`);
+    /// each must be configured on this gateway.
+    #[serde(default)]
+    credentials: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -285,12 +291,23 @@ async fn mint_token(
     JsonBody(req): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
     use crate::control::MintError;
+    let seal = state.gateway.seal();
+    if let Some(unknown) = req
+        .credentials
+        .iter()
+        .find(|n| seal.credentials.get(n).is_none())
+    {
+        return Err(ApiError::bad_request(format!(
+            "no [credentials.{unknown}] on this gateway"
+        )));
+    }
     let minted = state
         .control
         .mint(
             req.container_id,
             req.user_id,
             req.allowed_hosts,
+            req.credentials,
             req.ttl_seconds,
         )
         .map_err(|e| match e {
@@ -341,6 +358,25 @@ pub(crate) struct Registered {
     source_ip: IpAddr,
     /// Unix seconds.
     expires_at: u64,
+    /// Each credential the token names → the sandbox's placeholder for
+    /// it (what its environment holds instead of the secret).
+    credentials: BTreeMap<String, String>,
+}
+
+/// A grant's placeholders, by credential name.
+fn placeholders(
+    gw: &crate::proxy::Gateway,
+    grant: &crate::identity::token::Grant,
+) -> BTreeMap<String, String> {
+    gw.sealed(grant)
+        .map(|(sealed, _)| {
+            sealed
+                .items
+                .iter()
+                .map(|(name, placeholder, _)| (name.to_string(), placeholder.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Registers a sandbox started elsewhere: its source address → its token.
@@ -403,6 +439,7 @@ async fn register(
             container_id: sandbox.container_id.clone(),
             source_ip: sandbox.source_ip,
             expires_at: sandbox.grant.claims.exp,
+            credentials: placeholders(&state.gateway, &sandbox.grant),
         }),
     ))
 }
@@ -428,9 +465,11 @@ pub(crate) struct SandboxView {
     #[schema(value_type = String)]
     origin: Origin,
     live_connections: u64,
+    /// Each credential the token names → the sandbox's placeholder.
+    credentials: BTreeMap<String, String>,
 }
 
-fn view(s: &Sandbox, registry: &Registry) -> SandboxView {
+fn view(s: &Sandbox, registry: &Registry, gw: &crate::proxy::Gateway) -> SandboxView {
     let c = &s.grant.claims;
     SandboxView {
         container_id: s.container_id.clone(),
@@ -443,6 +482,7 @@ fn view(s: &Sandbox, registry: &Registry) -> SandboxView {
         registered_at: s.registered_at,
         origin: s.origin,
         live_connections: registry.connections().live(s.container_id.as_str()) as u64,
+        credentials: placeholders(gw, &s.grant),
     }
 }
 
@@ -491,7 +531,10 @@ async fn list(
         )));
     }
     let (page, next) = state.registry.page(q.after.as_deref(), limit);
-    let sandboxes = page.iter().map(|s| view(s, &state.registry)).collect();
+    let sandboxes = page
+        .iter()
+        .map(|s| view(s, &state.registry, &state.gateway))
+        .collect();
     Ok(Json(SandboxPage { sandboxes, next }))
 }
 
@@ -509,8 +552,51 @@ async fn show(
     state
         .registry
         .get_by_id(&id)
-        .map(|s| Json(view(&s, &state.registry)))
+        .map(|s| Json(view(&s, &state.registry, &state.gateway)))
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
+}
+
+/// The sandbox's inspection CA (PEM), for its trust store: beside the
+/// system's roots, never instead of them.
+#[utoipa::path(get, path = "/sandboxes/{container_id}/ca.pem", params(("container_id" = String, Path)), security(("admin" = [])),
+    responses(
+        (status = 200, description = "The CA certificate, PEM", content_type = "application/x-pem-file", body = String),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 500, description = "The CA could not be made", body = ErrorBody),
+    ))]
+async fn ca_pem(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let sandbox = state
+        .registry
+        .get_by_id(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
+    let seal = state.gateway.seal();
+    let internal =
+        |detail: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail);
+    let authority = seal
+        .authority
+        .as_ref()
+        .ok_or_else(|| internal("inspection is not set up".into()))?;
+    let key = authority.key();
+    let sealed = crate::credentials::Sealed::new(
+        key,
+        &sandbox.grant.claims.container_id,
+        &sandbox.grant.claims.credentials.0,
+        &seal.credentials,
+    );
+    let ca = authority
+        .ca(
+            &sandbox.grant.container,
+            crate::authority::Authority::permitted(&sealed),
+        )
+        .map_err(|e| internal(crate::error_chain(&e)))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        ca.pem.clone(),
+    ))
 }
 
 impl From<LaunchError> for ApiError {

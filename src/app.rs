@@ -51,6 +51,10 @@ pub enum AppError {
     },
     #[error("TLS")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("inspection")]
+    Inspect(#[from] crate::authority::AuthorityError),
+    #[error("credentials: {0}")]
+    Credentials(String),
     #[error("keys from auth.jwks_url")]
     Jwks(#[from] crate::identity::jwks_remote::RemoteError),
     #[error("store.redis_url")]
@@ -220,6 +224,24 @@ impl Running {
             signer.set_presets(Arc::clone(&presets));
         }
         self.verifier.set_presets(presets);
+        keep(new.inspect != old.inspect, "[inspect]");
+        // The secrets are read again: a rotated file or variable applies
+        // to every request from now on.
+        let seal = self.gateway.seal();
+        let credentials = crate::credentials::Credentials::load(&new.credentials).map_err(|p| {
+            ConfigError::Invalid(
+                p.into_iter()
+                    .map(|(key, e)| crate::config::KeyError {
+                        key,
+                        message: e.to_string(),
+                    })
+                    .collect(),
+            )
+        })?;
+        self.gateway.set_seal(crate::proxy::Seal {
+            authority: seal.authority.clone(),
+            credentials: Arc::new(credentials),
+        });
         if !restart.is_empty() {
             tracing::warn!(
                 keys = %restart.join(", "),
@@ -228,7 +250,7 @@ impl Running {
         }
         tracing::info!(
             dns = applied_dns,
-            "configuration reloaded: [gateway] policy and [presets] applied; [dns] applied when it changed"
+            "configuration reloaded: [gateway] policy, [presets] and [credentials] (secrets read again) applied; [dns] applied when it changed"
         );
         Ok(())
     }
@@ -380,6 +402,20 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         },
         resolver,
     ));
+    // Inspection: the key every sandbox CA and placeholder is derived
+    // from, and the credentials (their secrets read now, again on SIGHUP).
+    let key = crate::authority::load_key(&config.inspect.key_file, &config.state_dir)?;
+    let authority = crate::authority::Authority::new(
+        key,
+        Duration::from_secs(config.inspect.leaf_ttl_s),
+        &config.inspect.upstream_ca_file,
+    )?;
+    let credentials = crate::credentials::Credentials::load(&config.credentials)
+        .map_err(|problems| AppError::Credentials(credential_errors(problems)))?;
+    gateway.set_seal(crate::proxy::Seal {
+        authority: Some(Arc::new(authority)),
+        credentials: Arc::new(credentials),
+    });
 
     let signer = state.signer.map(Arc::new);
     let signing = signer.is_some();
@@ -844,4 +880,13 @@ async fn verify_restored(
             "restored tokens verified"
         );
     }
+}
+
+/// Every credential problem, each with its key, on one line.
+fn credential_errors(problems: Vec<(String, crate::credentials::CredentialError)>) -> String {
+    problems
+        .iter()
+        .map(|(k, e)| format!("{k}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }

@@ -50,6 +50,48 @@ pub struct Config {
     /// Named host groups for allowlists (`@name`), beside the built-in
     /// `package_managers` and `os_updates`.
     pub presets: BTreeMap<String, Vec<String>>,
+    pub inspect: InspectConfig,
+    /// `[credentials.NAME]`: secrets the gateway adds to requests.
+    pub credentials: BTreeMap<String, CredentialConfig>,
+}
+
+/// `[inspect]`: TLS inspection, only for the hosts that need it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InspectConfig {
+    /// The secret each sandbox's inspection CA and placeholders are
+    /// derived from, shared by a fleet; empty: made in
+    /// `state_dir/inspect/key` on first start (0600).
+    pub key_file: PathBuf,
+    /// Extra roots to verify inspected upstreams with, beside the system's.
+    pub upstream_ca_file: PathBuf,
+    /// Leaf certificates' life ahead (`notBefore` is a day back).
+    pub leaf_ttl_s: u64,
+}
+
+impl Default for InspectConfig {
+    fn default() -> Self {
+        InspectConfig {
+            key_file: PathBuf::new(),
+            upstream_ca_file: PathBuf::new(),
+            leaf_ttl_s: 86_400,
+        }
+    }
+}
+
+/// `[credentials.NAME]`: a secret the gateway holds and sets in a header
+/// of an inspected request to one of `hosts`; a sandbox holds only a
+/// placeholder. Never serialised with its secret (it has none here: only
+/// where to read it).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CredentialConfig {
+    pub hosts: Vec<String>,
+    pub secret_file: PathBuf,
+    pub secret_env: String,
+    pub header: String,
+    pub format: String,
+    pub env: String,
 }
 
 /// `[store]`: where registrations and revocations live beyond this
@@ -233,6 +275,8 @@ impl Default for Config {
             dns: DnsConfig::default(),
             store: StoreConfig::default(),
             presets: BTreeMap::new(),
+            inspect: InspectConfig::default(),
+            credentials: BTreeMap::new(),
         }
     }
 }
@@ -439,11 +483,13 @@ impl Config {
                 "dns" => section(&key, value, &mut errors).map(|v| config.dns = v),
                 "store" => section(&key, value, &mut errors).map(|v| config.store = v),
                 "presets" => section(&key, value, &mut errors).map(|v| config.presets = v),
+                "inspect" => section(&key, value, &mut errors).map(|v| config.inspect = v),
+                "credentials" => section(&key, value, &mut errors).map(|v| config.credentials = v),
                 _ => {
                     errors.push(KeyError {
                         key: key.clone(),
                         message:
-                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, store, presets)"
+                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, store, presets, inspect, credentials)"
                                 .into(),
                     });
                     Some(())
@@ -459,6 +505,8 @@ impl Config {
                     "dns" => "dns",
                     "store" => "store",
                     "presets" => "presets",
+                    "inspect" => "inspect",
+                    "credentials" => "credentials",
                     _ => "state_dir",
                 });
             }
@@ -540,6 +588,27 @@ impl Config {
         }
         if let Err(e) = crate::presets::Presets::new(&self.presets) {
             err("presets", e.to_string());
+        }
+        if self.inspect.leaf_ttl_s < 3600 || self.inspect.leaf_ttl_s > 90 * 86_400 {
+            err(
+                "inspect.leaf_ttl_s",
+                "must be between 3600 and 7776000 (90 days)".into(),
+            );
+        }
+        for (path, key) in [
+            (&self.inspect.upstream_ca_file, "inspect.upstream_ca_file"),
+            (&self.inspect.key_file, "inspect.key_file"),
+        ] {
+            if !path.as_os_str().is_empty() && !path.is_file() {
+                err(key, format!("{} is not a readable file", path.display()));
+            }
+        }
+        // Every credential's shape, and its secret read (the secret never
+        // appears in the message).
+        if let Err(problems) = crate::credentials::Credentials::load(&self.credentials) {
+            for (key, e) in problems {
+                err(&key, e.to_string());
+            }
         }
         let d = &self.dns;
         for (key, value) in [

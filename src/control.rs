@@ -181,6 +181,7 @@ impl ControlPlane {
         container_id: String,
         user_id: String,
         allowed_hosts: Vec<String>,
+        credentials: Vec<String>,
         ttl_seconds: Option<u64>,
     ) -> Result<crate::identity::token::Minted, MintError> {
         let signer = self.signer.as_ref().ok_or(MintError::NoSigningKey)?;
@@ -189,6 +190,7 @@ impl ControlPlane {
             return Err(MintError::BadTtl(self.config.auth.max_ttl_s));
         }
         Ok(signer.mint(&MintRequest {
+            credentials,
             container_id,
             user_id,
             allowed_hosts,
@@ -325,6 +327,7 @@ impl ControlPlane {
         );
         let minted = signer
             .mint(&MintRequest {
+                credentials: Vec::new(),
                 container_id: container_id.clone(),
                 user_id: req.user_id.clone(),
                 allowed_hosts: req.allowed_hosts.clone(),

@@ -23,10 +23,15 @@ pub enum Deny {
     Overloaded,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// A sandbox's credential placeholder where it does not belong, or a
+    /// credential host reached in cleartext.
+    CredentialMisuse,
+    /// An inspected upstream's certificate did not verify.
+    UpstreamCertificate,
 }
 
 impl Deny {
-    pub const ALL: [Deny; 15] = [
+    pub const ALL: [Deny; 17] = [
         Deny::HostNotAllowed,
         Deny::PortNotAllowed,
         Deny::UnknownSource,
@@ -42,6 +47,8 @@ impl Deny {
         Deny::Overloaded,
         Deny::UpstreamUnreachable,
         Deny::UpstreamTimeout,
+        Deny::CredentialMisuse,
+        Deny::UpstreamCertificate,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -61,6 +68,8 @@ impl Deny {
             Deny::Overloaded => "overloaded",
             Deny::UpstreamUnreachable => "upstream_unreachable",
             Deny::UpstreamTimeout => "upstream_timeout",
+            Deny::CredentialMisuse => "credential_misuse",
+            Deny::UpstreamCertificate => "upstream_certificate",
         }
     }
 
@@ -68,7 +77,7 @@ impl Deny {
     pub const fn http_status(self) -> (u16, &'static str) {
         match self {
             Deny::BadRequest => (400, "Bad Request"),
-            Deny::UpstreamUnreachable => (502, "Bad Gateway"),
+            Deny::UpstreamUnreachable | Deny::UpstreamCertificate => (502, "Bad Gateway"),
             Deny::UpstreamTimeout => (504, "Gateway Timeout"),
             _ => (403, "Forbidden"),
         }

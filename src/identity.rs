@@ -442,6 +442,7 @@ mod tests {
             user_id: None,
             organization_uuid: None,
             allowed_hosts: token::HostList(vec!["*.cdn.test".into()]),
+            credentials: Default::default(),
             enforce_container_binding: token::Flag(false),
             use_egress_gateway: token::Flag(true),
         };

@@ -9,8 +9,10 @@
 //! registered, launched through [`sandbox`], unregistered, revoked,
 //! reaped, reconciled), durable in [`identity::store`] and shared through
 //! [`fleet`]; [`admin`] is its HTTP mapping, [`tls`] its TLS, [`rules`] the
-//! gateway's packet filter. And [`config`], [`metrics`] and [`app`], which
-//! wires everything together.
+//! gateway's packet filter. Sealed credentials: [`credentials`] holds the
+//! secrets and each sandbox's placeholders, [`authority`] the inspection
+//! CAs, and [`proxy::inspect`] opens TLS for the hosts that need it. And
+//! [`config`], [`metrics`] and [`app`], which wires everything together.
 
 /// An error and each of its causes, once: `a: b: c`. What every place
 /// that prints a library error prints (the errors' own messages never
@@ -29,8 +31,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod authority;
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod decision;
 pub mod deny;
 pub mod dns;

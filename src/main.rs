@@ -394,6 +394,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             let signer = Signer::load(&key, &kid, &issuer, &audience)?
                 .with_presets(std::sync::Arc::new(presets));
             let minted = signer.mint(&MintRequest {
+                credentials: Vec::new(),
                 container_id,
                 user_id,
                 allowed_hosts: allow,

@@ -22,6 +22,8 @@ pub const DNS_CACHE_MISSES: &str = "sluice_dns_cache_misses_total";
 pub const BUILD_INFO: &str = "sluice_build_info";
 pub const STORE_UP: &str = "sluice_store_up";
 pub const FLEET_REJECTED: &str = "sluice_fleet_entries_rejected_total";
+pub const INSPECTED_REQUESTS_TOTAL: &str = "sluice_inspected_requests_total";
+pub const CREDENTIAL_INJECTIONS_TOTAL: &str = "sluice_credential_injections_total";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -105,6 +107,14 @@ fn describe() {
     describe_counter!(
         FLEET_REJECTED,
         "Entries read from the fleet's Redis that were refused (an unreadable score or jti, or past the cap on what one read may add)."
+    );
+    describe_counter!(
+        INSPECTED_REQUESTS_TOTAL,
+        "Requests on inspected (TLS-opened) connections, by decision and reason."
+    );
+    describe_counter!(
+        CREDENTIAL_INJECTIONS_TOTAL,
+        "Requests the gateway set a credential on, by credential name (never its value)."
     );
     describe_gauge!(
         BUILD_INFO,

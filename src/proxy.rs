@@ -10,6 +10,7 @@
 
 pub mod explicit;
 pub mod http;
+pub mod inspect;
 pub mod pipeline;
 pub mod record;
 pub mod relay;
@@ -61,6 +62,17 @@ pub struct Gateway {
     /// The one caching resolver: kept across policy reloads, replaced
     /// when `[dns]` changes.
     resolver: RwLock<Arc<Resolver>>,
+    /// Inspection and the credentials, replaced on SIGHUP.
+    seal: RwLock<Arc<Seal>>,
+}
+
+/// What sealed credentials need: the inspection authority (without one,
+/// a connection that needs inspecting is refused, never passed unopened)
+/// and the credentials the gateway holds.
+#[derive(Debug, Default)]
+pub struct Seal {
+    pub authority: Option<Arc<crate::authority::Authority>>,
+    pub credentials: Arc<crate::credentials::Credentials>,
 }
 
 impl Gateway {
@@ -90,7 +102,39 @@ impl Gateway {
             policy: RwLock::new(policy),
             own,
             resolver: RwLock::new(resolver),
+            seal: RwLock::default(),
         }
+    }
+
+    /// Inspection and the credentials in force now.
+    pub fn seal(&self) -> Arc<Seal> {
+        Arc::clone(&self.seal.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces them (at start, and when SIGHUP re-reads the secrets).
+    pub fn set_seal(&self, seal: Seal) {
+        *self.seal.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(seal);
+    }
+
+    /// A grant's sealed credentials (each with its placeholder), or `None`
+    /// when its token names none: the common case costs nothing.
+    pub fn sealed(
+        &self,
+        grant: &crate::identity::token::Grant,
+    ) -> Option<(Arc<crate::credentials::Sealed>, Arc<Seal>)> {
+        let names = &grant.claims.credentials.0;
+        if names.is_empty() {
+            return None;
+        }
+        let seal = self.seal();
+        let key = seal.authority.as_ref().map(|a| a.key()).unwrap_or(&[]);
+        let sealed = crate::credentials::Sealed::new(
+            key,
+            &grant.claims.container_id,
+            names,
+            &seal.credentials,
+        );
+        Some((Arc::new(sealed), seal))
     }
 
     /// The resolver in use now.

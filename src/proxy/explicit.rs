@@ -150,7 +150,7 @@ async fn session(conn: &mut Conn, head: RequestHead, buf: Vec<u8>) -> Ending {
 /// for this authority is authenticated and authorised on its own.
 fn session_check(gw: &Arc<Gateway>, target: Target) -> http::Check {
     let gw = Arc::clone(gw);
-    Box::new(move |head: &RequestHead| {
+    Box::new(move |head: &RequestHead, bytes: &[u8]| {
         let same = !head.connect
             && head.absolute_form
             && !head.https
@@ -161,7 +161,16 @@ fn session_check(gw: &Arc<Gateway>, target: Target) -> http::Check {
         }
         let (caller, target) = caller_and_target(head)?;
         let policy = gw.policy();
-        gw.decision(&policy).authorize(&caller, &target)?;
+        let allowed = gw.decision(&policy).authorize(&caller, &target)?;
+        // A credential's host in cleartext, or a placeholder anywhere in
+        // the request: refused.
+        if let (crate::host::Host::Name(name), Some((sealed, _))) =
+            (&target.host, gw.sealed(&allowed.grant))
+            && sealed.covers(name)
+        {
+            return Err(Deny::CredentialMisuse);
+        }
+        super::pipeline::misuse_check(&gw, &allowed.grant, bytes)?;
         Ok(Verdict::Forward)
     })
 }

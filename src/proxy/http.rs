@@ -67,7 +67,9 @@ pub enum HttpEnd {
     Elsewhere { head: RequestHead, buf: Vec<u8> },
 }
 
-pub type Check = Box<dyn Fn(&RequestHead) -> Result<Verdict, Deny> + Send + Sync>;
+/// The judgement of each request: its parsed head, and the head's bytes
+/// as sent.
+pub type Check = Box<dyn Fn(&RequestHead, &[u8]) -> Result<Verdict, Deny> + Send + Sync>;
 
 /// One client connection's HTTP exchange with one upstream.
 pub struct Exchange<'a> {
@@ -208,7 +210,7 @@ async fn requests(
             ReadEnd::Invalid(d) => return refuse(upstream, shared, d).await,
         };
         traffic.touch();
-        match (rules.check)(&head) {
+        match (rules.check)(&head, &buf[..head.head_len]) {
             Err(d) => return refuse(upstream, shared, d).await,
             Ok(Verdict::Elsewhere) => {
                 let answered = hold_client(upstream, shared).await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::http::{self, Exchange, HttpEnd, Rewrite, Verdict};
+use super::inspect;
 use super::record::Record;
 use super::relay::{self, RelayEnd};
 use super::sniff::{
@@ -216,11 +217,11 @@ pub async fn drive(
     };
     let (idle, max_head) = idle_and_head(conn);
     let permit = ready.permit;
-    let ending = match ready.exchange {
+    let ending = match ready.relay {
         // Two TCP sockets, spliced: the common case, its state inline.
-        None => {
+        Relay::Raw(upstream) => {
             let traffic = Arc::clone(&conn.record.traffic);
-            let end = match (conn.client.tcp(), ready.upstream) {
+            let end = match (conn.client.tcp(), upstream) {
                 (Some(client), Stream::Tcp(upstream)) => {
                     let (head, closed) = (ready.buf, &permit.revoked);
                     relay::raw_pair(client, &upstream, head, &traffic, idle, closed).await
@@ -235,11 +236,11 @@ pub async fn drive(
             conn.record.end = end.as_str();
             Ending::Closed
         }
-        Some(rules) => {
+        Relay::Http(upstream, rules) => {
             let traffic = Arc::clone(&conn.record.traffic);
             let ex = Exchange {
                 client: &mut conn.client,
-                upstream: ready.upstream,
+                upstream,
                 traffic: &traffic,
                 max_head,
                 rewrite: rules.rewrite,
@@ -262,7 +263,23 @@ pub async fn drive(
                 }
             }
         }
+        Relay::Inspect(i) => {
+            let Inspected {
+                caller,
+                target,
+                upstream,
+                plan,
+            } = *i;
+            let served = inspect::serve(conn, &permit, caller, target, upstream, ready.buf, plan);
+            Box::pin(served).await;
+            Ending::Closed
+        }
     };
+    if permit.revoked.is_cancelled() {
+        // Revoked (or the gateway stopping hard): the close is a reset, so
+        // what the kernel still holds for the client is not delivered.
+        conn.client.abort();
+    }
     // Held for the connection's life, whatever it carries next.
     conn.slot = Some(permit.slot);
     ending
@@ -271,11 +288,26 @@ pub async fn drive(
 /// A connection decided, dialled and opened: what the relay needs.
 struct Ready {
     permit: Permit,
-    upstream: Stream,
     /// Bytes read from the client, not yet sent.
     buf: Vec<u8>,
-    /// `None`: raw bytes. `Some`: HTTP, each request judged by these.
-    exchange: Option<HttpRules>,
+    relay: Relay,
+}
+
+/// How a connection is relayed, with its upstream.
+enum Relay {
+    /// Raw bytes, both ways.
+    Raw(Stream),
+    /// HTTP, each request judged by these.
+    Http(Stream, HttpRules),
+    /// TLS opened, for a host a credential goes to.
+    Inspect(Box<Inspected>),
+}
+
+struct Inspected {
+    caller: Caller,
+    target: Target,
+    upstream: TcpStream,
+    plan: inspect::Plan,
 }
 
 /// How each request of an HTTP connection is judged, rewritten and, when
@@ -286,30 +318,84 @@ struct HttpRules {
     answer: fn(Deny) -> Vec<u8>,
 }
 
-impl Ready {
-    /// Relayed as the first bytes say: HTTP judged request by request
-    /// against the one host, anything else raw.
-    fn to_origin(
-        conn: &Conn,
-        permit: Permit,
-        caller: Caller,
-        target: Target,
-        upstream: TcpStream,
-        http: bool,
-        buf: Vec<u8>,
-    ) -> Ready {
-        let exchange = http.then(|| HttpRules {
-            check: same_host_check(&conn.gw, caller, target),
-            rewrite: Rewrite::StripProxyAuth,
-            answer: origin_answer,
-        });
-        Ready {
-            permit,
-            upstream: Stream::Tcp(upstream),
-            buf,
-            exchange,
+/// Relayed as the first bytes say: TLS opened when a credential of the
+/// sandbox goes to the host (else spliced), HTTP judged request by request
+/// against the one host (and refused outright to a credential's host: a
+/// credential never travels in clear), anything else raw. Refused in
+/// `protocol`'s form when it cannot go on.
+async fn to_origin(
+    conn: &mut Conn,
+    permit: Permit,
+    caller: Caller,
+    target: Target,
+    upstream: TcpStream,
+    protocol: Protocol,
+    buf: Vec<u8>,
+) -> Result<Ready, Ending> {
+    let relay = match protocol {
+        Protocol::Tls => match inspection(&conn.gw, &permit, &target) {
+            Ok(Some(plan)) => Relay::Inspect(Box::new(Inspected {
+                caller,
+                target,
+                upstream,
+                plan,
+            })),
+            Ok(None) => Relay::Raw(Stream::Tcp(upstream)),
+            Err(d) => {
+                drop(upstream);
+                conn.slot = Some(permit.slot);
+                conn.refuse(protocol, d, refusal(protocol, d)).await;
+                return Err(Ending::Closed);
+            }
+        },
+        Protocol::Http => {
+            if let (Host::Name(name), Some((sealed, _))) =
+                (&target.host, conn.gw.sealed(&permit.grant))
+                && sealed.covers(name)
+            {
+                drop(upstream);
+                conn.slot = Some(permit.slot);
+                let d = Deny::CredentialMisuse;
+                conn.refuse(protocol, d, refusal(protocol, d)).await;
+                return Err(Ending::Closed);
+            }
+            Relay::Http(
+                Stream::Tcp(upstream),
+                HttpRules {
+                    check: same_host_check(&conn.gw, caller, target),
+                    rewrite: Rewrite::StripProxyAuth,
+                    answer: origin_answer,
+                },
+            )
         }
+        Protocol::Connect | Protocol::Other => Relay::Raw(Stream::Tcp(upstream)),
+    };
+    Ok(Ready { permit, buf, relay })
+}
+
+/// What inspecting a TLS connection to `target` takes, when it must be:
+/// the sandbox's token names a credential whose hosts cover the name.
+/// Refused when it must be and cannot.
+fn inspection(
+    gw: &Gateway,
+    permit: &Permit,
+    target: &Target,
+) -> Result<Option<inspect::Plan>, Deny> {
+    let Host::Name(name) = &target.host else {
+        return Ok(None);
+    };
+    let Some((sealed, seal)) = gw.sealed(&permit.grant) else {
+        return Ok(None);
+    };
+    if !sealed.covers(name) {
+        return Ok(None);
     }
+    let authority = seal.authority.clone().ok_or(Deny::UpstreamCertificate)?;
+    Ok(Some(inspect::Plan {
+        sealed,
+        authority,
+        host: name.clone(),
+    }))
 }
 
 /// Decides, dials, and opens the connection as `opened` says; `Err` with
@@ -327,35 +413,36 @@ async fn open(
         };
         match opened {
             Opened::FirstBytes(protocol) => {
-                let http = protocol == Protocol::Http;
-                return Ok(Ready::to_origin(
-                    conn, permit, caller, target, upstream, http, buf,
-                ));
+                return to_origin(conn, permit, caller, target, upstream, protocol, buf).await;
             }
             Opened::Tunnel { head_len } => {
+                let head = &buf[..head_len.min(buf.len())];
+                if let Err(d) = misuse_check(&conn.gw, &permit.grant, head) {
+                    drop(upstream);
+                    conn.slot = Some(permit.slot);
+                    conn.refuse(Protocol::Connect, d, Some(proxy_deny_response(d)))
+                        .await;
+                    return Err(Ending::Closed);
+                }
                 buf.drain(..head_len.min(buf.len()));
                 return tunnel(conn, permit, caller, target, upstream, buf).await;
             }
             Opened::Requests { check } => {
-                return Ok(Ready {
-                    permit,
-                    upstream: Stream::Tcp(upstream),
-                    buf,
-                    exchange: Some(HttpRules {
-                        check,
-                        rewrite: Rewrite::OriginForm,
-                        answer: proxy_deny_response,
-                    }),
-                });
+                let rules = HttpRules {
+                    check,
+                    rewrite: Rewrite::OriginForm,
+                    answer: proxy_deny_response,
+                };
+                let relay = Relay::Http(Stream::Tcp(upstream), rules);
+                return Ok(Ready { permit, buf, relay });
             }
             Opened::Answered => {}
         }
         let peek = Duration::from_millis(conn.gw.policy().gateway.peek_timeout_ms);
         let opening = match open_tunnel(conn, &upstream, &mut buf, &permit, peek).await {
             TunnelOpening::ServerFirst => {
-                return Ok(Ready::to_origin(
-                    conn, permit, caller, target, upstream, false, buf,
-                ));
+                let other = Protocol::Other;
+                return to_origin(conn, permit, caller, target, upstream, other, buf).await;
             }
             TunnelOpening::Gone(end) => {
                 conn.record.end = end;
@@ -372,10 +459,7 @@ async fn open(
             // It names what was dialled: go on with it.
             Ok((protocol, host, port)) if host == target.host && port == target.port => {
                 conn.record.set_target(protocol, &host, port);
-                let http = protocol == Protocol::Http;
-                return Ok(Ready::to_origin(
-                    conn, permit, caller, target, upstream, http, buf,
-                ));
+                return to_origin(conn, permit, caller, target, upstream, protocol, buf).await;
             }
             // It names another host: decided and dialled on its own.
             Ok((protocol, host, port)) => {
@@ -385,9 +469,8 @@ async fn open(
             }
             // It names nothing (SSH's banner): the answered name.
             Err((Protocol::Other, _)) => {
-                return Ok(Ready::to_origin(
-                    conn, permit, caller, target, upstream, false, buf,
-                ));
+                let other = Protocol::Other;
+                return to_origin(conn, permit, caller, target, upstream, other, buf).await;
             }
             Err((protocol, d)) => {
                 drop(upstream);
@@ -440,17 +523,42 @@ pub fn target_of(
 /// connection was opened to, and the caller still allowed there now.
 pub fn same_host_check(gw: &Arc<Gateway>, caller: Caller, target: Target) -> http::Check {
     let gw = Arc::clone(gw);
-    Box::new(move |head: &RequestHead| {
+    Box::new(move |head: &RequestHead, bytes: &[u8]| {
         if head.connect {
             return Err(Deny::BadRequest);
         }
         let policy = gw.policy();
-        gw.decision(&policy).authorize(&caller, &target)?;
+        let allowed = gw.decision(&policy).authorize(&caller, &target)?;
         if head.host != target.host {
             return Err(Deny::HostNotAllowed);
         }
+        misuse_check(&gw, &allowed.grant, bytes)?;
         Ok(Verdict::Forward)
     })
+}
+
+/// A placeholder of the sandbox's in bytes that go out as they are (a
+/// cleartext request, a CONNECT head): `credential_misuse`, audited.
+pub fn misuse_check(
+    gw: &Gateway,
+    grant: &crate::identity::token::Grant,
+    bytes: &[u8],
+) -> Result<(), Deny> {
+    let Some((sealed, _)) = gw.sealed(grant) else {
+        return Ok(());
+    };
+    match sealed.find_in(bytes) {
+        Some(name) => {
+            tracing::warn!(
+                target: "sluice::audit",
+                container_id = %grant.claims.container_id,
+                credential = name,
+                "a credential placeholder where it does not belong"
+            );
+            Err(Deny::CredentialMisuse)
+        }
+        None => Ok(()),
+    }
 }
 
 fn idle_and_head(conn: &Conn) -> (Duration, usize) {
@@ -503,10 +611,12 @@ async fn tunnel(
         conn.refuse(protocol, d, refusal(protocol, d)).await;
         return Err(Ending::Closed);
     }
-    let http = matches!(opening, Opening::Http(_));
-    Ok(Ready::to_origin(
-        conn, permit, caller, target, upstream, http, buf,
-    ))
+    let protocol = match opening {
+        Opening::Tls(_) => Protocol::Tls,
+        Opening::Http(_) => Protocol::Http,
+        Opening::Other => Protocol::Other,
+    };
+    to_origin(conn, permit, caller, target, upstream, protocol, buf).await
 }
 
 /// Records how an HTTP exchange ended; a refusal closes the connection.

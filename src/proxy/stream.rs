@@ -7,9 +7,12 @@
 //! read and the half they write.
 
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -27,6 +30,12 @@ impl Stream {
     /// Any byte stream (a TCP socket is better given as [`Stream::Tcp`]).
     pub fn other(io: impl Io) -> Stream {
         Stream::Other(Box::new(io))
+    }
+
+    /// A stream that reads nothing and takes every write: what stands in
+    /// for a connection handed elsewhere.
+    pub fn closed() -> Stream {
+        Stream::other(tokio::io::join(tokio::io::empty(), tokio::io::sink()))
     }
 
     /// Its two halves, each usable on its own.
@@ -67,6 +76,15 @@ impl Split {
     /// connection's own (not TLS records): what splice may move.
     pub fn tcp(&self) -> Option<&TcpStream> {
         self.read.tcp()
+    }
+
+    /// Makes the close a reset: what the kernel still holds for the peer
+    /// is dropped. For a connection cut short (revoked), whose queued
+    /// bytes must not keep flowing after the decision.
+    pub fn abort(&self) {
+        if let Some(s) = self.tcp() {
+            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+        }
     }
 }
 
@@ -137,6 +155,140 @@ impl WriteHalf {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), w.shutdown()).await;
             }
         }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Other(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Other(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Other(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Other(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A client connection's halves joined again into one stream, the bytes
+/// already read from it first, every byte counted into the connection's
+/// traffic (and the time of the last one kept): what a TLS handshake that
+/// starts from a ClientHello already read stands on.
+pub struct Joined {
+    prefix: Vec<u8>,
+    at: usize,
+    split: Split,
+    traffic: std::sync::Arc<super::relay::Traffic>,
+    /// Set when the connection is cut (revoked): the close then resets it,
+    /// so bytes still queued for the client are dropped, not delivered.
+    pub reset: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::Acquire) {
+            self.split.abort();
+        }
+    }
+}
+
+impl Joined {
+    pub fn new(
+        prefix: Vec<u8>,
+        split: Split,
+        traffic: std::sync::Arc<super::relay::Traffic>,
+    ) -> Self {
+        Joined {
+            prefix,
+            at: 0,
+            split,
+            traffic,
+            reset: Default::default(),
+        }
+    }
+}
+
+impl AsyncRead for Joined {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.split.read).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.traffic
+                .to_upstream
+                .fetch_add(n as u64, Ordering::Relaxed);
+            this.traffic.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Joined {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.split.write).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.traffic
+                .to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
+            this.traffic.touch();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().split.write).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().split.write).poll_shutdown(cx)
     }
 }
 

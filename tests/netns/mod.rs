@@ -505,6 +505,19 @@ listen = "127.0.0.1:9090"
         (code.trim().parse().unwrap_or(0), value)
     }
 
+    /// An admin GET whose answer is not JSON: its status and its text.
+    pub fn admin_text(&self, path: &str) -> (u16, String) {
+        let auth = format!("Authorization: Bearer {}", self.admin_token());
+        let url = format!("http://127.0.0.1:9080{path}");
+        let r = self.curl_in(
+            &self.gw,
+            &["-sS", "-H", &auth, "-w", "\n%{http_code}", &url],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let (text, code) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+        (code.trim().parse().unwrap_or(0), text.to_owned())
+    }
+
     pub fn mint(&self, container: &str, hosts: &[&str], ttl: u64) -> String {
         let v = self.admin(
             "POST",

@@ -8,6 +8,12 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HostList(pub Vec<String>);
 
+impl HostList {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl Serialize for HostList {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.0.join(","))
@@ -80,6 +86,9 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub organization_uuid: Option<String>,
     pub allowed_hosts: HostList,
+    /// The `[credentials.NAME]` this sandbox may use (CSV or array).
+    #[serde(default, skip_serializing_if = "HostList::is_empty")]
+    pub credentials: HostList,
     #[serde(default)]
     pub enforce_container_binding: Flag,
     #[serde(default)]

@@ -185,6 +185,8 @@ pub struct MintRequest {
     pub container_id: String,
     pub user_id: String,
     pub allowed_hosts: Vec<String>,
+    /// `[credentials.NAME]` names (claim `credentials`).
+    pub credentials: Vec<String>,
     pub ttl: Duration,
 }
 
@@ -277,6 +279,11 @@ impl Signer {
         if req.ttl.is_zero() {
             return Err(MintError::BadRequest("ttl must be positive".into()));
         }
+        if let Some(bad) = req.credentials.iter().find(|n| !is_credential_name(n)) {
+            return Err(MintError::BadRequest(format!(
+                "{bad:?} is not a credential name (letters, digits, '_', '-')"
+            )));
+        }
         let now = now_s();
         let mut jti = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut jti);
@@ -291,6 +298,7 @@ impl Signer {
             user_id: Some(req.user_id.clone()),
             organization_uuid: None,
             allowed_hosts: HostList(req.allowed_hosts.clone()),
+            credentials: HostList(req.credentials.clone()),
             enforce_container_binding: Flag(true),
             use_egress_gateway: Flag(true),
         };
@@ -312,4 +320,12 @@ impl Signer {
         jsonwebtoken::encode(&header, claims, &self.key)
             .map_err(|e| MintError::Signing(e.to_string()))
     }
+}
+
+/// A `[credentials.NAME]` name: letters, digits, `_`, `-`.
+pub fn is_credential_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }

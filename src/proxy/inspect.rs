@@ -1,0 +1,563 @@
+//! TLS inspection of one connection, only for a host one of the sandbox's
+//! credentials goes to (every other connection is spliced, unopened).
+//! Owns: holding the client's ClientHello (rustls' `Acceptor`), dialling
+//! and verifying the upstream with the client's ALPN list (system roots
+//! and `inspect.upstream_ca_file`), finishing the client's handshake with
+//! a leaf from the sandbox's CA and the protocol the upstream chose, then
+//! HTTP/1.1 or HTTP/2 end to end through `hyper` (trailers, so gRPC, and
+//! HTTP/1.1 upgrades, so WebSocket, pass): every request judged (the same
+//! host, the caller still allowed, no placeholder where it does not
+//! belong), the credential's header set, and each request audited.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+
+use super::Gateway;
+use super::pipeline::Conn;
+use super::stream::{Joined, Stream};
+use crate::authority::Authority;
+use crate::credentials::Sealed;
+use crate::decision::{Caller, Permit, Target};
+use crate::deny::Deny;
+use crate::host::{Host, HostName};
+use crate::metrics as m;
+
+/// What inspecting a connection needs beyond the pipeline's own.
+pub struct Plan {
+    pub sealed: Arc<Sealed>,
+    pub authority: Arc<Authority>,
+    pub host: HostName,
+}
+
+/// The TLS alert a client is sent when the upstream cannot be used:
+/// fatal, `bad_certificate` (42) for one that failed verification,
+/// `internal_error` (80) otherwise.
+fn alert(deny: Deny) -> [u8; 7] {
+    let code = if deny == Deny::UpstreamCertificate {
+        42
+    } else {
+        80
+    };
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, code]
+}
+
+/// Is this rustls error (inside an I/O error) a certificate that did not
+/// verify?
+fn certificate_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_))
+    )
+}
+
+/// Did the client end the handshake with an alert (it refused the leaf)?
+fn client_alert(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(_))
+    )
+}
+
+/// Inspects the connection whose ClientHello is `hello`, to `upstream`
+/// (dialled, TLS not begun), until it ends, the permit's token is
+/// cancelled (revocation, expiry, the gateway's hard stop), or it is idle.
+pub async fn serve(
+    conn: &mut Conn,
+    permit: &Permit,
+    caller: Caller,
+    target: Target,
+    upstream: TcpStream,
+    hello: Vec<u8>,
+    plan: Plan,
+) {
+    let (idle, handshake) = {
+        let policy = conn.gw.policy();
+        let g = &policy.gateway;
+        (
+            Duration::from_millis(g.idle_timeout_ms),
+            Duration::from_millis(g.peek_timeout_ms.max(g.connect_timeout_ms)),
+        )
+    };
+    let traffic = Arc::clone(&conn.record.traffic);
+    let client = std::mem::replace(&mut conn.client, Stream::closed().split());
+    let io = Joined::new(hello, client, Arc::clone(&traffic));
+    let reset = Arc::clone(&io.reset);
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let mut start = match tokio::time::timeout(handshake, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(_)) | Err(_) => {
+            conn.record.end = "client_error";
+            return;
+        }
+    };
+    // Only what sluice can carry end to end is offered upstream.
+    let offered: Vec<Vec<u8>> = start
+        .client_hello()
+        .alpn()
+        .map(|protocols| {
+            protocols
+                .filter(|p| *p == b"h2" || *p == b"http/1.1")
+                .map(<[u8]>::to_vec)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut config = (*plan.authority.upstream).clone();
+    config.alpn_protocols = offered;
+    let name = match ServerName::try_from(plan.host.as_str().to_owned()) {
+        Ok(n) => n,
+        Err(_) => return refuse_before(conn, &mut start.io, Deny::NoHost).await,
+    };
+    let connect = TlsConnector::from(Arc::new(config)).connect(name, upstream);
+    let upstream = match tokio::time::timeout(handshake, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let deny = if certificate_error(&e) {
+                tracing::info!(
+                    host = %plan.host,
+                    error = %e,
+                    "an inspected upstream's certificate did not verify"
+                );
+                Deny::UpstreamCertificate
+            } else {
+                Deny::UpstreamUnreachable
+            };
+            return refuse_before(conn, &mut start.io, deny).await;
+        }
+        Err(_) => return refuse_before(conn, &mut start.io, Deny::UpstreamTimeout).await,
+    };
+    let h2 = upstream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let chosen = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+
+    // The client's side: a leaf for the name, the upstream's protocol.
+    let container = Arc::clone(&permit.grant.container);
+    let leaf = plan
+        .authority
+        .ca(&container, Authority::permitted(&plan.sealed))
+        .and_then(|ca| plan.authority.leaf(&container, &ca, &plan.host));
+    let leaf = match leaf {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot make an inspection leaf");
+            return refuse_before(conn, &mut start.io, Deny::Overloaded).await;
+        }
+    };
+    let server = match server_config(leaf, chosen) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot configure inspection TLS");
+            return refuse_before(conn, &mut start.io, Deny::Overloaded).await;
+        }
+    };
+    let client = match tokio::time::timeout(handshake, start.into_stream(Arc::new(server))).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) if client_alert(&e) => {
+            conn.record.end = "client_rejected_certificate";
+            tracing::info!(
+                container_id = %container,
+                host = %plan.host,
+                error = %e,
+                hint = "the sandbox does not trust its inspection CA: install GET /v1/sandboxes/{id}/ca.pem beside the system roots",
+                "a client refused the inspection certificate"
+            );
+            return;
+        }
+        Ok(Err(_)) | Err(_) => {
+            conn.record.end = "client_error";
+            return;
+        }
+    };
+
+    let session = Arc::new(Session {
+        gw: Arc::clone(&conn.gw),
+        caller,
+        target,
+        host: plan.host,
+        sealed: plan.sealed,
+        container,
+        sender: tokio::sync::Mutex::new(None),
+        h2_sender: std::sync::Mutex::new(None),
+        refused: AtomicBool::new(false),
+        stop: permit.revoked.clone(),
+    });
+    let stop = permit.revoked.clone();
+    let up_io = TokioIo::new(upstream);
+    let client_io = TokioIo::new(client);
+    let svc = {
+        let session = Arc::clone(&session);
+        hyper::service::service_fn(move |req| {
+            let session = Arc::clone(&session);
+            async move { Ok::<_, Infallible>(session.handle(req).await) }
+        })
+    };
+    let end = if h2 {
+        let (sender, up_conn) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(up_io)
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => {
+                conn.record.end = "upstream_error";
+                return;
+            }
+        };
+        *session.h2_sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(client_io, svc);
+        run(served, up_conn, &traffic, idle, &stop, &reset).await
+    } else {
+        let (sender, up_conn) = match hyper::client::conn::http1::handshake(up_io).await {
+            Ok(p) => p,
+            Err(_) => {
+                conn.record.end = "upstream_error";
+                return;
+            }
+        };
+        *session.sender.lock().await = Some(sender);
+        let served = hyper::server::conn::http1::Builder::new()
+            .serve_connection(client_io, svc)
+            .with_upgrades();
+        run(
+            served,
+            up_conn.with_upgrades(),
+            &traffic,
+            idle,
+            &stop,
+            &reset,
+        )
+        .await
+    };
+    conn.record.end = end;
+    if session.refused.load(Ordering::Acquire) {
+        conn.record.decide(Err(Deny::CredentialMisuse));
+        conn.record.end = end;
+    }
+}
+
+/// Runs the client's connection and the upstream's together until the
+/// client's ends, the token is cancelled, or nothing moves for `idle`.
+/// Cancelled, the client's close is a reset (`reset` set before the
+/// connection is dropped): bytes still queued for it are not delivered.
+async fn run<C, U, E1, E2>(
+    served: C,
+    upstream: U,
+    traffic: &super::relay::Traffic,
+    idle: Duration,
+    stop: &CancellationToken,
+    reset: &AtomicBool,
+) -> &'static str
+where
+    C: Future<Output = Result<(), E1>>,
+    U: Future<Output = Result<(), E2>>,
+{
+    let mut served = std::pin::pin!(served);
+    let mut upstream = std::pin::pin!(upstream);
+    let mut upstream_done = false;
+    traffic.touch();
+    loop {
+        let idle_at = traffic.last() + idle;
+        tokio::select! {
+            r = &mut served => return if r.is_ok() { "closed" } else { "reset" },
+            _ = &mut upstream, if !upstream_done => upstream_done = true,
+            _ = stop.cancelled() => {
+                reset.store(true, Ordering::Release);
+                return "cancelled";
+            }
+            _ = tokio::time::sleep_until(idle_at) => {
+                if traffic.last() + idle <= tokio::time::Instant::now() {
+                    return "idle_timeout";
+                }
+            }
+        }
+    }
+}
+
+/// Refuses before the client's handshake is finished: a TLS alert, the
+/// decision recorded.
+async fn refuse_before<IO: tokio::io::AsyncWrite + Unpin>(
+    conn: &mut Conn,
+    io: &mut IO,
+    deny: Deny,
+) {
+    use tokio::io::AsyncWriteExt;
+    conn.record.decide(Err(deny));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(&alert(deny)).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+fn server_config(
+    leaf: Arc<rustls::sign::CertifiedKey>,
+    alpn: Option<Vec<u8>>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(leaf)));
+    config.alpn_protocols = alpn.into_iter().collect();
+    Ok(config)
+}
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// One inspected connection's state, shared by its requests.
+struct Session {
+    gw: Arc<Gateway>,
+    caller: Caller,
+    target: Target,
+    host: HostName,
+    sealed: Arc<Sealed>,
+    container: Arc<str>,
+    /// HTTP/1.1 upstream: one request at a time.
+    sender: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    /// HTTP/2 upstream: shared by every stream.
+    h2_sender: std::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Incoming>>>,
+    /// A request was refused for carrying a placeholder.
+    refused: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl Session {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        if let Err(deny) = self.judge(&req) {
+            if deny == Deny::CredentialMisuse {
+                self.refused.store(true, Ordering::Release);
+            }
+            self.audit(&method, &path, Err(deny), &[], 0);
+            return refusal(deny, req.version() == hyper::Version::HTTP_11);
+        }
+        let injected = self.inject(&mut req);
+        strip_proxy_headers(&mut req);
+        if req.version() == hyper::Version::HTTP_2 {
+            set_absolute(&mut req, &self.host, self.target.port);
+        } else {
+            set_origin_form(&mut req);
+        }
+        let wants_upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+        let answered = self.send(req).await;
+        let mut resp = match answered {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, host = %self.host, "inspected request failed upstream");
+                self.audit(&method, &path, Err(Deny::UpstreamUnreachable), &injected, 0);
+                return refusal(Deny::UpstreamUnreachable, false);
+            }
+        };
+        let status = resp.status().as_u16();
+        self.audit(&method, &path, Ok(()), &injected, status);
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let stop = self.stop.clone();
+            self.gw.shutdown.spawn(async move {
+                let (Ok(a), Ok(b)) = tokio::join!(client_upgrade, upstream_upgrade) else {
+                    return;
+                };
+                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        resp.map(Either::Left)
+    }
+
+    /// The same host the connection was opened to, the caller still
+    /// allowed there, and no placeholder outside the headers the gateway
+    /// sets.
+    fn judge(&self, req: &Request<Incoming>) -> Result<(), Deny> {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.host().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| crate::host::split_authority(h).ok())
+                    .map(|(h, _)| h.to_string())
+            })
+            .ok_or(Deny::BadRequest)?;
+        match Host::parse(&authority) {
+            Ok(Host::Name(n)) if n == self.host => {}
+            _ => return Err(Deny::HostNotAllowed),
+        }
+        let policy = self.gw.policy();
+        self.gw
+            .decision(&policy)
+            .authorize(&self.caller, &self.target)?;
+        let set: Vec<&str> = self
+            .sealed
+            .for_host(&self.host)
+            .map(|c| c.header.as_str())
+            .collect();
+        let uri = req.uri().to_string();
+        if self.sealed.find_in(uri.as_bytes()).is_some() {
+            return Err(Deny::CredentialMisuse);
+        }
+        for (name, value) in req.headers() {
+            if set.contains(&name.as_str()) {
+                continue;
+            }
+            let line = [name.as_str().as_bytes(), b": ", value.as_bytes()].concat();
+            if self.sealed.find_in(&line).is_some() {
+                return Err(Deny::CredentialMisuse);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets each credential for this host in its header, replacing what
+    /// the client sent; the names set.
+    fn inject(&self, req: &mut Request<Incoming>) -> Vec<Arc<str>> {
+        let mut names = Vec::new();
+        for c in self.sealed.for_host(&self.host) {
+            let (Ok(name), Ok(mut value)) = (
+                HeaderName::from_bytes(c.header.as_bytes()),
+                HeaderValue::from_str(&c.header_value()),
+            ) else {
+                continue;
+            };
+            // Never indexed by HPACK, never shown by hyper's Debug.
+            value.set_sensitive(true);
+            req.headers_mut().remove(&name);
+            req.headers_mut().insert(name, value);
+            ::metrics::counter!(m::CREDENTIAL_INJECTIONS_TOTAL, "credential" => c.name.to_string())
+                .increment(1);
+            names.push(Arc::clone(&c.name));
+        }
+        names
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+        let h2 = self
+            .h2_sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(mut h2) = h2 {
+            h2.ready().await?;
+            return h2.send_request(req).await;
+        }
+        let mut guard = self.sender.lock().await;
+        match guard.as_mut() {
+            Some(h1) => {
+                h1.ready().await?;
+                h1.send_request(req).await
+            }
+            // Not reached: the sender is set before the first request.
+            None => {
+                drop(guard);
+                std::future::pending().await
+            }
+        }
+    }
+
+    fn audit(
+        &self,
+        method: &hyper::Method,
+        path: &str,
+        decision: Result<(), Deny>,
+        injected: &[Arc<str>],
+        status: u16,
+    ) {
+        let (d, reason) = match decision {
+            Ok(()) => ("allow", "none"),
+            Err(d) => ("deny", d.as_str()),
+        };
+        ::metrics::counter!(m::INSPECTED_REQUESTS_TOTAL, "decision" => d, "reason" => reason)
+            .increment(1);
+        let injected: Vec<&str> = injected.iter().map(|n| &**n).collect();
+        tracing::info!(
+            target: "sluice::audit",
+            container_id = %self.container,
+            host = %self.host,
+            port = self.target.port,
+            method = %method,
+            // The path only: a query string may carry what is not ours to log.
+            path = %path,
+            decision = d,
+            reason,
+            credentials = %injected.join(","),
+            status,
+            "inspected request"
+        );
+    }
+}
+
+/// The answer to a refused request, with the reason.
+fn refusal(deny: Deny, close: bool) -> Response<Body> {
+    let (code, _) = deny.http_status();
+    let body = format!("sluice: {}\n", deny.as_str());
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN);
+    let h = resp.headers_mut();
+    h.insert("x-deny-reason", HeaderValue::from_static(deny.as_str()));
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    if close {
+        h.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The proxy's own headers never go upstream.
+fn strip_proxy_headers(req: &mut Request<Incoming>) {
+    let h = req.headers_mut();
+    h.remove(hyper::header::PROXY_AUTHORIZATION);
+    h.remove("proxy-connection");
+}
+
+/// HTTP/2 upstream: the request's URI absolute, `https` to the host.
+fn set_absolute(req: &mut Request<Incoming>, host: &HostName, port: u16) {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let authority = if port == 443 {
+        host.as_str().to_owned()
+    } else {
+        format!("{}:{port}", host.as_str())
+    };
+    if let Ok(uri) = format!("https://{authority}{path}").parse() {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// HTTP/1.1 upstream: the request's URI in origin form.
+fn set_origin_form(req: &mut Request<Incoming>) {
+    if req.uri().authority().is_none() {
+        return;
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    if let Ok(uri) = path.parse() {
+        *req.uri_mut() = uri;
+    }
+}
