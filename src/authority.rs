@@ -428,6 +428,59 @@ mod tests {
         assert!(c.basic_constraints().unwrap().unwrap().value.ca);
     }
 
+    /// The name constraints hold for a real verifier: openssl refuses a
+    /// leaf the CA signed for a name outside them (the gateway never
+    /// signs one; this is what a stolen CA key could do).
+    #[test]
+    fn openssl_refuses_a_leaf_outside_the_constraints() {
+        if std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_err()
+        {
+            assert!(std::env::var("CI").is_err(), "openssl is missing");
+            eprintln!("skipped: no openssl");
+            return;
+        }
+        let a = authority(&[7; 32]);
+        let id: Arc<str> = Arc::from("c1");
+        let ca = a.ca(&id, vec!["api.github.test".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+        let verify = |host: &str| {
+            let leaf = a.leaf(&id, &ca, &HostName::parse(host).unwrap()).unwrap();
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&leaf.cert[0]);
+            let lines: Vec<&str> = b64
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            let pem = format!(
+                "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                lines.join("\n")
+            );
+            let path = dir.path().join(format!("{host}.pem"));
+            std::fs::write(&path, pem).unwrap();
+            let out = std::process::Command::new("openssl")
+                .args(["verify", "-CAfile"])
+                .arg(dir.path().join("ca.pem"))
+                .arg(&path)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let (ok, text) = verify("api.github.test");
+        assert!(ok, "{text}");
+        let (ok, text) = verify("evil.test");
+        assert!(!ok, "{text}");
+        assert!(text.contains("permitted subtree violation"), "{text}");
+    }
+
     #[test]
     fn a_key_is_made_once_and_kept_private() {
         use std::os::unix::fs::PermissionsExt;

@@ -18,6 +18,10 @@ use netns::{CurlOut, Lab};
 
 const UP: &str = "198.18.1.10";
 const BAD: &str = "198.18.1.11";
+/// The gRPC upstream's address (added to the upstream namespace).
+const GRPC: &str = "198.18.1.12";
+/// git's secret: sent as `Basic base64(x-access-token:GIT_SECRET)`.
+const GIT_SECRET: &str = "g1t-S3CRET-0a1b2c";
 /// The secret the gateway holds: it must reach nginx, and nothing else.
 const SECRET: &str = "s3cr3t-VALUE-9f8e7d6c";
 
@@ -43,12 +47,15 @@ fn make_pki(dir: &Path) {
          openssl req -x509 $ec -days 2 -subj /CN=sluice-test-root -keyout ca.key -out ca.crt \
            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
          openssl req $ec -subj /CN=api.cred.test -keyout srv.key -out srv.csr 2>/dev/null
-         printf 'subjectAltName=DNS:api.cred.test,DNS:plain.test\\nextendedKeyUsage=serverAuth\\n' > srv.ext
+         printf 'subjectAltName=DNS:api.cred.test,DNS:plain.test,DNS:git.cred.test,DNS:grpc.cred.test\\nextendedKeyUsage=serverAuth\\n' > srv.ext
          openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
            -extfile srv.ext -out srv.crt 2>/dev/null
          openssl req -x509 $ec -days 2 -subj /CN=bad.cred.test -keyout bad.key -out bad.crt \
            -addext subjectAltName=DNS:bad.cred.test 2>/dev/null
-         head -c 20000000 /dev/zero > big.bin"
+         head -c 20000000 /dev/zero > big.bin
+         git init -q src && git -C src -c user.email=t@t.test -c user.name=t commit -q --allow-empty -m sealed
+         git clone -q --bare src repo.git && git -C repo.git update-server-info
+         printf 'x-access-token:{{PLAIN}}{GIT_SECRET}\\n' > htpasswd"
     ));
 }
 
@@ -72,6 +79,7 @@ http {{
     ssl_certificate {d}/srv.crt; ssl_certificate_key {d}/srv.key;
     access_log {d}/access443.log hdrs;
     location = /big {{ default_type application/octet-stream; limit_rate 100k; alias {d}/big.bin; }}
+    location /repo.git/ {{ auth_basic git; auth_basic_user_file {d}/htpasswd; alias {d}/repo.git/; }}
     location / {{ default_type text/plain; return 200 'ok $server_protocol\\n'; }}
   }}
   server {{
@@ -96,6 +104,37 @@ http {{
             &format!("{d}/nginx.err"),
         ],
         Some(&log),
+    );
+    // gRPC (Python grpcio), logging the authorization it receives and
+    // answering with a trailer.
+    let grpc = dir.join("grpc_server.py");
+    std::fs::write(
+        &grpc,
+        format!(
+            r#"import grpc
+from concurrent import futures
+def call(req, ctx):
+    md = dict(ctx.invocation_metadata())
+    with open("{d}/grpc.log", "a") as f:
+        f.write(md.get("authorization", "") + "\n")
+    ctx.set_trailing_metadata((("x-seen", "yes"),))
+    return b"pong:" + req
+server = grpc.server(futures.ThreadPoolExecutor(2))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    "sealed.Echo", {{"Call": grpc.unary_unary_rpc_method_handler(call)}}),))
+creds = grpc.ssl_server_credentials([(open("{d}/srv.key", "rb").read(), open("{d}/srv.crt", "rb").read())])
+server.add_secure_port("{GRPC}:443", creds)
+server.start()
+server.wait_for_termination()
+"#
+        ),
+    )
+    .unwrap();
+    sh(&format!("ip -n {up} addr add {GRPC}/24 dev sl{}ug", lab.id));
+    lab.spawn(
+        &up,
+        &["/usr/bin/python3", grpc.to_str().unwrap()],
+        Some(&dir.join("grpc.out")),
     );
     // The one with the bad certificate, for bad.cred.test.
     lab.spawn(
@@ -146,6 +185,8 @@ fn access(lab: &Lab, port: u16) -> String {
 /// system's roots plus its CA.
 struct Sandbox {
     placeholder: String,
+    git_placeholder: String,
+    token: String,
     bundle: String,
     ca: String,
     jti: String,
@@ -156,15 +197,24 @@ fn setup(lab: &mut Lab) -> Sandbox {
     start_nginx(lab);
     let d = lab.dir.path().display().to_string();
     std::fs::write(lab.dir.path().join("gh.secret"), format!("{SECRET}\n")).unwrap();
+    std::fs::write(lab.dir.path().join("git.secret"), GIT_SECRET).unwrap();
     lab.start_sluice(&format!(
         r#"[gateway.resolve]
 "api.cred.test" = ["{UP}"]
 "plain.test" = ["{UP}"]
 "bad.cred.test" = ["{BAD}"]
+"git.cred.test" = ["{UP}"]
+"grpc.cred.test" = ["{GRPC}"]
 [inspect]
 upstream_ca_file = "{d}/ca.crt"
+[credentials.git]
+hosts = ["git.cred.test"]
+secret_file = "{d}/git.secret"
+header = "authorization"
+format = "Basic {{basic:x-access-token}}"
+env = "GIT_TOKEN"
 [credentials.gh]
-hosts = ["api.cred.test", "bad.cred.test"]
+hosts = ["api.cred.test", "bad.cred.test", "grpc.cred.test"]
 secret_file = "{d}/gh.secret"
 header = "authorization"
 format = "Bearer {{secret}}"
@@ -175,8 +225,8 @@ env = "GH_TOKEN"
         "POST",
         "/v1/tokens",
         &serde_json::json!({"container_id": "sealed-1", "user_id": "e2e",
-            "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test"],
-            "credentials": ["gh"], "ttl_seconds": 600}),
+            "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test", "git.cred.test", "grpc.cred.test"],
+            "credentials": ["gh", "git"], "ttl_seconds": 600}),
     );
     let token = minted["token"].as_str().unwrap().to_owned();
     let registered = lab.admin(
@@ -209,10 +259,15 @@ env = "GH_TOKEN"
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(
         etc.join("hosts"),
-        format!("{UP} api.cred.test plain.test\n{BAD} bad.cred.test\n"),
+        format!("{UP} api.cred.test plain.test git.cred.test\n{BAD} bad.cred.test\n{GRPC} grpc.cred.test\n"),
     )
     .unwrap();
     Sandbox {
+        git_placeholder: registered["credentials"]["git"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        token: token.clone(),
         placeholder,
         bundle: bundle.to_str().unwrap().to_owned(),
         ca: ca_path.to_str().unwrap().to_owned(),
@@ -233,7 +288,7 @@ fn curl(lab: &Lab, args: &[&str]) -> CurlOut {
 fn sealed_credentials_reach_only_their_host_and_only_inspected() {
     if !netns::require_root_and(
         "sealed_credentials_reach_only_their_host_and_only_inspected",
-        &["nginx", "openssl", "python3"],
+        &["nginx", "openssl", "/usr/bin/python3"],
     ) {
         return;
     }
@@ -273,7 +328,7 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
     let py = lab.exec_in(
         &lab.sb,
         &[("REQUESTS_CA_BUNDLE", &sb.bundle), ("GH_TOKEN", &sb.placeholder)],
-        &["python3", "-c",
+        &["/usr/bin/python3", "-c",
           "import os, requests\n\
            r = requests.get('https://api.cred.test/py', headers={'Authorization': 'Bearer ' + os.environ['GH_TOKEN']}, timeout=20)\n\
            print(r.status_code, r.text.strip())"],
@@ -517,4 +572,130 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
         "the secret is in the state: {}",
         String::from_utf8_lossy(&grep.stdout)
     );
+}
+
+/// What real clients do, each holding only placeholders: git over HTTPS
+/// with Basic credentials, Node's fetch, a gRPC call with its trailers, and
+/// curl through the proxy door's CONNECT (inspected the same way).
+#[test]
+fn real_clients_work_with_only_placeholders() {
+    if !netns::require_root_and(
+        "real_clients_work_with_only_placeholders",
+        &["nginx", "openssl", "git", "node", "/usr/bin/python3"],
+    ) {
+        return;
+    }
+    let mut lab = Lab::with_rules("inr", "--proxy-port 8443");
+    let sb = setup(&mut lab);
+    let home = lab.dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let home = home.to_str().unwrap().to_owned();
+
+    // git clone over HTTPS, Basic credentials from the URL.
+    let dest = lab.dir.path().join("clone");
+    let url = format!(
+        "https://x-access-token:{}@git.cred.test/repo.git",
+        sb.git_placeholder
+    );
+    let git = lab.exec_in(
+        &lab.sb,
+        &[
+            ("GIT_SSL_CAINFO", &sb.bundle),
+            ("HOME", &home),
+            ("GIT_TERMINAL_PROMPT", "0"),
+        ],
+        &["git", "clone", "-q", &url, dest.to_str().unwrap()],
+    );
+    assert_eq!(git.code, 0, "{git:?}\n{}", lab.sluice_log());
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{GIT_SECRET}"))
+    };
+    assert!(
+        access(&lab, 443).contains(&format!("Basic {basic}")),
+        "{}",
+        access(&lab, 443)
+    );
+
+    // Node's fetch, the CA added with NODE_EXTRA_CA_CERTS.
+    let node = lab.exec_in(
+        &lab.sb,
+        &[("NODE_EXTRA_CA_CERTS", &sb.ca), ("GH_TOKEN", &sb.placeholder)],
+        &["node", "-e",
+          "fetch('https://api.cred.test/node', {headers: {authorization: 'Bearer ' + process.env.GH_TOKEN}})\n\
+             .then(async r => console.log(r.status, (await r.text()).trim()))\n\
+             .catch(e => { console.error(e); process.exit(1); })"],
+    );
+    assert_eq!(node.stdout.trim(), "200 ok HTTP/1.1", "{node:?}");
+    assert!(access(&lab, 443).contains(&format!("|GET|/node|Bearer {SECRET}|")));
+
+    // gRPC over HTTP/2: the call and its trailer pass; the server saw the
+    // secret.
+    let grpc = lab.exec_in(
+        &lab.sb,
+        &[("BUNDLE", &sb.bundle), ("GH_TOKEN", &sb.placeholder), ("GRPC_DNS_RESOLVER", "native")],
+        &["/usr/bin/python3", "-c",
+          "import grpc, os\n\
+           creds = grpc.ssl_channel_credentials(open(os.environ['BUNDLE'], 'rb').read())\n\
+           ch = grpc.secure_channel('grpc.cred.test:443', creds)\n\
+           call = ch.unary_unary('/sealed.Echo/Call')\n\
+           resp, c = call.with_call(b'ping', metadata=(('authorization', 'Bearer ' + os.environ['GH_TOKEN']),), timeout=20)\n\
+           print(resp.decode(), dict(c.trailing_metadata()).get('x-seen'))"],
+    );
+    assert_eq!(
+        grpc.stdout.trim(),
+        "pong:ping yes",
+        "{grpc:?}\n{}",
+        lab.sluice_log()
+    );
+    let seen = std::fs::read_to_string(lab.dir.path().join("grpc.log")).unwrap_or_default();
+    assert_eq!(seen.trim(), format!("Bearer {SECRET}"));
+
+    // Through the proxy door: a CONNECT to a credential host is inspected.
+    let proxy = format!("http://container_sealed-1:jwt_{}@198.18.0.1:8443", sb.token);
+    let bearer = format!("Authorization: Bearer {}", sb.placeholder);
+    let r = lab.curl(&[
+        "-sS",
+        "-x",
+        &proxy,
+        "--cacert",
+        &sb.bundle,
+        "-H",
+        &bearer,
+        "https://api.cred.test/viaproxy",
+    ]);
+    assert_eq!(
+        r.stdout.trim(),
+        "ok HTTP/2.0",
+        "{r:?}\n{}",
+        lab.sluice_log()
+    );
+    assert!(access(&lab, 443).contains(&format!("|GET|/viaproxy|Bearer {SECRET}|")));
+    // ... and the placeholder inside a CONNECT to another host: refused.
+    let before = access(&lab, 80);
+    let r = lab.curl(&[
+        "-sS",
+        "-p",
+        "-x",
+        &proxy,
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        &bearer,
+        "http://plain.test/tunnelled",
+    ]);
+    assert!(
+        r.stdout.contains("x-deny-reason: credential_misuse"),
+        "{r:?}"
+    );
+    assert_eq!(access(&lab, 80), before);
+
+    for (what, text) in [("log", lab.sluice_log()), ("metrics", lab.metrics())] {
+        assert!(
+            !text.contains(SECRET) && !text.contains(GIT_SECRET),
+            "a secret is in the {what}"
+        );
+    }
 }
