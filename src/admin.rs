@@ -651,6 +651,9 @@ pub(crate) struct LaunchResponse {
     token: String,
     /// Unix seconds.
     expires_at: u64,
+    /// Each credential the token names → the sandbox's placeholder (also
+    /// in its environment, under the credential's `env`).
+    credentials: BTreeMap<String, String>,
 }
 
 /// Starts a gVisor sandbox in its own network namespace and registers it.
@@ -675,6 +678,7 @@ async fn launch(
             source_ip: launched.source_ip,
             token: launched.token,
             expires_at: launched.expires_at,
+            credentials: launched.credentials,
         }),
     ))
 }

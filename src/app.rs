@@ -419,22 +419,25 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 
     let signer = state.signer.map(Arc::new);
     let signing = signer.is_some();
-    let control = Arc::new(ControlPlane::new(
-        Arc::clone(&config),
-        Arc::clone(&registry),
-        Arc::clone(&verifier),
-        signer.clone(),
-        Arc::clone(&store),
-        options.launcher.clone().unwrap_or_else(|| {
-            Arc::new(Runsc::new(
-                Arc::clone(&config),
-                transparent_addr.port(),
-                proxy_addr.port(),
-                dns_addr.port(),
-            ))
-        }),
-        proxy_addr.port(),
-    ));
+    let control = Arc::new(
+        ControlPlane::new(
+            Arc::clone(&config),
+            Arc::clone(&registry),
+            Arc::clone(&verifier),
+            signer.clone(),
+            Arc::clone(&store),
+            options.launcher.clone().unwrap_or_else(|| {
+                Arc::new(Runsc::new(
+                    Arc::clone(&config),
+                    transparent_addr.port(),
+                    proxy_addr.port(),
+                    dns_addr.port(),
+                ))
+            }),
+            proxy_addr.port(),
+        )
+        .with_gateway(Arc::clone(&gateway)),
+    );
     control.reconcile(restored).await;
     let verify_pass = tokio::spawn(verify_restored(
         Arc::clone(&control),

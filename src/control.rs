@@ -77,6 +77,8 @@ pub struct Launched {
     pub source_ip: Ipv4Addr,
     pub token: String,
     pub expires_at: u64,
+    /// Each credential the token names → the sandbox's placeholder.
+    pub credentials: std::collections::BTreeMap<String, String>,
 }
 
 /// The control plane: every change of state goes through it.
@@ -94,6 +96,9 @@ pub struct ControlPlane {
     /// Where each launched sandbox's pieces are (netns, veth, bundle): the
     /// control plane's to know, not the data plane's.
     launched: Mutex<std::collections::HashMap<String, LaunchRecord>>,
+    /// The data plane's credentials and inspection authority: what a
+    /// launched sandbox's placeholders and CA come from.
+    gateway: Option<Arc<crate::proxy::Gateway>>,
 }
 
 impl ControlPlane {
@@ -116,7 +121,74 @@ impl ControlPlane {
             proxy_port,
             reserved: Mutex::new(HashSet::new()),
             launched: Mutex::default(),
+            gateway: None,
         }
+    }
+
+    /// Launched sandboxes get their placeholders and CA from `gateway`.
+    pub fn with_gateway(mut self, gateway: Arc<crate::proxy::Gateway>) -> ControlPlane {
+        self.gateway = Some(gateway);
+        self
+    }
+
+    /// A launched sandbox's environment, for its process and every exec:
+    /// its identity and proxy, and with credentials the CA bundle's
+    /// variables and each credential's placeholder under its `env`.
+    fn environment(
+        &self,
+        id: &str,
+        token: &str,
+        grant: &crate::identity::token::Grant,
+        gateway_ip: Ipv4Addr,
+    ) -> Result<Vec<String>, LaunchError> {
+        let mut env = sandbox_env(id, token, gateway_ip, self.proxy_port);
+        let (credentials, trust) = self.sealing(grant)?;
+        if trust.is_some() {
+            for var in crate::sandbox::CA_VARIABLES {
+                env.push(format!("{var}={}", crate::sandbox::CA_BUNDLE));
+            }
+        }
+        let seal = self.gateway.as_ref().map(|gw| gw.seal());
+        for (name, placeholder) in &credentials {
+            let var = seal
+                .as_ref()
+                .and_then(|s| s.credentials.get(name))
+                .and_then(|c| c.env.clone());
+            if let Some(var) = var {
+                env.push(format!("{var}={placeholder}"));
+            }
+        }
+        Ok(env)
+    }
+
+    /// A launched sandbox's placeholders (by credential name) and its
+    /// inspection CA (PEM), when its token names credentials.
+    fn sealing(
+        &self,
+        grant: &crate::identity::token::Grant,
+    ) -> Result<(std::collections::BTreeMap<String, String>, Option<String>), LaunchError> {
+        let Some(gw) = &self.gateway else {
+            return Ok(Default::default());
+        };
+        let Some((sealed, seal)) = gw.sealed(grant) else {
+            return Ok(Default::default());
+        };
+        let placeholders = sealed
+            .items
+            .iter()
+            .map(|(n, p, _)| (n.to_string(), p.clone()))
+            .collect();
+        let authority = seal
+            .authority
+            .as_ref()
+            .ok_or_else(|| LaunchError::Unavailable("inspection is not set up".into()))?;
+        let ca = authority
+            .ca(
+                &grant.container,
+                crate::authority::Authority::permitted(&sealed),
+            )
+            .map_err(|e| LaunchError::Failed(crate::error_chain(&e)))?;
+        Ok((placeholders, Some(ca.pem.clone())))
     }
 
     fn launched(
@@ -325,9 +397,21 @@ impl ControlPlane {
             "sb-{}",
             raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
+        if let Some(gw) = &self.gateway {
+            let seal = gw.seal();
+            if let Some(unknown) = req
+                .credentials
+                .iter()
+                .find(|n| seal.credentials.get(n).is_none())
+            {
+                return Err(LaunchError::BadRequest(format!(
+                    "no [credentials.{unknown}] on this gateway"
+                )));
+            }
+        }
         let minted = signer
             .mint(&MintRequest {
-                credentials: Vec::new(),
+                credentials: req.credentials.clone(),
                 container_id: container_id.clone(),
                 user_id: req.user_id.clone(),
                 allowed_hosts: req.allowed_hosts.clone(),
@@ -339,8 +423,9 @@ impl ControlPlane {
             LaunchError::Failed(format!("a token sluice just minted does not verify: {e}"))
         })?;
 
+        let (credentials, trust) = self.sealing(&grant)?;
         let source_ip = self.allocate()?;
-        let env = sandbox_env(&container_id, &minted.token, gateway_ip, self.proxy_port);
+        let env = self.environment(&container_id, &minted.token, &grant, gateway_ip)?;
         let spec = LaunchSpec {
             container_id: container_id.clone(),
             user_id: req.user_id,
@@ -351,6 +436,7 @@ impl ControlPlane {
             memory_bytes,
             cpu_millis,
             pids_limit,
+            trust,
         };
         // Registered and on disk before it starts: a crash from here on
         // leaves a record that reconciliation cleans up.
@@ -395,6 +481,7 @@ impl ControlPlane {
                     source_ip,
                     token: minted.token,
                     expires_at: minted.claims.exp,
+                    credentials,
                 })
             }
             Err(e) => {
@@ -442,7 +529,7 @@ impl ControlPlane {
                 "timeout_ms must be between 1 and {MAX_EXEC_TIMEOUT_MS}"
             )));
         }
-        let env = sandbox_env(id, &sandbox.token, record.gateway_ip, self.proxy_port);
+        let env = self.environment(id, &sandbox.token, &sandbox.grant, record.gateway_ip)?;
         self.launcher
             .exec(
                 id,

@@ -128,7 +128,26 @@ pub struct LaunchRequest {
     pub cpu_millis: Option<u64>,
     #[serde(default)]
     pub pids_limit: Option<i64>,
+    /// `[credentials.NAME]` the sandbox may use: each credential's `env`
+    /// holds its placeholder inside.
+    #[serde(default)]
+    pub credentials: Vec<String>,
 }
+
+/// Where a launched sandbox's CA bundle is (read-only): the system's
+/// roots and its own inspection CA.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The variables real clients read their CA bundle from.
+pub const CA_VARIABLES: [&str; 7] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT",
+    "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+];
 
 /// Everything a launcher needs to start one sandbox.
 #[derive(Debug, Clone)]
@@ -142,6 +161,9 @@ pub struct LaunchSpec {
     pub memory_bytes: u64,
     pub cpu_millis: u64,
     pub pids_limit: i64,
+    /// The sandbox's inspection CA (PEM), put beside the system's roots in
+    /// its CA bundle; `None`: the image's own bundle is left alone.
+    pub trust: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

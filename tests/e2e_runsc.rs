@@ -174,6 +174,8 @@ fn launched_sandboxes_end_to_end() {
     make_rootfs(&rootfs);
     let users = lab.dir.path().join("users");
     std::fs::create_dir_all(&users).unwrap();
+    let secret = lab.dir.path().join("gh.secret");
+    std::fs::write(&secret, "launch-S3CRET-42").unwrap();
     lab.start_sluice(&format!(
         r#"
 [gateway.resolve]
@@ -188,9 +190,16 @@ subnet = "198.18.8.0/29"
 user_data_dir = "{}"
 [dns]
 listen = "0.0.0.0:15053"
+[credentials.gh]
+hosts = ["secure.test"]
+secret_file = "{}"
+header = "authorization"
+format = "Bearer {{secret}}"
+env = "GH_TOKEN"
 "#,
         rootfs.display(),
-        users.display()
+        users.display(),
+        secret.display()
     ));
 
     // Launch one sandbox, allowed api.test.
@@ -452,10 +461,71 @@ listen = "0.0.0.0:15053"
         "container left behind"
     );
 
-    // The address is reused, without the old permissions.
-    let b = launch(&lab, &["secure.test"]);
+    // The address is reused, without the old permissions; this one holds
+    // a credential: only its placeholder, and a CA bundle that is the
+    // system's roots plus its own CA, named by every variable clients read.
+    let (status, b) = lab.admin_status(
+        "POST",
+        "/v1/sandboxes/launch",
+        &json!({"user_id": "alice", "allowed_hosts": ["secure.test"], "command": ["sleep", "600"],
+                "ttl_seconds": 600, "memory_bytes": 256u64 << 20, "cpu_millis": 500, "pids_limit": 64,
+                "credentials": ["gh"]}),
+    );
+    assert_eq!(status, 201, "{b}\n{}", lab.sluice_log());
     assert_eq!(b["source_ip"], "198.18.8.2");
     let id_b = b["container_id"].as_str().unwrap().to_owned();
+    let placeholder = b["credentials"]["gh"].as_str().unwrap().to_owned();
+    assert!(placeholder.starts_with("sluice-sealed-gh-"), "{b}");
+    let r = exec(
+        &lab,
+        &id_b,
+        &[
+            "sh",
+            "-c",
+            "echo $GH_TOKEN; echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $CURL_CA_BUNDLE $NODE_EXTRA_CA_CERTS $PIP_CERT $GIT_SSL_CAINFO $CARGO_HTTP_CAINFO; grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt; env | grep -c launch-S3CRET",
+        ],
+    );
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&placeholder.as_str()), "{r:?}");
+    assert_eq!(
+        lines.get(1).copied(),
+        Some(["/etc/ssl/certs/ca-certificates.crt"; 7].join(" ").as_str()),
+        "{r:?}"
+    );
+    let system = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap();
+    let roots = system.matches("BEGIN CERTIFICATE").count();
+    assert_eq!(
+        lines.get(2).copied(),
+        Some((roots + 1).to_string().as_str()),
+        "{r:?}"
+    );
+    assert_eq!(
+        lines.get(3).copied(),
+        Some("0"),
+        "the secret is in the sandbox: {r:?}"
+    );
+    let (_, ca) = lab.admin_text(&format!("/v1/sandboxes/{id_b}/ca.pem"));
+    let line = ca.lines().nth(1).unwrap();
+    let r = exec(
+        &lab,
+        &id_b,
+        &[
+            "sh",
+            "-c",
+            &format!("grep -c -F '{line}' /etc/ssl/certs/ca-certificates.crt"),
+        ],
+    );
+    assert_eq!(
+        r.stdout.trim(),
+        "1",
+        "the sandbox CA is not in its bundle: {r:?}"
+    );
+    let r = exec(
+        &lab,
+        &id_b,
+        &["sh", "-c", "echo x >> /etc/ssl/certs/ca-certificates.crt"],
+    );
+    assert_ne!(r.code, 0, "the CA bundle is writable: {r:?}");
     let r = get(&lab, &id_b, "api.test", "/old-permissions", false);
     assert!(r.stderr.contains("bad address 'api.test'"), "{r:?}");
     let r = exec(

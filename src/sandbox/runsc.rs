@@ -205,6 +205,16 @@ impl Runsc {
             .map_err(|e| LaunchError::io(hosts.display(), e))?;
         mounts.push((resolv, "/etc/resolv.conf", false));
         mounts.push((hosts, "/etc/hosts", false));
+        if let Some(ca) = &spec.trust {
+            // The system's roots and the sandbox's CA, never the CA alone:
+            // every other host keeps verifying as it did.
+            let system = std::fs::read_to_string(super::CA_BUNDLE)
+                .map_err(|e| LaunchError::io(super::CA_BUNDLE, e))?;
+            let bundle = record.bundle.join("ca-certificates.crt");
+            std::fs::write(&bundle, format!("{}\n{ca}", system.trim_end()))
+                .map_err(|e| LaunchError::io(bundle.display(), e))?;
+            mounts.push((bundle, super::CA_BUNDLE, false));
+        }
         let config = bundle_config(&self.config, spec, &mounts)?;
         let config_path = record.bundle.join("config.json");
         std::fs::write(&config_path, config)

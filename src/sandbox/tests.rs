@@ -24,6 +24,7 @@ fn spec() -> LaunchSpec {
         memory_bytes: 256 << 20,
         cpu_millis: 500,
         pids_limit: 64,
+        trust: None,
     }
 }
 
