@@ -22,6 +22,10 @@ const BAD: &str = "198.18.1.11";
 const GRPC: &str = "198.18.1.12";
 /// git's secret: sent as `Basic base64(x-access-token:GIT_SECRET)`.
 const GIT_SECRET: &str = "g1t-S3CRET-0a1b2c";
+/// The package index's secret: `Basic base64(__token__:PIP_SECRET)`.
+const PIP_SECRET: &str = "p1p-S3CRET-77aa";
+/// The WebSocket upstream's address (added to the upstream namespace).
+const WS: &str = "198.18.1.13";
 /// The secret the gateway holds: it must reach nginx, and nothing else.
 const SECRET: &str = "s3cr3t-VALUE-9f8e7d6c";
 
@@ -47,7 +51,7 @@ fn make_pki(dir: &Path) {
          openssl req -x509 $ec -days 2 -subj /CN=sluice-test-root -keyout ca.key -out ca.crt \
            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
          openssl req $ec -subj /CN=api.cred.test -keyout srv.key -out srv.csr 2>/dev/null
-         printf 'subjectAltName=DNS:api.cred.test,DNS:plain.test,DNS:git.cred.test,DNS:grpc.cred.test\\nextendedKeyUsage=serverAuth\\n' > srv.ext
+         printf 'subjectAltName=DNS:api.cred.test,DNS:plain.test,DNS:git.cred.test,DNS:grpc.cred.test,DNS:pypi.cred.test,DNS:ws.cred.test\\nextendedKeyUsage=serverAuth\\n' > srv.ext
          openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
            -extfile srv.ext -out srv.crt 2>/dev/null
          openssl req -x509 $ec -days 2 -subj /CN=bad.cred.test -keyout bad.key -out bad.crt \
@@ -55,7 +59,20 @@ fn make_pki(dir: &Path) {
          head -c 20000000 /dev/zero > big.bin
          git init -q src && git -C src -c user.email=t@t.test -c user.name=t commit -q --allow-empty -m sealed
          git clone -q --bare src repo.git && git -C repo.git update-server-info
-         printf 'x-access-token:{{PLAIN}}{GIT_SECRET}\\n' > htpasswd"
+         printf 'x-access-token:{{PLAIN}}{GIT_SECRET}\\n' > htpasswd
+         printf '__token__:{{PLAIN}}{PIP_SECRET}\\n' > htpasswd-pypi"
+    ));
+    // A package index with one wheel, behind the index's secret.
+    sh(&format!(
+        r#"cd {d} && mkdir -p simple/sealedpkg packages && /usr/bin/python3 - <<'PY'
+import zipfile
+with zipfile.ZipFile("packages/sealedpkg-1.0-py3-none-any.whl", "w") as z:
+    z.writestr("sealedpkg/__init__.py", "VALUE = 42\n")
+    z.writestr("sealedpkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: sealedpkg\nVersion: 1.0\n")
+    z.writestr("sealedpkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr("sealedpkg-1.0.dist-info/RECORD", "sealedpkg/__init__.py,,\nsealedpkg-1.0.dist-info/METADATA,,\nsealedpkg-1.0.dist-info/WHEEL,,\nsealedpkg-1.0.dist-info/RECORD,,\n")
+PY
+printf '<a href="../../packages/sealedpkg-1.0-py3-none-any.whl">sealedpkg-1.0-py3-none-any.whl</a>\n' > simple/sealedpkg/index.html"#
     ));
 }
 
@@ -80,6 +97,8 @@ http {{
     access_log {d}/access443.log hdrs;
     location = /big {{ default_type application/octet-stream; limit_rate 100k; alias {d}/big.bin; }}
     location /repo.git/ {{ auth_basic git; auth_basic_user_file {d}/htpasswd; alias {d}/repo.git/; }}
+    location /simple/ {{ auth_basic pypi; auth_basic_user_file {d}/htpasswd-pypi; root {d}; index index.html; }}
+    location /packages/ {{ auth_basic pypi; auth_basic_user_file {d}/htpasswd-pypi; root {d}; }}
     location / {{ default_type text/plain; return 200 'ok $server_protocol\\n'; }}
   }}
   server {{
@@ -136,6 +155,60 @@ server.wait_for_termination()
         &["/usr/bin/python3", grpc.to_str().unwrap()],
         Some(&dir.join("grpc.out")),
     );
+    // A WebSocket server: the upgrade answered, then every byte echoed;
+    // the authorization it received logged.
+    let ws = dir.join("ws_server.py");
+    std::fs::write(
+        &ws,
+        format!(
+            r#"import base64, hashlib, socket, ssl, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{d}/srv.crt", "{d}/srv.key")
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("{WS}", 443))
+srv.listen(8)
+def serve(c):
+    try:
+        c = ctx.wrap_socket(c, server_side=True)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = c.recv(4096)
+            if not more:
+                return
+            data += more
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")[1:]
+        h = {{l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines if ":" in l}}
+        with open("{d}/ws.log", "a") as f:
+            f.write(h.get("authorization", "") + "\n")
+        key = h.get("sec-websocket-key", "") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        accept = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()
+        c.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + "\r\n\r\n").encode())
+        if rest:
+            c.sendall(rest)
+        while True:
+            b = c.recv(4096)
+            if not b:
+                break
+            c.sendall(b)
+    except Exception:
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#
+        ),
+    )
+    .unwrap();
+    sh(&format!("ip -n {up} addr add {WS}/24 dev sl{}ug", lab.id));
+    lab.spawn(
+        &up,
+        &["/usr/bin/python3", ws.to_str().unwrap()],
+        Some(&dir.join("ws.out")),
+    );
     // The one with the bad certificate, for bad.cred.test.
     lab.spawn(
         &up,
@@ -186,6 +259,7 @@ fn access(lab: &Lab, port: u16) -> String {
 struct Sandbox {
     placeholder: String,
     git_placeholder: String,
+    pip_placeholder: String,
     token: String,
     bundle: String,
     ca: String,
@@ -198,6 +272,7 @@ fn setup(lab: &mut Lab) -> Sandbox {
     let d = lab.dir.path().display().to_string();
     std::fs::write(lab.dir.path().join("gh.secret"), format!("{SECRET}\n")).unwrap();
     std::fs::write(lab.dir.path().join("git.secret"), GIT_SECRET).unwrap();
+    std::fs::write(lab.dir.path().join("pypi.secret"), PIP_SECRET).unwrap();
     lab.start_sluice(&format!(
         r#"[gateway.resolve]
 "api.cred.test" = ["{UP}"]
@@ -205,6 +280,8 @@ fn setup(lab: &mut Lab) -> Sandbox {
 "bad.cred.test" = ["{BAD}"]
 "git.cred.test" = ["{UP}"]
 "grpc.cred.test" = ["{GRPC}"]
+"pypi.cred.test" = ["{UP}"]
+"ws.cred.test" = ["{WS}"]
 [inspect]
 upstream_ca_file = "{d}/ca.crt"
 [credentials.git]
@@ -213,8 +290,14 @@ secret_file = "{d}/git.secret"
 header = "authorization"
 format = "Basic {{basic:x-access-token}}"
 env = "GIT_TOKEN"
+[credentials.pypi]
+hosts = ["pypi.cred.test"]
+secret_file = "{d}/pypi.secret"
+header = "authorization"
+format = "Basic {{basic:__token__}}"
+env = "PIP_TOKEN"
 [credentials.gh]
-hosts = ["api.cred.test", "bad.cred.test", "grpc.cred.test"]
+hosts = ["api.cred.test", "bad.cred.test", "grpc.cred.test", "ws.cred.test"]
 secret_file = "{d}/gh.secret"
 header = "authorization"
 format = "Bearer {{secret}}"
@@ -225,8 +308,9 @@ env = "GH_TOKEN"
         "POST",
         "/v1/tokens",
         &serde_json::json!({"container_id": "sealed-1", "user_id": "e2e",
-            "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test", "git.cred.test", "grpc.cred.test"],
-            "credentials": ["gh", "git"], "ttl_seconds": 600}),
+            "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test", "git.cred.test", "grpc.cred.test",
+                              "pypi.cred.test", "ws.cred.test"],
+            "credentials": ["gh", "git", "pypi"], "ttl_seconds": 600}),
     );
     let token = minted["token"].as_str().unwrap().to_owned();
     let registered = lab.admin(
@@ -259,10 +343,14 @@ env = "GH_TOKEN"
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(
         etc.join("hosts"),
-        format!("{UP} api.cred.test plain.test git.cred.test\n{BAD} bad.cred.test\n{GRPC} grpc.cred.test\n"),
+        format!("{UP} api.cred.test plain.test git.cred.test pypi.cred.test\n{BAD} bad.cred.test\n{GRPC} grpc.cred.test\n{WS} ws.cred.test\n"),
     )
     .unwrap();
     Sandbox {
+        pip_placeholder: registered["credentials"]["pypi"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
         git_placeholder: registered["credentials"]["git"]
             .as_str()
             .unwrap()
@@ -651,6 +739,75 @@ fn real_clients_work_with_only_placeholders() {
     let seen = std::fs::read_to_string(lab.dir.path().join("grpc.log")).unwrap_or_default();
     assert_eq!(seen.trim(), format!("Bearer {SECRET}"));
 
+    // pip install from an index that requires its token.
+    let target = lab.dir.path().join("site");
+    let index = format!(
+        "https://__token__:{}@pypi.cred.test/simple/",
+        sb.pip_placeholder
+    );
+    let pip = lab.exec_in(
+        &lab.sb,
+        // Every variable a launched sandbox gets names the same bundle
+        // (requests lets REQUESTS_CA_BUNDLE win over pip's own --cert).
+        &[
+            ("PIP_CERT", &sb.bundle),
+            ("REQUESTS_CA_BUNDLE", &sb.bundle),
+            ("CURL_CA_BUNDLE", &sb.bundle),
+            ("SSL_CERT_FILE", &sb.bundle),
+            ("HOME", &home),
+        ],
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--break-system-packages",
+            "--index-url",
+            &index,
+            "--target",
+            target.to_str().unwrap(),
+            "sealedpkg",
+        ],
+    );
+    assert_eq!(pip.code, 0, "{pip:?}\n{}", lab.sluice_log());
+    assert!(target.join("sealedpkg/__init__.py").exists(), "{pip:?}");
+    let pip_basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("__token__:{PIP_SECRET}"))
+    };
+    assert!(access(&lab, 443).contains(&format!(
+        "/packages/sealedpkg-1.0-py3-none-any.whl|Basic {pip_basic}"
+    )));
+
+    // A WebSocket upgrade through inspection: 101, then bytes both ways.
+    let ws = lab.exec_in(
+        &lab.sb,
+        &[("BUNDLE", &sb.bundle), ("GH_TOKEN", &sb.placeholder)],
+        &["/usr/bin/python3", "-c",
+          "import os, socket, ssl\n\
+           ctx = ssl.create_default_context(cafile=os.environ['BUNDLE'])\n\
+           s = ctx.wrap_socket(socket.create_connection(('ws.cred.test', 443), timeout=20), server_hostname='ws.cred.test')\n\
+           s.sendall(b'GET /chat HTTP/1.1\\r\\nHost: ws.cred.test\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\nSec-WebSocket-Version: 13\\r\\nAuthorization: Bearer ' + os.environ['GH_TOKEN'].encode() + b'\\r\\n\\r\\n')\n\
+           r = b''\n\
+           while b'\\r\\n\\r\\n' not in r:\n    r += s.recv(4096)\n\
+           print(r.split(b'\\r\\n')[0].decode())\n\
+           s.sendall(b'hello-ws')\n\
+           got = b''\n\
+           while len(got) < 8:\n    got += s.recv(4096)\n\
+           print(got.decode())"],
+    );
+    assert_eq!(
+        ws.stdout.trim(),
+        "HTTP/1.1 101 Switching Protocols\nhello-ws",
+        "{ws:?}\n{}",
+        lab.sluice_log()
+    );
+    let seen = std::fs::read_to_string(lab.dir.path().join("ws.log")).unwrap_or_default();
+    assert_eq!(seen.trim(), format!("Bearer {SECRET}"));
+
     // Through the proxy door: a CONNECT to a credential host is inspected.
     let proxy = format!("http://container_sealed-1:jwt_{}@198.18.0.1:8443", sb.token);
     let bearer = format!("Authorization: Bearer {}", sb.placeholder);
@@ -694,7 +851,7 @@ fn real_clients_work_with_only_placeholders() {
 
     for (what, text) in [("log", lab.sluice_log()), ("metrics", lab.metrics())] {
         assert!(
-            !text.contains(SECRET) && !text.contains(GIT_SECRET),
+            !text.contains(SECRET) && !text.contains(GIT_SECRET) && !text.contains(PIP_SECRET),
             "a secret is in the {what}"
         );
     }
