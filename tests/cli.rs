@@ -619,3 +619,51 @@ fn explain_says_what_the_gateway_would_decide_and_why() {
         text(&out.stdout)
     );
 }
+
+/// `sluice check` reads every credential's secret and checks its shape,
+/// naming each bad key, and never prints a secret, even a bad one.
+#[test]
+fn check_names_credential_errors_without_their_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("gh");
+    std::fs::write(&secret, "s3cr3t-\u{7}-bell\n").unwrap();
+    let bad = dir.path().join("creds.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "[credentials.gh]\nhosts = [\"api.gh.test\"]\nsecret_file = \"{}\"\nheader = \"authorization\"\nformat = \"Bearer {{secret}}\"\n\
+             [credentials.wide]\nhosts = [\"*.com\"]\nsecret_env = \"SLUICE_TEST_UNSET_VAR\"\nheader = \"x-key\"\nformat = \"Bearer\"\n\
+             [credentials.gone]\nhosts = [\"a.test\"]\nsecret_file = \"{}\"\nheader = \"host\"\nformat = \"{{secret}}\"\n\
+             [inspect]\nleaf_ttl_s = 5\n",
+            secret.display(),
+            dir.path().join("missing").display()
+        ),
+    )
+    .unwrap();
+    let out = sluice(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for key in [
+        "credentials.gh.secret_file:",
+        "credentials.wide.hosts:",
+        "credentials.wide.format:",
+        "credentials.gone.header:",
+        "inspect.leaf_ttl_s:",
+    ] {
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    assert!(!err.contains("s3cr3t"), "a secret was printed: {err}");
+    std::fs::write(&secret, "s3cr3t-good\n").unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[credentials.gh]\nhosts = [\"api.gh.test\", \"*.gh.test\"]\nsecret_file = \"{}\"\nheader = \"authorization\"\nformat = \"Basic {{basic:x-access-token}}\"\nenv = \"GH_TOKEN\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let out = sluice(&["check", "--config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("s3cr3t") && !text(&out.stderr).contains("s3cr3t"));
+}

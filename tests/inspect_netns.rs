@@ -460,6 +460,34 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
     );
     assert!(v.stdout.contains("Verify return code: 0 (ok)"), "{v:?}");
 
+    // A rotated secret applies from the next request after SIGHUP.
+    let rotated = "r0tated-S3CRET-5e6f";
+    std::fs::write(lab.dir.path().join("gh.secret"), rotated).unwrap();
+    lab.reload_sluice();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.sluice_log().contains("configuration reloaded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = curl(
+        &lab,
+        &[
+            "-sS",
+            "--cacert",
+            &sb.bundle,
+            "--resolve",
+            &api,
+            "-H",
+            &bearer,
+            "https://api.cred.test/rotated",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        access(&lab, 443).contains(&format!("|GET|/rotated|Bearer {rotated}|")),
+        "{}",
+        access(&lab, 443)
+    );
+
     // The placeholder where it does not belong: refused, never forwarded.
     let before80 = access(&lab, 80);
     let leak = format!("X-Leak: {}", sb.placeholder);

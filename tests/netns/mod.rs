@@ -409,6 +409,17 @@ listen = "127.0.0.1:9090"
         assert!(gone, "sluice did not die");
     }
 
+    /// SIGHUP to sluice: its configuration (and secrets) read again.
+    pub fn reload_sluice(&self) {
+        if let Some(child) = &self.sluice {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .unwrap();
+        }
+    }
+
     pub fn sluice_log(&self) -> String {
         std::fs::read_to_string(&self.sluice_log).unwrap_or_default()
     }
