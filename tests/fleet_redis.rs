@@ -129,8 +129,26 @@ fn fleet(port: u16, keys: std::path::PathBuf) -> impl FnOnce(&mut Config) + Clon
         // tokens.
         c.auth.jwks_file = Some(keys.join("jwks.json"));
         c.auth.signing_key_file = Some(keys.join("private-key.pem"));
+        // One inspection key: every gateway makes the same placeholders
+        // and sandbox CAs. And a credential, whose secret must never
+        // reach Redis.
+        c.inspect.key_file = keys.join("inspect.key");
+        c.credentials.insert(
+            "gh".into(),
+            sluice::config::CredentialConfig {
+                hosts: vec!["api.gh.test".into()],
+                secret_file: keys.join("gh.secret"),
+                header: "authorization".into(),
+                format: "Bearer {secret}".into(),
+                env: "GH_TOKEN".into(),
+                ..Default::default()
+            },
+        );
     }
 }
+
+/// The fleet's credential secret (never in Redis).
+const FLEET_SECRET: &str = "fl33t-S3CRET-c0ffee";
 
 /// A redis-server of the test's own and two gateways sharing it, both
 /// connected.
@@ -152,6 +170,8 @@ impl Fleet<()> {
             .unwrap()
             .write(keys.path())
             .unwrap();
+        std::fs::write(keys.path().join("inspect.key"), [42u8; 32]).unwrap();
+        std::fs::write(keys.path().join("gh.secret"), FLEET_SECRET).unwrap();
         let tweak = fleet(port, keys.path().to_owned());
         let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
         let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
@@ -351,4 +371,99 @@ async fn hostile_fleet_entries_do_not_stop_revocations() {
     assert!(far as u64 <= latest, "re-seeded until {far}");
     // ... and a revocation on one is refused by the other within 1 s.
     revoked_across(&one, &two, "sb-z").await;
+}
+
+/// Every gateway of a fleet gives a sandbox the same placeholders and the
+/// same CA (both derived from the shared inspection key), and neither the
+/// secret nor any private key ever reaches Redis.
+#[tokio::test]
+async fn a_fleet_shares_placeholders_and_cas_but_never_secrets() {
+    if !have_tool(
+        "redis-server",
+        "--version",
+        "a_fleet_shares_placeholders_and_cas_but_never_secrets",
+    ) {
+        return;
+    }
+    let Fleet {
+        redis,
+        keys: _keys,
+        one,
+        two,
+        ..
+    } = Fleet::start().await;
+    let (status, minted) = one
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"container_id": "sb-sealed", "user_id": "u", "allowed_hosts": ["api.gh.test"],
+                        "credentials": ["gh"], "ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{minted}");
+    let token = minted["token"].as_str().unwrap();
+    let mut placeholders = Vec::new();
+    let mut keys_of_cas = Vec::new();
+    for (gw, ip) in [(&one, "198.18.0.2"), (&two, "198.18.0.3")] {
+        let (status, reg) = gw
+            .admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"source_ip": ip, "token": token})),
+            )
+            .await;
+        assert_eq!(status, 201, "{reg}");
+        placeholders.push(reg["credentials"]["gh"].as_str().unwrap().to_owned());
+        let pem = admin_text(gw, "/v1/sandboxes/sb-sealed/ca.pem").await;
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        keys_of_cas.push(cert.tbs_certificate.subject_pki.raw.to_vec());
+    }
+    assert!(placeholders[0].starts_with("sluice-sealed-gh-"));
+    assert_eq!(
+        placeholders[0], placeholders[1],
+        "placeholders differ across the fleet"
+    );
+    assert_eq!(
+        keys_of_cas[0], keys_of_cas[1],
+        "CAs differ across the fleet"
+    );
+
+    // Everything in Redis, read back: no secret, no private key.
+    let mut all = String::new();
+    for key in redis.cli(&["--scan", "--pattern", "t:*"]).lines() {
+        let value = match redis.cli(&["TYPE", key]).trim() {
+            "string" => redis.cli(&["GET", key]),
+            "zset" => redis.cli(&["ZRANGE", key, "0", "-1", "WITHSCORES"]),
+            "hash" => redis.cli(&["HGETALL", key]),
+            "set" => redis.cli(&["SMEMBERS", key]),
+            "list" => redis.cli(&["LRANGE", key, "0", "-1"]),
+            other => panic!("{key} is a {other}"),
+        };
+        all.push_str(key);
+        all.push_str(&value);
+    }
+    assert!(all.contains("sb-sealed"), "the session is missing: {all}");
+    assert!(!all.contains(FLEET_SECRET), "the secret is in Redis");
+    assert!(!all.contains("PRIVATE KEY"), "a private key is in Redis");
+}
+
+/// An admin GET whose answer is text.
+async fn admin_text(gw: &Gw, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.running.admin_addr)
+        .await
+        .unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        gw.running.admin_token
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }
