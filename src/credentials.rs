@@ -429,6 +429,19 @@ impl Sealed {
     }
 }
 
+impl Sealed {
+    /// The name of the first credential whose placeholder a host name
+    /// carries (a label of a DNS query, an SNI, a `Host`): names compare
+    /// without case.
+    pub fn find_in_name(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.items
+            .iter()
+            .find(|(_, p, _)| name.contains(&p.to_ascii_lowercase()))
+            .map(|(n, _, _)| &**n)
+    }
+}
+
 fn find_ascii_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len())
         .position(|w| w.eq_ignore_ascii_case(needle))
@@ -573,6 +586,16 @@ mod tests {
             sealed.find_in(b"GET / HTTP/1.1\r\nAuthorization: Basic !!!\r\n\r\n"),
             None
         );
+    }
+
+    #[test]
+    fn placeholders_are_found_in_names_whatever_their_case() {
+        let sealed = Sealed::new(b"k", "c1", &["GH".into()], &Credentials::default());
+        let p = sealed.items[0].1.clone();
+        assert!(p.len() < 64, "a placeholder fits in one DNS label: {p}");
+        let name = format!("{}.exfil.test", p.to_ascii_lowercase());
+        assert_eq!(sealed.find_in_name(&name), Some("GH"));
+        assert_eq!(sealed.find_in_name("api.exfil.test"), None);
     }
 
     #[test]

@@ -303,6 +303,19 @@ impl Door {
         let Ok(name) = HostName::parse(&ascii) else {
             return deny(Deny::NoHost, Answer::NxDomain);
         };
+        // A placeholder in a name is a way out for it (a query to a
+        // wildcard-allowed zone): refused, and audited.
+        if let Some((sealed, _)) = self.gw.sealed(&sandbox.grant)
+            && let Some(credential) = sealed.find_in_name(name.as_str())
+        {
+            tracing::warn!(
+                target: "sluice::audit",
+                container_id = %sandbox.grant.claims.container_id,
+                credential,
+                "a credential placeholder in a DNS query"
+            );
+            return deny(Deny::CredentialMisuse, Answer::Refused);
+        }
         let policy = self.gw.policy();
         let decision = self.gw.decision(&policy);
         let caller = Caller::Sandbox(Arc::clone(&sandbox));

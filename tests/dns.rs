@@ -388,3 +388,67 @@ async fn an_unknown_edns_version_gets_badvers() {
     assert_eq!(u16::from(r.metadata.response_code), 16);
     assert_eq!(seen.load(Ordering::SeqCst), 0);
 }
+
+/// A sandbox's credential placeholder in a query name (a way out through
+/// a wildcard-allowed zone) is refused and never sent upstream; the same
+/// zone's other names still resolve upstream.
+#[tokio::test]
+async fn a_placeholder_in_a_query_name_is_refused() {
+    let (upstream, seen) = counting_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("gh");
+    std::fs::write(&secret, "dns-S3CRET").unwrap();
+    let gw = start("127.0.0.1:1".parse().unwrap(), move |c| {
+        c.dns.upstream = vec![upstream];
+        c.credentials.insert(
+            "gh".into(),
+            sluice::config::CredentialConfig {
+                hosts: vec!["api.gh.test".into()],
+                secret_file: secret,
+                header: "authorization".into(),
+                format: "Bearer {secret}".into(),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let (status, minted) = gw
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(serde_json::json!({"container_id": "p", "user_id": "u", "allowed_hosts": ["*.any.test"],
+                                    "credentials": ["gh"], "ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{minted}");
+    let (status, reg) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(serde_json::json!({"source_ip": "127.0.0.9", "token": minted["token"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reg}");
+    let placeholder = reg["credentials"]["gh"].as_str().unwrap().to_owned();
+    let q = query(&format!("{placeholder}.any.test."), RecordType::A, false);
+    let r = ask_from("127.0.0.9", gw.running.dns_addr, &q.to_vec().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "the placeholder went upstream"
+    );
+    // Another name of the zone is asked upstream (which never answers).
+    let q = query("fine.any.test.", RecordType::A, false);
+    let _ = ask_from("127.0.0.9", gw.running.dns_addr, &q.to_vec().unwrap()).await;
+    assert!(seen.load(Ordering::SeqCst) > 0);
+    let page = gw.metrics().await;
+    assert!(
+        page.contains(
+            "sluice_dns_queries_total{qtype=\"A\",decision=\"deny\",reason=\"credential_misuse\"}"
+        ),
+        "{page}"
+    );
+}

@@ -309,7 +309,7 @@ env = "GH_TOKEN"
         "/v1/tokens",
         &serde_json::json!({"container_id": "sealed-1", "user_id": "e2e",
             "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test", "git.cred.test", "grpc.cred.test",
-                              "pypi.cred.test", "ws.cred.test"],
+                              "pypi.cred.test", "ws.cred.test", "*.wild.test"],
             "credentials": ["gh", "git", "pypi"], "ttl_seconds": 600}),
     );
     let token = minted["token"].as_str().unwrap().to_owned();
@@ -568,6 +568,32 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
     assert!(
         !access(&lab, 443).contains("/leak"),
         "the refused request went up"
+    );
+
+    // In the name itself, under a wildcard-allowed zone: refused before
+    // any dial.
+    let sni = format!("{}.wild.test", sb.placeholder);
+    let r = curl(
+        &lab,
+        &[
+            "-sS",
+            "--resolve",
+            &format!("{sni}:443:{UP}"),
+            &format!("https://{sni}/"),
+        ],
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab
+        .sluice_log()
+        .contains("a credential placeholder in a host name")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lab.sluice_log()
+            .contains("a credential placeholder in a host name")
     );
 
     // An upstream whose certificate fails: refused upstream_certificate.

@@ -131,6 +131,22 @@ impl Conn {
             }
         };
         self.record.container_id = Some(Arc::clone(&permit.grant.container));
+        // A placeholder in the name itself (an SNI or `Host` under a
+        // wildcard-allowed zone) would carry it out: refused, not dialled.
+        if let (Host::Name(name), Some((sealed, _))) = (&target.host, self.gw.sealed(&permit.grant))
+            && let Some(credential) = sealed.find_in_name(name.as_str())
+        {
+            tracing::warn!(
+                target: "sluice::audit",
+                container_id = %permit.grant.claims.container_id,
+                credential,
+                "a credential placeholder in a host name"
+            );
+            self.slot = Some(permit.slot);
+            let d = Deny::CredentialMisuse;
+            self.refuse(protocol, d, opened.refusal(protocol, d)).await;
+            return None;
+        }
         match self.connect(target).await {
             Ok(upstream) => {
                 self.record.decide(Ok(()));
