@@ -204,3 +204,18 @@ pub fn request_path(data: &[u8]) {
         }
     }
 }
+
+/// Any bytes as a request head a sandbox holding credentials sends: the
+/// placeholder scan (plain, inside `Basic` credentials, in a name) never
+/// panics, and finds a placeholder that is there, whatever surrounds it.
+pub fn placeholder_scan(data: &[u8]) {
+    use crate::credentials::{Credentials, Sealed};
+    let sealed = Sealed::new(b"fuzz", "c1", &["gh".into()], &Credentials::default());
+    let placeholder = sealed.items[0].1.clone();
+    let _ = sealed.find_in(data);
+    let _ = sealed.find_in_name(&String::from_utf8_lossy(data));
+    let mut with = data.to_vec();
+    with.extend_from_slice(placeholder.as_bytes());
+    with.extend_from_slice(data);
+    assert_eq!(sealed.find_in(&with), Some("gh"));
+}

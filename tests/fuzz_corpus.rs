@@ -78,3 +78,8 @@ fn fleet_message_corpus() {
 fn request_path_corpus() {
     replay("request_path", sluice::invariants::request_path);
 }
+
+#[test]
+fn placeholder_scan_corpus() {
+    replay("placeholder_scan", sluice::invariants::placeholder_scan);
+}

@@ -455,21 +455,11 @@ async fn open(
             Opened::Answered => {}
         }
         let peek = Duration::from_millis(conn.gw.policy().gateway.peek_timeout_ms);
-        let opening = match open_tunnel(conn, &upstream, &mut buf, &permit, peek).await {
-            TunnelOpening::ServerFirst => {
-                let other = Protocol::Other;
-                return to_origin(conn, permit, caller, target, upstream, other, buf).await;
-            }
-            TunnelOpening::Gone(end) => {
-                conn.record.end = end;
-                return Err(Ending::Closed);
-            }
-            TunnelOpening::Refused(protocol, d) => {
-                drop(upstream);
-                conn.refuse(protocol, d, refusal(protocol, d)).await;
-                return Err(Ending::Closed);
-            }
-            TunnelOpening::Client(opening) => opening,
+        let opening = open_tunnel(conn, &upstream, &mut buf, &permit, peek).await;
+        let (opening, upstream) = settle(conn, opening, upstream).await?;
+        let Some(opening) = opening else {
+            let other = Protocol::Other;
+            return to_origin(conn, permit, caller, target, upstream, other, buf).await;
         };
         match target_of(&opening, Some(target.port)) {
             // It names what was dialled: go on with it.
@@ -609,19 +599,8 @@ async fn tunnel(
     // However late a tunnel's first bytes come, they are read and judged.
     let idle = Duration::from_millis(conn.gw.policy().gateway.idle_timeout_ms);
     let opening = open_tunnel(conn, &upstream, &mut buf, &permit, idle).await;
-    let opening = match opening {
-        TunnelOpening::Client(o) => o,
-        TunnelOpening::ServerFirst => Opening::Other,
-        TunnelOpening::Gone(end) => {
-            conn.record.end = end;
-            return Err(Ending::Closed);
-        }
-        TunnelOpening::Refused(protocol, d) => {
-            drop(upstream);
-            conn.refuse(protocol, d, refusal(protocol, d)).await;
-            return Err(Ending::Closed);
-        }
-    };
+    let (opening, upstream) = settle(conn, opening, upstream).await?;
+    let opening = opening.unwrap_or(Opening::Other);
     if let Err((protocol, d)) = tunnel_target_check(&opening, &target.host, permit.explicit_port) {
         drop(upstream);
         conn.refuse(protocol, d, refusal(protocol, d)).await;
@@ -633,6 +612,29 @@ async fn tunnel(
         Opening::Other => Protocol::Other,
     };
     to_origin(conn, permit, caller, target, upstream, protocol, buf).await
+}
+
+/// What a tunnel's opening leaves to go on with: the client's first bytes
+/// (`None` when the upstream spoke first) and the upstream; the ending when
+/// the client went, or was refused (the upstream closed first).
+async fn settle(
+    conn: &mut Conn,
+    opening: TunnelOpening,
+    upstream: TcpStream,
+) -> Result<(Option<Opening>, TcpStream), Ending> {
+    match opening {
+        TunnelOpening::Client(o) => Ok((Some(o), upstream)),
+        TunnelOpening::ServerFirst => Ok((None, upstream)),
+        TunnelOpening::Gone(end) => {
+            conn.record.end = end;
+            Err(Ending::Closed)
+        }
+        TunnelOpening::Refused(protocol, d) => {
+            drop(upstream);
+            conn.refuse(protocol, d, refusal(protocol, d)).await;
+            Err(Ending::Closed)
+        }
+    }
 }
 
 /// Records how an HTTP exchange ended; a refusal closes the connection.
