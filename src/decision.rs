@@ -94,12 +94,35 @@ pub struct Authorized {
     /// An allowlist entry names this port explicitly: a protocol that
     /// carries no name (SSH, a database) may pass.
     pub explicit_port: bool,
+    /// Only entries with request rules admit it: each request is judged
+    /// by them, and what cannot be read is refused.
+    pub restricted: bool,
+}
+
+impl Authorized {
+    /// The request rules' word on one request (`Ok` when unrestricted).
+    pub fn request(
+        &self,
+        target: &Target,
+        allowed_ports: &[u16],
+        method: &str,
+        path: &str,
+    ) -> Result<(), Deny> {
+        if !self.restricted {
+            return Ok(());
+        }
+        self.grant
+            .allowlist
+            .admits_request(&target.host, target.port, allowed_ports, method, path)
+    }
 }
 
 /// What an allowed connection holds for its life.
 pub struct Permit {
     pub grant: Arc<Grant>,
     pub explicit_port: bool,
+    /// See [`Authorized::restricted`].
+    pub restricted: bool,
     /// Cancelled when the token is revoked, the sandbox unregistered or
     /// the token expires: the connection closes.
     pub revoked: CancellationToken,
@@ -153,6 +176,7 @@ impl Decision<'_> {
         Ok(Authorized {
             grant,
             explicit_port: admitted.explicit_port,
+            restricted: admitted.restricted,
         })
     }
 
@@ -193,6 +217,7 @@ impl Decision<'_> {
         let Authorized {
             grant,
             explicit_port,
+            restricted,
         } = self.authorize(caller, target)?;
         let slot = self
             .connections
@@ -202,6 +227,7 @@ impl Decision<'_> {
             revoked: self.verifier.watch(&grant),
             grant,
             explicit_port,
+            restricted,
             slot,
         })
     }

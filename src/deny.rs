@@ -28,10 +28,12 @@ pub enum Deny {
     CredentialMisuse,
     /// An inspected upstream's certificate did not verify.
     UpstreamCertificate,
+    /// The request's method or path is off its host's rules.
+    RequestNotAllowed,
 }
 
 impl Deny {
-    pub const ALL: [Deny; 17] = [
+    pub const ALL: [Deny; 18] = [
         Deny::HostNotAllowed,
         Deny::PortNotAllowed,
         Deny::UnknownSource,
@@ -49,6 +51,7 @@ impl Deny {
         Deny::UpstreamTimeout,
         Deny::CredentialMisuse,
         Deny::UpstreamCertificate,
+        Deny::RequestNotAllowed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Deny {
             Deny::UpstreamTimeout => "upstream_timeout",
             Deny::CredentialMisuse => "credential_misuse",
             Deny::UpstreamCertificate => "upstream_certificate",
+            Deny::RequestNotAllowed => "request_not_allowed",
         }
     }
 

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use crate::deny::Deny;
 use crate::host::{Host, HostError, HostPattern};
+use rules::{RequestRule, RuleSet};
 
 /// The ports an entry admits: the gateway's `allowed_ports` (an entry
 /// without a port) and/or the ports named explicitly.
@@ -43,6 +44,74 @@ pub struct Allowlist {
     /// For each entry, the preset it came from (`@package_managers`), if
     /// it was expanded from one.
     presets: Vec<Option<std::sync::Arc<str>>>,
+    /// For each entry, its request rule, if it has one.
+    rules: Vec<Option<RequestRule>>,
+    /// Entries with request rules, apart: they admit a host only for the
+    /// requests a rule admits. An entry without a rule for the same host
+    /// and port admits every request, as before.
+    ruled: RuleMap,
+}
+
+/// The rules of a host's ruled entries, by the port they name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Ported {
+    /// Entries without a port: on the gateway's `allowed_ports`.
+    default_ports: RuleSet,
+    ports: Vec<(u16, RuleSet)>,
+}
+
+impl Ported {
+    fn add(&mut self, port: Option<u16>, rule: RequestRule) {
+        match port {
+            None => self.default_ports.push(rule),
+            Some(p) => match self.ports.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, set)) => set.push(rule),
+                None => {
+                    let mut set = RuleSet::default();
+                    set.push(rule);
+                    self.ports.push((p, set));
+                }
+            },
+        }
+    }
+
+    /// The rules that apply on `port`, and whether the port was named.
+    fn on(&self, port: u16, allowed_ports: &[u16]) -> impl Iterator<Item = (&RuleSet, bool)> {
+        let named = self
+            .ports
+            .iter()
+            .filter(move |(p, _)| *p == port)
+            .map(|(_, s)| (s, true));
+        let default = (!self.default_ports.is_empty() && allowed_ports.contains(&port))
+            .then_some((&self.default_ports, false));
+        named.chain(default)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RuleMap {
+    exact: HashMap<Box<str>, Ported>,
+    wildcard: HashMap<Box<str>, Ported>,
+    ips: HashMap<IpAddr, Ported>,
+}
+
+impl RuleMap {
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty() && self.ips.is_empty()
+    }
+
+    /// Every ruled entry naming `host`, whatever its port.
+    fn for_host<'a>(&'a self, host: &'a Host) -> Box<dyn Iterator<Item = &'a Ported> + 'a> {
+        match host {
+            Host::Ip(ip) => Box::new(self.ips.get(&ip.to_canonical()).into_iter()),
+            Host::Name(name) => Box::new(
+                self.exact
+                    .get(name.as_str())
+                    .into_iter()
+                    .chain(name.parents().filter_map(|p| self.wildcard.get(p))),
+            ),
+        }
+    }
 }
 
 impl Allowlist {
@@ -54,9 +123,43 @@ impl Allowlist {
     pub fn with_presets(
         patterns: impl IntoIterator<Item = (HostPattern, Option<std::sync::Arc<str>>)>,
     ) -> Self {
+        Self::with_rules(patterns.into_iter().map(|(p, preset)| (p, None, preset)))
+    }
+
+    /// Entries, each with its request rule (if any) and the preset it was
+    /// expanded from (if any).
+    pub fn with_rules(
+        patterns: impl IntoIterator<
+            Item = (
+                HostPattern,
+                Option<RequestRule>,
+                Option<std::sync::Arc<str>>,
+            ),
+        >,
+    ) -> Self {
         let mut list = Allowlist::default();
-        for (pattern, preset) in patterns {
+        for (pattern, rule, preset) in patterns {
             list.presets.push(preset);
+            list.rules.push(rule.clone());
+            if let Some(rule) = rule {
+                let ported = match &pattern {
+                    HostPattern::Exact(name, _) => {
+                        list.ruled.exact.entry(name.as_str().into()).or_default()
+                    }
+                    HostPattern::Wildcard(name, _) => {
+                        list.ruled.wildcard.entry(name.as_str().into()).or_default()
+                    }
+                    HostPattern::Ip(ip, _) => list.ruled.ips.entry(*ip).or_default(),
+                };
+                let port = match &pattern {
+                    HostPattern::Exact(_, p)
+                    | HostPattern::Wildcard(_, p)
+                    | HostPattern::Ip(_, p) => *p,
+                };
+                ported.add(port, rule);
+                list.entries.push(pattern);
+                continue;
+            }
             match &pattern {
                 HostPattern::Exact(name, port) => list
                     .exact
@@ -118,9 +221,13 @@ impl Allowlist {
             }
         }
         let (_, i) = best?;
-        Some(match &self.presets[i] {
-            Some(preset) => format!("{} ({preset})", self.entries[i]),
+        let entry = match &self.rules[i] {
+            Some(rule) => format!("{} {rule}", self.entries[i]),
             None => self.entries[i].to_string(),
+        };
+        Some(match &self.presets[i] {
+            Some(preset) => format!("{entry} ({preset})"),
+            None => entry,
         })
     }
 
@@ -145,6 +252,7 @@ impl Allowlist {
                 let prev = found.is_some_and(|a| a.explicit_port);
                 found = Some(Admitted {
                     explicit_port: explicit_port || prev,
+                    restricted: false,
                 });
                 return explicit_port;
             }
@@ -163,8 +271,62 @@ impl Allowlist {
         }
         match (found, name_matched) {
             (Some(a), _) => Ok(a),
+            // Only entries with rules can still admit it, for some
+            // requests.
+            _ if !self.ruled.is_empty() => {
+                self.decide_ruled(host, port, allowed_ports, name_matched)
+            }
             (None, true) => Err(Deny::PortNotAllowed),
             (None, false) => Err(Deny::HostNotAllowed),
+        }
+    }
+
+    fn decide_ruled(
+        &self,
+        host: &Host,
+        port: u16,
+        allowed_ports: &[u16],
+        name_matched: bool,
+    ) -> Result<Admitted, Deny> {
+        let mut any = name_matched;
+        let mut explicit_port = None;
+        for ported in self.ruled.for_host(host) {
+            any = true;
+            for (_, named) in ported.on(port, allowed_ports) {
+                explicit_port = Some(explicit_port.unwrap_or(false) || named);
+            }
+        }
+        match (explicit_port, any) {
+            (Some(explicit_port), _) => Ok(Admitted {
+                explicit_port,
+                restricted: true,
+            }),
+            (None, true) => Err(Deny::PortNotAllowed),
+            (None, false) => Err(Deny::HostNotAllowed),
+        }
+    }
+
+    /// May this request go to `host` on `port`, admitted only by entries
+    /// with rules (`decide` said `restricted`)? Its path is normalised
+    /// first (`bad_request` when it cannot be), the query ignored.
+    pub fn admits_request(
+        &self,
+        host: &Host,
+        port: u16,
+        allowed_ports: &[u16],
+        method: &str,
+        target: &str,
+    ) -> Result<(), Deny> {
+        let path = rules::normalize_path(target).map_err(|_| Deny::BadRequest)?;
+        let admitted = self
+            .ruled
+            .for_host(host)
+            .flat_map(|p| p.on(port, allowed_ports))
+            .any(|(set, _)| set.admits(method, &path).is_some());
+        if admitted {
+            Ok(())
+        } else {
+            Err(Deny::RequestNotAllowed)
         }
     }
 }
@@ -173,13 +335,14 @@ impl Allowlist {
     /// Does an entry admit this name on some port? What the DNS door asks:
     /// a name is answered if the sandbox may reach it at all.
     pub fn admits_name(&self, host: &Host) -> bool {
-        match host {
+        let unruled = match host {
             Host::Ip(ip) => self.ips.contains_key(&ip.to_canonical()),
             Host::Name(name) => {
                 self.exact.contains_key(name.as_str())
                     || name.parents().any(|p| self.wildcard.contains_key(p))
             }
-        }
+        };
+        unruled || self.ruled.for_host(host).next().is_some()
     }
 }
 
@@ -189,6 +352,10 @@ pub struct Admitted {
     /// An entry names this port (`git.example.com:22`), rather than the
     /// gateway's `allowed_ports` admitting it.
     pub explicit_port: bool,
+    /// Only entries with request rules admit it: every request must be
+    /// read and judged ([`Allowlist::admits_request`]); bytes that cannot
+    /// be read are refused.
+    pub restricted: bool,
 }
 
 #[cfg(test)]
@@ -287,5 +454,85 @@ mod tests {
             l.decide(&host("api.test"), 22, PORTS),
             Err(Deny::PortNotAllowed)
         );
+    }
+
+    fn ruled(entries: &[&str]) -> Allowlist {
+        let presets = crate::presets::Presets::default();
+        let owned: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+        crate::identity::token::compile_hosts(&owned, &presets).unwrap()
+    }
+
+    #[test]
+    fn request_rules_restrict_only_their_host_and_port() {
+        let l = ruled(&[
+            "github.test GET|HEAD /acme/**",
+            "github.test POST /acme/*/git-upload-pack",
+            "api.test",
+            "*.cdn.test GET /pub/*",
+        ]);
+        let gh = host("github.test");
+        let a = l.decide(&gh, 443, PORTS).unwrap();
+        assert!(a.restricted && !a.explicit_port);
+        let req = |m: &str, p: &str| l.admits_request(&gh, 443, PORTS, m, p);
+        assert_eq!(req("GET", "/acme/repo/info/refs?service=x"), Ok(()));
+        assert_eq!(req("HEAD", "/acme/x"), Ok(()));
+        assert_eq!(req("POST", "/acme/repo/git-upload-pack"), Ok(()));
+        assert_eq!(
+            req("POST", "/acme/repo/git-receive-pack"),
+            Err(Deny::RequestNotAllowed)
+        );
+        assert_eq!(req("GET", "/other/repo"), Err(Deny::RequestNotAllowed));
+        // Normalised first: a climb out of the allowed prefix, an encoded
+        // slash, are not allowed in.
+        assert_eq!(req("GET", "/acme/../other/x"), Err(Deny::RequestNotAllowed));
+        assert_eq!(req("GET", "/acme%2F..%2Fother"), Err(Deny::BadRequest));
+        // Paths are case-sensitive.
+        assert_eq!(req("GET", "/ACME/x"), Err(Deny::RequestNotAllowed));
+        // A host without rules is not restricted; a port no entry names is
+        // still refused.
+        assert!(!l.decide(&host("api.test"), 443, PORTS).unwrap().restricted);
+        assert_eq!(l.decide(&gh, 22, PORTS), Err(Deny::PortNotAllowed));
+        assert_eq!(
+            l.decide(&host("x.test"), 443, PORTS),
+            Err(Deny::HostNotAllowed)
+        );
+        let cdn = host("a.cdn.test");
+        assert!(l.decide(&cdn, 443, PORTS).unwrap().restricted);
+        assert_eq!(l.admits_request(&cdn, 443, PORTS, "GET", "/pub/x"), Ok(()));
+        assert!(l.admits_name(&gh) && l.admits_name(&cdn));
+    }
+
+    #[test]
+    fn an_entry_without_a_rule_admits_every_request_to_its_host() {
+        let l = ruled(&["github.test GET /acme/**", "github.test"]);
+        assert!(
+            !l.decide(&host("github.test"), 443, PORTS)
+                .unwrap()
+                .restricted
+        );
+        // On another port only the rule's entry names: restricted there.
+        let l = ruled(&["github.test:8443 GET /x", "github.test"]);
+        let a = l.decide(&host("github.test"), 8443, PORTS).unwrap();
+        assert!(a.restricted && a.explicit_port);
+        assert!(
+            !l.decide(&host("github.test"), 443, PORTS)
+                .unwrap()
+                .restricted
+        );
+    }
+
+    #[test]
+    fn malformed_rules_are_refused_with_their_reason() {
+        let presets = crate::presets::Presets::default();
+        for bad in [
+            "github.test GET",
+            "github.test GET acme/**",
+            "github.test GET|BOGUS? /x",
+            "github.test GET /a/**/b/** extra",
+            "@package_managers GET /x",
+        ] {
+            let e = crate::identity::token::compile_hosts(&[bad.to_string()], &presets);
+            assert!(e.is_err(), "{bad} was accepted");
+        }
     }
 }

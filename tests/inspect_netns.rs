@@ -282,6 +282,7 @@ fn setup(lab: &mut Lab) -> Sandbox {
 "grpc.cred.test" = ["{GRPC}"]
 "pypi.cred.test" = ["{UP}"]
 "ws.cred.test" = ["{WS}"]
+"rules.test" = ["{UP}"]
 [inspect]
 upstream_ca_file = "{d}/ca.crt"
 [credentials.git]
@@ -308,8 +309,9 @@ env = "GH_TOKEN"
         "POST",
         "/v1/tokens",
         &serde_json::json!({"container_id": "sealed-1", "user_id": "e2e",
-            "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test", "git.cred.test", "grpc.cred.test",
-                              "pypi.cred.test", "ws.cred.test", "*.wild.test"],
+            "allowed_hosts": ["api.cred.test", "plain.test", "bad.cred.test", "git.cred.test",
+                              "grpc.cred.test POST /sealed.Echo/Call", "pypi.cred.test", "ws.cred.test",
+                              "*.wild.test", "rules.test GET|HEAD /ok/**"],
             "credentials": ["gh", "git", "pypi"], "ttl_seconds": 600}),
     );
     let token = minted["token"].as_str().unwrap().to_owned();
@@ -570,6 +572,50 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
         "the refused request went up"
     );
 
+    // Request rules on a plain HTTP host: a GET under the allowed prefix
+    // is served; another method, another path, a climb out of the prefix
+    // are refused before the upstream; HTTPS to it, which no credential
+    // opens, is refused (its requests could not be judged).
+    let rules_80 = "rules.test:80:198.18.1.10";
+    let before80 = access(&lab, 80);
+    let r = curl(
+        &lab,
+        &["-sS", "--resolve", rules_80, "http://rules.test/ok/a"],
+    );
+    assert_eq!(r.stdout.trim(), "plain", "{r:?}\n{}", lab.sluice_log());
+    for (what, args) in [
+        ("POST", vec!["-X", "POST", "http://rules.test/ok/a"]),
+        ("another path", vec!["http://rules.test/other"]),
+        (
+            "a climb",
+            vec!["--path-as-is", "http://rules.test/ok/../other"],
+        ),
+    ] {
+        let mut full = vec!["-sS", "-D", "-", "-o", "/dev/null", "--resolve", rules_80];
+        full.extend(args);
+        let r = curl(&lab, &full);
+        assert!(
+            r.stdout.contains("x-deny-reason: request_not_allowed"),
+            "{what}: {r:?}"
+        );
+    }
+    let after80 = access(&lab, 80);
+    assert_eq!(
+        after80.matches("/ok/a").count(),
+        before80.matches("/ok/a").count() + 1
+    );
+    assert!(!after80.contains("/other"), "{after80}");
+    let r = curl(
+        &lab,
+        &[
+            "-sS",
+            "--resolve",
+            "rules.test:443:198.18.1.10",
+            "https://rules.test/ok/a",
+        ],
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+
     // In the name itself, under a wildcard-allowed zone: refused before
     // any dial.
     let sni = format!("{}.wild.test", sb.placeholder);
@@ -792,6 +838,28 @@ fn real_clients_work_with_only_placeholders() {
     );
     let seen = std::fs::read_to_string(lab.dir.path().join("grpc.log")).unwrap_or_default();
     assert_eq!(seen.trim(), format!("Bearer {SECRET}"));
+    // A method the host's rule does not name: PERMISSION_DENIED, never
+    // sent to the server.
+    let denied = lab.exec_in(
+        &lab.sb,
+        &[("BUNDLE", &sb.bundle), ("GRPC_DNS_RESOLVER", "native")],
+        &["/usr/bin/python3", "-c",
+          "import grpc, os\n\
+           creds = grpc.ssl_channel_credentials(open(os.environ['BUNDLE'], 'rb').read())\n\
+           ch = grpc.secure_channel('grpc.cred.test:443', creds)\n\
+           try:\n    ch.unary_unary('/sealed.Echo/Other')(b'x', timeout=20)\nexcept grpc.RpcError as e:\n    print(e.code().name, e.details())"],
+    );
+    assert_eq!(
+        denied.stdout.trim(),
+        "PERMISSION_DENIED request_not_allowed",
+        "{denied:?}"
+    );
+    let seen = std::fs::read_to_string(lab.dir.path().join("grpc.log")).unwrap_or_default();
+    assert_eq!(
+        seen.lines().count(),
+        1,
+        "the refused call reached the server"
+    );
 
     // pip install from an index that requires its token.
     let target = lab.dir.path().join("site");

@@ -171,6 +171,12 @@ fn session_check(gw: &Arc<Gateway>, target: Target) -> http::Check {
             return Err(Deny::CredentialMisuse);
         }
         super::pipeline::misuse_check(&gw, &allowed.grant, bytes)?;
+        allowed.request(
+            &target,
+            &policy.gateway.allowed_ports,
+            &head.method,
+            &head.path,
+        )?;
         Ok(Verdict::Forward)
     })
 }

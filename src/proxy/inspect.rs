@@ -337,11 +337,21 @@ impl Session {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         if let Err(deny) = self.judge(&req) {
-            if deny == Deny::CredentialMisuse {
+            // A placeholder out of place is hostile: that connection ends.
+            // A request off the rules is refused alone; the next goes on.
+            let hostile = deny == Deny::CredentialMisuse;
+            if hostile {
                 self.refused.store(true, Ordering::Release);
             }
             self.audit(&method, &path, Err(deny), &[], 0);
-            return refusal(deny, req.version() == hyper::Version::HTTP_11);
+            let grpc = req
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if grpc {
+                return grpc_refusal(deny);
+            }
+            return refusal(deny, hostile && req.version() == hyper::Version::HTTP_11);
         }
         let injected = self.inject(&mut req);
         strip_proxy_headers(&mut req);
@@ -403,9 +413,21 @@ impl Session {
             _ => return Err(Deny::HostNotAllowed),
         }
         let policy = self.gw.policy();
-        self.gw
+        let allowed = self
+            .gw
             .decision(&policy)
             .authorize(&self.caller, &self.target)?;
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        allowed.request(
+            &self.target,
+            &policy.gateway.allowed_ports,
+            req.method().as_str(),
+            path,
+        )?;
         let set: Vec<&str> = self
             .sealed
             .for_host(&self.host)
@@ -520,6 +542,21 @@ fn refusal(deny: Deny, close: bool) -> Response<Body> {
     if close {
         h.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     }
+    resp
+}
+
+/// A refused gRPC call: `PERMISSION_DENIED` (7) as a trailers-only
+/// answer, which is how a gRPC client reads it; the reason beside it.
+fn grpc_refusal(deny: Deny) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    h.insert("grpc-message", HeaderValue::from_static(deny.as_str()));
+    h.insert("x-deny-reason", HeaderValue::from_static(deny.as_str()));
     resp
 }
 

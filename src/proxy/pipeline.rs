@@ -105,6 +105,7 @@ impl Conn {
                 revoked: self.gw.verifier.watch(&a.grant),
                 grant: a.grant,
                 explicit_port: a.explicit_port,
+                restricted: a.restricted,
                 slot: held,
             }),
             Err(d) => {
@@ -356,7 +357,16 @@ async fn to_origin(
                 upstream,
                 plan,
             })),
-            Ok(None) => Relay::Raw(Stream::Tcp(upstream)),
+            Ok(None) if !permit.restricted => Relay::Raw(Stream::Tcp(upstream)),
+            // A host with request rules whose TLS is not opened: its
+            // requests cannot be judged, so none pass.
+            Ok(None) => {
+                drop(upstream);
+                conn.slot = Some(permit.slot);
+                let d = Deny::RequestNotAllowed;
+                conn.refuse(protocol, d, refusal(protocol, d)).await;
+                return Err(Ending::Closed);
+            }
             Err(d) => {
                 drop(upstream);
                 conn.slot = Some(permit.slot);
@@ -383,6 +393,14 @@ async fn to_origin(
                     answer: origin_answer,
                 },
             )
+        }
+        // Bytes that are not HTTP cannot be judged by request rules.
+        Protocol::Connect | Protocol::Other if permit.restricted => {
+            drop(upstream);
+            conn.slot = Some(permit.slot);
+            let d = Deny::RequestNotAllowed;
+            conn.refuse(protocol, d, refusal(protocol, d)).await;
+            return Err(Ending::Closed);
         }
         Protocol::Connect | Protocol::Other => Relay::Raw(Stream::Tcp(upstream)),
     };
@@ -539,6 +557,12 @@ pub fn same_host_check(gw: &Arc<Gateway>, caller: Caller, target: Target) -> htt
             return Err(Deny::HostNotAllowed);
         }
         misuse_check(&gw, &allowed.grant, bytes)?;
+        allowed.request(
+            &target,
+            &policy.gateway.allowed_ports,
+            &head.method,
+            &head.path,
+        )?;
         Ok(Verdict::Forward)
     })
 }

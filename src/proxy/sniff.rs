@@ -535,6 +535,10 @@ pub struct RequestHead {
     /// `Upgrade` requested (`Connection: upgrade` with an `Upgrade` header):
     /// after this request the connection carries another protocol.
     pub upgrade: bool,
+    /// The request target's path and query as sent (`/a/b?c`; `/` for an
+    /// absolute-form URI without one; empty for CONNECT): what request
+    /// rules read, normalised.
+    pub path: String,
     /// The head's length in bytes, CRLFCRLF included.
     pub head_len: usize,
 }
@@ -670,6 +674,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         None => None,
     };
     let mut https = false;
+    let mut path = target.to_owned();
     let (absolute_form, authority) = if connect {
         // authority-form: host and port, nothing else.
         if target.contains(['/', '@', '?', '#']) {
@@ -687,6 +692,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
                     proxy_authorization,
                     framing,
                     upgrade: false,
+                    path: String::new(),
                     head_len,
                 });
             }
@@ -698,6 +704,11 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         if authority.contains('@') {
             return Err(Deny::BadRequest);
         }
+        path = match &rest[authority.len()..] {
+            "" => "/".to_owned(),
+            p if p.starts_with('/') => p.to_owned(),
+            p => format!("/{p}"),
+        };
         (true, Some(authority))
     } else if target.starts_with('/') || target == "*" {
         (false, None)
@@ -730,6 +741,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         proxy_authorization,
         framing,
         upgrade: has_upgrade && connection_upgrade,
+        path,
         head_len,
     })
 }

@@ -113,22 +113,40 @@ impl Grant {
 }
 
 /// Compiles `allowed_hosts`, `@name` entries expanded from `presets`; one
-/// bad entry (or an unknown preset) makes the whole token invalid.
+/// bad entry (or an unknown preset) makes the whole token invalid. An
+/// entry may carry a request rule after its host: `HOST[:PORT] [METHODS]
+/// /PATH-GLOB`; a malformed rule is refused with its reason, never
+/// dropped.
 pub fn compile_hosts(hosts: &[String], presets: &Presets) -> Result<Allowlist, TokenError> {
     let mut patterns = Vec::with_capacity(hosts.len());
     for h in hosts {
-        if let Some(name) = h.trim().strip_prefix('@') {
-            let group = presets
-                .expand(name)
-                .map_err(|e| TokenError::BadAllowedHosts(h.clone(), e.to_string()))?;
-            let label: Arc<str> = Arc::from(h.trim());
-            patterns.extend(group.iter().map(|p| (p.clone(), Some(Arc::clone(&label)))));
+        let entry = h.trim();
+        let bad = |why: String| TokenError::BadAllowedHosts(h.clone(), why);
+        let mut words = entry.split_ascii_whitespace();
+        let host = words.next().unwrap_or("");
+        let rule: Vec<&str> = words.collect();
+        if let Some(name) = host.strip_prefix('@') {
+            if !rule.is_empty() {
+                return Err(bad("a preset entry takes no rule".into()));
+            }
+            let group = presets.expand(name).map_err(|e| bad(e.to_string()))?;
+            let label: Arc<str> = Arc::from(entry);
+            patterns.extend(
+                group
+                    .iter()
+                    .map(|p| (p.clone(), None, Some(Arc::clone(&label)))),
+            );
             continue;
         }
-        let p: HostPattern = h.parse().map_err(|e: crate::host::HostError| {
-            TokenError::BadAllowedHosts(h.clone(), e.to_string())
-        })?;
-        patterns.push((p, None));
+        let p: HostPattern = host
+            .parse()
+            .map_err(|e: crate::host::HostError| bad(e.to_string()))?;
+        let rule = if rule.is_empty() {
+            None
+        } else {
+            Some(crate::policy::rules::RequestRule::parse(&rule).map_err(bad)?)
+        };
+        patterns.push((p, rule, None));
     }
-    Ok(Allowlist::with_presets(patterns))
+    Ok(Allowlist::with_rules(patterns))
 }
