@@ -573,26 +573,13 @@ async fn ca_pem(
         .registry
         .get_by_id(&id)
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
-    let seal = state.gateway.seal();
-    let internal =
-        |detail: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail);
-    let authority = seal
-        .authority
-        .as_ref()
-        .ok_or_else(|| internal("inspection is not set up".into()))?;
-    let key = authority.key();
-    let sealed = crate::credentials::Sealed::new(
-        key,
-        &sandbox.grant.claims.container_id,
-        &sandbox.grant.claims.credentials.0,
-        &seal.credentials,
-    );
-    let ca = authority
-        .ca(
-            &sandbox.grant.container,
-            crate::authority::Authority::permitted(&sealed),
+    let ca = state.gateway.sandbox_ca(&sandbox.grant).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            crate::error_chain(&e),
         )
-        .map_err(|e| internal(crate::error_chain(&e)))?;
+    })?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
         ca.pem.clone(),

@@ -173,8 +173,9 @@ impl Authority {
     }
 
     /// The DNS names a sandbox's CA permits: its credentials' hosts
-    /// (`*.suffix` as `suffix`), sorted; `invalid` when there are none.
-    pub fn permitted(sealed: &Sealed) -> Vec<String> {
+    /// (`*.suffix` as `suffix`) and `ruled`, the hosts its request rules
+    /// name; sorted; `invalid` when there are none.
+    pub fn permitted(sealed: &Sealed, ruled: &[String]) -> Vec<String> {
         let mut names: Vec<String> = sealed
             .items
             .iter()
@@ -184,6 +185,7 @@ impl Authority {
                 HostPattern::Exact(n, _) | HostPattern::Wildcard(n, _) => Some(n.to_string()),
                 HostPattern::Ip(..) => None,
             })
+            .chain(ruled.iter().cloned())
             .collect();
         names.sort();
         names.dedup();

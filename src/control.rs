@@ -170,23 +170,23 @@ impl ControlPlane {
         let Some(gw) = &self.gateway else {
             return Ok(Default::default());
         };
-        let Some((sealed, seal)) = gw.sealed(grant) else {
-            return Ok(Default::default());
-        };
-        let placeholders = sealed
-            .items
-            .iter()
-            .map(|(n, p, _)| (n.to_string(), p.clone()))
-            .collect();
-        let authority = seal
-            .authority
-            .as_ref()
-            .ok_or_else(|| LaunchError::Unavailable("inspection is not set up".into()))?;
-        let ca = authority
-            .ca(
-                &grant.container,
-                crate::authority::Authority::permitted(&sealed),
-            )
+        let placeholders = gw
+            .sealed(grant)
+            .map(|(sealed, _)| {
+                sealed
+                    .items
+                    .iter()
+                    .map(|(n, p, _)| (n.to_string(), p.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // A CA only where something is inspected: a credential's host, or
+        // a host with request rules.
+        if grant.claims.credentials.is_empty() && grant.allowlist.ruled_names().is_empty() {
+            return Ok((placeholders, None));
+        }
+        let ca = gw
+            .sandbox_ca(grant)
             .map_err(|e| LaunchError::Failed(crate::error_chain(&e)))?;
         Ok((placeholders, Some(ca.pem.clone())))
     }

@@ -306,6 +306,18 @@ impl Allowlist {
         }
     }
 
+    /// The names entries with request rules name (`*.x` as `x`): hosts
+    /// whose TLS is opened so their requests can be judged, and what a
+    /// sandbox's inspection CA must permit.
+    pub fn ruled_names(&self) -> Vec<String> {
+        self.ruled
+            .exact
+            .keys()
+            .chain(self.ruled.wildcard.keys())
+            .map(|k| k.to_string())
+            .collect()
+    }
+
     /// May this request go to `host` on `port`, admitted only by entries
     /// with rules (`decide` said `restricted`)? Its path is normalised
     /// first (`bad_request` when it cannot be), the query ignored.

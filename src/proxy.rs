@@ -66,6 +66,15 @@ pub struct Gateway {
     seal: RwLock<Arc<Seal>>,
 }
 
+/// Why a sandbox's inspection CA cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("inspection is not set up")]
+    NotSetUp,
+    #[error("the sandbox CA")]
+    Ca(#[from] crate::authority::AuthorityError),
+}
+
 /// What sealed credentials need: the inspection authority (without one,
 /// a connection that needs inspecting is refused, never passed unopened)
 /// and the credentials the gateway holds.
@@ -114,6 +123,25 @@ impl Gateway {
     /// Replaces them (at start, and when SIGHUP re-reads the secrets).
     pub fn set_seal(&self, seal: Seal) {
         *self.seal.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(seal);
+    }
+
+    /// A sandbox's inspection CA: permitting its credentials' hosts and
+    /// the hosts its request rules name.
+    pub fn sandbox_ca(
+        &self,
+        grant: &crate::identity::token::Grant,
+    ) -> Result<Arc<crate::authority::SandboxCa>, InspectError> {
+        let seal = self.seal();
+        let authority = seal.authority.as_ref().ok_or(InspectError::NotSetUp)?;
+        let sealed = crate::credentials::Sealed::new(
+            authority.key(),
+            &grant.claims.container_id,
+            &grant.claims.credentials.0,
+            &seal.credentials,
+        );
+        let permitted =
+            crate::authority::Authority::permitted(&sealed, &grant.allowlist.ruled_names());
+        Ok(authority.ca(&grant.container, permitted)?)
     }
 
     /// A grant's sealed credentials (each with its placeholder), or `None`

@@ -51,7 +51,7 @@ fn make_pki(dir: &Path) {
          openssl req -x509 $ec -days 2 -subj /CN=sluice-test-root -keyout ca.key -out ca.crt \
            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
          openssl req $ec -subj /CN=api.cred.test -keyout srv.key -out srv.csr 2>/dev/null
-         printf 'subjectAltName=DNS:api.cred.test,DNS:plain.test,DNS:git.cred.test,DNS:grpc.cred.test,DNS:pypi.cred.test,DNS:ws.cred.test\\nextendedKeyUsage=serverAuth\\n' > srv.ext
+         printf 'subjectAltName=DNS:api.cred.test,DNS:plain.test,DNS:git.cred.test,DNS:grpc.cred.test,DNS:pypi.cred.test,DNS:ws.cred.test,DNS:rules.test\\nextendedKeyUsage=serverAuth\\n' > srv.ext
          openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
            -extfile srv.ext -out srv.crt 2>/dev/null
          openssl req -x509 $ec -days 2 -subj /CN=bad.cred.test -keyout bad.key -out bad.crt \
@@ -574,8 +574,7 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
 
     // Request rules on a plain HTTP host: a GET under the allowed prefix
     // is served; another method, another path, a climb out of the prefix
-    // are refused before the upstream; HTTPS to it, which no credential
-    // opens, is refused (its requests could not be judged).
+    // are refused before the upstream.
     let rules_80 = "rules.test:80:198.18.1.10";
     let before80 = access(&lab, 80);
     let r = curl(
@@ -605,16 +604,53 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
         before80.matches("/ok/a").count() + 1
     );
     assert!(!after80.contains("/other"), "{after80}");
+    // Over HTTPS the host's TLS is opened (no credential goes there: the
+    // sandbox CA permits it for its rules) and each request judged.
+    let rules_443 = "rules.test:443:198.18.1.10";
     let r = curl(
         &lab,
         &[
             "-sS",
+            "--cacert",
+            &sb.bundle,
             "--resolve",
-            "rules.test:443:198.18.1.10",
-            "https://rules.test/ok/a",
+            rules_443,
+            "https://rules.test/ok/tls",
         ],
     );
-    assert_ne!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout.trim(),
+        "ok HTTP/2.0",
+        "{r:?}\n{}",
+        lab.sluice_log()
+    );
+    assert!(
+        access(&lab, 443).contains("HTTP/2.0|GET|/ok/tls|-|"),
+        "{}",
+        access(&lab, 443)
+    );
+    let r = curl(
+        &lab,
+        &[
+            "-sS",
+            "-X",
+            "POST",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            &sb.bundle,
+            "--resolve",
+            rules_443,
+            "https://rules.test/ok/tls-post",
+        ],
+    );
+    assert!(
+        r.stdout.contains("x-deny-reason: request_not_allowed"),
+        "{r:?}"
+    );
+    assert!(!access(&lab, 443).contains("/ok/tls-post"));
 
     // In the name itself, under a wildcard-allowed zone: refused before
     // any dial.

@@ -143,9 +143,10 @@ pub async fn serve(
 
     // The client's side: a leaf for the name, the upstream's protocol.
     let container = Arc::clone(&permit.grant.container);
+    let ruled = permit.grant.allowlist.ruled_names();
     let leaf = plan
         .authority
-        .ca(&container, Authority::permitted(&plan.sealed))
+        .ca(&container, Authority::permitted(&plan.sealed, &ruled))
         .and_then(|ca| plan.authority.leaf(&container, &ca, &plan.host));
     let leaf = match leaf {
         Ok(l) => l,

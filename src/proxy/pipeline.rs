@@ -408,8 +408,9 @@ async fn to_origin(
 }
 
 /// What inspecting a TLS connection to `target` takes, when it must be:
-/// the sandbox's token names a credential whose hosts cover the name.
-/// Refused when it must be and cannot.
+/// the sandbox's token names a credential whose hosts cover the name, or
+/// only entries with request rules admit it. Refused when it must be and
+/// cannot.
 fn inspection(
     gw: &Gateway,
     permit: &Permit,
@@ -418,15 +419,20 @@ fn inspection(
     let Host::Name(name) = &target.host else {
         return Ok(None);
     };
-    let Some((sealed, seal)) = gw.sealed(&permit.grant) else {
-        return Ok(None);
-    };
-    if !sealed.covers(name) {
+    let sealed = gw.sealed(&permit.grant).map(|(s, _)| s);
+    let credential_host = sealed.as_ref().is_some_and(|s| s.covers(name));
+    // Opened for a credential's host, or for a host with request rules
+    // (so its requests can be judged).
+    if !credential_host && !permit.restricted {
         return Ok(None);
     }
-    let authority = seal.authority.clone().ok_or(Deny::UpstreamCertificate)?;
+    let authority = gw
+        .seal()
+        .authority
+        .clone()
+        .ok_or(Deny::UpstreamCertificate)?;
     Ok(Some(inspect::Plan {
-        sealed,
+        sealed: sealed.unwrap_or_default(),
         authority,
         host: name.clone(),
     }))
