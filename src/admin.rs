@@ -759,6 +759,12 @@ pub(crate) struct ExplainQuery {
     #[serde(default)]
     #[param(minimum = 1, maximum = 65535)]
     port: Option<u16>,
+    /// A request's method, to judge it by the host's request rules.
+    #[serde(default)]
+    method: Option<String>,
+    /// A request's path (default `/` with a method).
+    #[serde(default)]
+    path: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -767,7 +773,8 @@ pub(crate) struct ExplainResponse {
     decision: &'static str,
     /// The deny reason, or `none`.
     reason: &'static str,
-    /// The allowlist entry that admitted the target, as written.
+    /// The allowlist entry that admitted the target (with a method, the
+    /// request rule that admitted the request), as written.
     matched: Option<String>,
 }
 
@@ -797,9 +804,17 @@ async fn explain(
         return Err(ApiError::bad_request("port must be 1-65535"));
     }
     let policy = state.gateway.policy();
+    if q.path.is_some() && q.method.is_none() {
+        return Err(ApiError::bad_request("a path is explained with a method"));
+    }
+    let request = q
+        .method
+        .as_deref()
+        .map(|m| (m, q.path.as_deref().unwrap_or("/")));
     let explained = state.gateway.decision(&policy).explain(
         &crate::decision::Caller::Sandbox(sandbox),
         &crate::decision::Target { host, port },
+        request,
     );
     let (decision, reason) = match explained.decision {
         Ok(()) => ("allow", "none"),

@@ -194,20 +194,37 @@ impl Decision<'_> {
     /// allowlist entry that admitted it: `sluice explain` and
     /// `GET /v1/explain`, from the same [`authorize`](Self::authorize) the
     /// doors call.
-    pub fn explain(&self, caller: &Caller, target: &Target) -> Explanation {
-        match self.authorize(caller, target) {
-            Ok(a) => Explanation {
+    pub fn explain(
+        &self,
+        caller: &Caller,
+        target: &Target,
+        request: Option<(&str, &str)>,
+    ) -> Explanation {
+        let denied = |d: Deny| Explanation {
+            decision: Err(d),
+            matched: None,
+        };
+        let a = match self.authorize(caller, target) {
+            Ok(a) => a,
+            Err(d) => return denied(d),
+        };
+        let ports = &self.gateway.allowed_ports;
+        let list = &a.grant.allowlist;
+        // A request to a host only rules admit: the rule that admits it.
+        if let Some((method, path)) = request
+            && a.restricted
+        {
+            if let Err(d) = a.request(target, ports, method, path) {
+                return denied(d);
+            }
+            return Explanation {
                 decision: Ok(()),
-                matched: a.grant.allowlist.matched(
-                    &target.host,
-                    target.port,
-                    &self.gateway.allowed_ports,
-                ),
-            },
-            Err(d) => Explanation {
-                decision: Err(d),
-                matched: None,
-            },
+                matched: list.matched_request(&target.host, target.port, ports, method, path),
+            };
+        }
+        Explanation {
+            decision: Ok(()),
+            matched: list.matched(&target.host, target.port, ports),
         }
     }
 

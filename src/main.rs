@@ -60,6 +60,13 @@ enum Command {
         /// The port (default: the one in --host, else 443).
         #[arg(long)]
         port: Option<u16>,
+        /// A request's method: the request is judged by the host's
+        /// request rules, and the rule that admits it is named.
+        #[arg(long)]
+        method: Option<String>,
+        /// The request's path (default `/`; needs --method).
+        #[arg(long, requires = "method")]
+        path: Option<String>,
     },
     /// Validate a config file: every error, each with its key.
     Check {
@@ -208,7 +215,14 @@ fn main() -> ExitCode {
             token,
             host,
             port,
-        } => explain(config.as_deref(), &token, &host, port),
+            method,
+            path,
+        } => {
+            let request = method
+                .as_deref()
+                .map(|m| (m, path.as_deref().unwrap_or("/")));
+            explain(config.as_deref(), &token, &host, port, request)
+        }
     };
     match result {
         Ok(code) => code,
@@ -494,6 +508,7 @@ fn explain(
     token: &str,
     host: &str,
     port: Option<u16>,
+    request: Option<(&str, &str)>,
 ) -> anyhow::Result<ExitCode> {
     use sluice::decision::{Caller, Credentials, Decision, Target};
     let config = match config_path {
@@ -525,6 +540,7 @@ fn explain(
     let explained = decision.explain(
         &Caller::Credentials(Credentials::Bearer(token.trim().to_owned())),
         &Target { host, port },
+        request,
     );
     println!("{}", explained.to_json());
     Ok(if explained.decision.is_ok() {

@@ -197,38 +197,69 @@ impl Allowlist {
     /// entries, for explaining, never on a connection's path; an entry
     /// naming the port explicitly is preferred.
     pub fn matched(&self, host: &Host, port: u16, allowed_ports: &[u16]) -> Option<String> {
-        let covers = |p: &HostPattern| -> Option<bool> {
-            let (hit, entry_port) = match (p, host) {
-                (HostPattern::Exact(n, ep), Host::Name(h)) => (n == h, *ep),
-                (HostPattern::Wildcard(n, ep), Host::Name(h)) => {
-                    (h.parents().any(|parent| parent == n.as_str()), *ep)
-                }
-                (HostPattern::Ip(ip, ep), Host::Ip(h)) => (ip == h, *ep),
-                _ => (false, None),
-            };
-            match (hit, entry_port) {
-                (false, _) => None,
-                (true, Some(ep)) => (ep == port).then_some(true),
-                (true, None) => allowed_ports.contains(&port).then_some(false),
-            }
-        };
         let mut best: Option<(bool, usize)> = None;
-        for (i, p) in self.entries.iter().enumerate() {
-            if let Some(explicit) = covers(p)
+        for i in 0..self.entries.len() {
+            if let Some(explicit) = self.covers(i, host, port, allowed_ports)
                 && best.is_none_or(|(e, _)| explicit && !e)
             {
                 best = Some((explicit, i));
             }
         }
         let (_, i) = best?;
+        Some(self.written(i))
+    }
+
+    /// The entry with a request rule that admits this request (`path`
+    /// normalised first), as an operator reads it: what `explain` shows
+    /// for a request to a restricted host.
+    pub fn matched_request(
+        &self,
+        host: &Host,
+        port: u16,
+        allowed_ports: &[u16],
+        method: &str,
+        target: &str,
+    ) -> Option<String> {
+        let path = rules::normalize_path(target).ok()?;
+        (0..self.entries.len())
+            .find(|&i| {
+                self.covers(i, host, port, allowed_ports).is_some()
+                    && self.rules[i]
+                        .as_ref()
+                        .is_some_and(|r| r.admits(method, &path))
+            })
+            .map(|i| self.written(i))
+    }
+
+    /// Does entry `i` cover `host` on `port`: `Some(true)` naming the port,
+    /// `Some(false)` on the allowed ports. A scan, for explaining, never
+    /// on a connection's path.
+    fn covers(&self, i: usize, host: &Host, port: u16, allowed_ports: &[u16]) -> Option<bool> {
+        let (hit, entry_port) = match (&self.entries[i], host) {
+            (HostPattern::Exact(n, ep), Host::Name(h)) => (n == h, *ep),
+            (HostPattern::Wildcard(n, ep), Host::Name(h)) => {
+                (h.parents().any(|parent| parent == n.as_str()), *ep)
+            }
+            (HostPattern::Ip(ip, ep), Host::Ip(h)) => (ip == h, *ep),
+            _ => (false, None),
+        };
+        match (hit, entry_port) {
+            (false, _) => None,
+            (true, Some(ep)) => (ep == port).then_some(true),
+            (true, None) => allowed_ports.contains(&port).then_some(false),
+        }
+    }
+
+    /// Entry `i` as written, with its rule and the preset it came from.
+    fn written(&self, i: usize) -> String {
         let entry = match &self.rules[i] {
             Some(rule) => format!("{} {rule}", self.entries[i]),
             None => self.entries[i].to_string(),
         };
-        Some(match &self.presets[i] {
+        match &self.presets[i] {
             Some(preset) => format!("{entry} ({preset})"),
             None => entry,
-        })
+        }
     }
 
     pub fn is_empty(&self) -> bool {

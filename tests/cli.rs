@@ -667,3 +667,102 @@ fn check_names_credential_errors_without_their_secrets() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!text(&out.stdout).contains("s3cr3t") && !text(&out.stderr).contains("s3cr3t"));
 }
+
+/// `sluice explain --method --path` judges a request by the host's request
+/// rules and names the rule that admitted it, or the reason.
+#[test]
+fn explain_names_the_request_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(
+        sluice(&["keygen", "--out", keys.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\njwks_file = \"{}\"\n",
+            keys.join("jwks.json").display()
+        ),
+    )
+    .unwrap();
+    let mint = |allow: &str| {
+        sluice(&[
+            "token",
+            "mint",
+            "--key",
+            keys.join("private-key.pem").to_str().unwrap(),
+            "--container-id",
+            "sb1",
+            "--user-id",
+            "u",
+            "--allow",
+            allow,
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+    };
+    // A malformed rule: no token, and the reason.
+    let out = mint("github.test GET acme/**");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("starts with `/`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = mint("github.test GET|HEAD /acme/**,api.test");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    let explain = |host: &str, method: &str, path: &str| {
+        let out = sluice(&[
+            "explain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--token",
+            &token,
+            "--host",
+            host,
+            "--method",
+            method,
+            "--path",
+            path,
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{host}: {}", text(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let (code, v) = explain(
+        "github.test",
+        "GET",
+        "/acme/repo/info/refs?service=git-upload-pack",
+    );
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["matched"], "github.test GET|HEAD /acme/**", "{v}");
+    let (code, v) = explain("github.test", "POST", "/acme/repo/git-receive-pack");
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (Some(1), Some("request_not_allowed")),
+        "{v}"
+    );
+    let (code, v) = explain("github.test", "GET", "/acme/../other/x");
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (Some(1), Some("request_not_allowed")),
+        "{v}"
+    );
+    let (code, v) = explain("github.test", "GET", "/acme%2f..%2fother");
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (Some(1), Some("bad_request")),
+        "{v}"
+    );
+    // A host without rules: every request, and its plain entry.
+    let (code, v) = explain("api.test", "DELETE", "/anything");
+    assert_eq!(
+        (code, v["matched"].as_str()),
+        (Some(0), Some("api.test")),
+        "{v}"
+    );
+}
