@@ -231,34 +231,45 @@ fn identity(c: &mut Criterion) {
     g.finish();
 }
 
-/// A request judged by request rules: normalise its path, then match it
-/// against the rules of its host (10 / 100 / 1,000 of them, a quarter
-/// sharing the request's first segment, the one that admits it pushed
-/// last): the trie of literal prefixes keeps it flat.
+/// A request judged by request rules, as every door judges one: the
+/// allowlist's `admits_request` (normalise the path, find the host's
+/// ruled entries, match the rules of its port) on a token whose
+/// `allowed_hosts` holds 10 / 100 / 1,000 ruled entries for the host (a
+/// quarter sharing the request's first segment, the one that admits it
+/// last), and on `@github_read:acme` (a query-checked git fetch).
 fn request_rules(c: &mut Criterion) {
-    use sluice::policy::rules::{RequestRule, RuleSet, normalize_path};
+    use sluice::identity::token::compile_hosts;
+    use sluice::policy::rules::normalize_path;
+    use sluice::presets::Presets;
     let target = "/repos/acme/widgets/contents/src/%6Dain.rs?ref=main";
     c.bench_function("rules/normalize_path", |b| {
         b.iter(|| normalize_path(black_box(target)).unwrap())
     });
-    let mut g = c.benchmark_group("rules/match");
+    let presets = Presets::default();
+    let host = Host::Name(HostName::parse("api.github.test").unwrap());
+    let mut g = c.benchmark_group("rules/admits_request");
     for n in [10usize, 100, 1_000] {
-        // Rules spread over first segments, as an organisation's many
-        // entries are, and one that starts with a wildcard.
-        let mut rules = RuleSet::default();
-        for i in 0..n {
-            let glob = format!("/{}/org-{i}/**", ["repos", "orgs", "users", "gists"][i % 4]);
-            rules.push(RequestRule::parse(&["GET|HEAD", &glob]).unwrap());
-        }
-        rules.push(RequestRule::parse(&["*", "/*/health"]).unwrap());
-        rules.push(RequestRule::parse(&["GET|HEAD", "/repos/acme/*/contents/**"]).unwrap());
+        let mut entries: Vec<String> = (0..n)
+            .map(|i| {
+                let first = ["repos", "orgs", "users", "gists"][i % 4];
+                format!("api.github.test GET|HEAD /{first}/org-{i}/**")
+            })
+            .collect();
+        entries.push("api.github.test * /*/health".into());
+        entries.push("api.github.test GET|HEAD /repos/acme/*/contents/**".into());
+        let list = compile_hosts(&entries, &presets).unwrap();
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
-                let path = normalize_path(black_box(target)).unwrap();
-                rules.admits("GET", &path).is_some()
+                list.admits_request(black_box(&host), 443, &[80, 443], "GET", black_box(target))
             })
         });
     }
+    let github = compile_hosts(&["@github_read:acme".to_owned()], &presets).unwrap();
+    let gh = Host::Name(HostName::parse("github.com").unwrap());
+    let fetch = "/acme/widgets.git/info/refs?service=git-upload-pack";
+    g.bench_function("github_read", |b| {
+        b.iter(|| github.admits_request(black_box(&gh), 443, &[80, 443], "GET", black_box(fetch)))
+    });
     g.finish();
 }
 

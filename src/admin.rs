@@ -776,6 +776,10 @@ pub(crate) struct ExplainResponse {
     /// The allowlist entry that admitted the target (with a method, the
     /// request rule that admitted the request), as written.
     matched: Option<String>,
+    /// What each preset the sandbox's token names stands for, entry by
+    /// entry (absent when it names none).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    presets: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// The decision the data plane would make for a registered sandbox and a
@@ -824,5 +828,6 @@ async fn explain(
         decision,
         reason,
         matched: explained.matched,
+        presets: explained.presets,
     }))
 }

@@ -200,9 +200,20 @@ impl Decision<'_> {
         target: &Target,
         request: Option<(&str, &str)>,
     ) -> Explanation {
+        let presets = match self.grant(caller) {
+            Ok(grant) => grant.allowlist.preset_expansions(),
+            Err(d) => {
+                return Explanation {
+                    decision: Err(d),
+                    matched: None,
+                    presets: Default::default(),
+                };
+            }
+        };
         let denied = |d: Deny| Explanation {
             decision: Err(d),
             matched: None,
+            presets: presets.clone(),
         };
         let a = match self.authorize(caller, target) {
             Ok(a) => a,
@@ -220,11 +231,13 @@ impl Decision<'_> {
             return Explanation {
                 decision: Ok(()),
                 matched: list.matched_request(&target.host, target.port, ports, method, path),
+                presets,
             };
         }
         Explanation {
             decision: Ok(()),
             matched: list.matched(&target.host, target.port, ports),
+            presets,
         }
     }
 
@@ -257,6 +270,8 @@ pub struct Explanation {
     /// The entry that admitted the target, as written (with the preset it
     /// came from).
     pub matched: Option<String>,
+    /// What each preset the token names stands for, entry by entry.
+    pub presets: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Explanation {
@@ -265,7 +280,12 @@ impl Explanation {
             Ok(()) => ("allow", "none"),
             Err(d) => ("deny", d.as_str()),
         };
-        serde_json::json!({"decision": decision, "reason": reason, "matched": self.matched})
+        let mut out =
+            serde_json::json!({"decision": decision, "reason": reason, "matched": self.matched});
+        if !self.presets.is_empty() {
+            out["presets"] = serde_json::json!(self.presets);
+        }
+        out
     }
 }
 

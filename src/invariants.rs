@@ -184,10 +184,18 @@ pub fn fleet_message(data: &[u8]) {
 /// Any bytes as a request target: normalising never panics; what it
 /// gives is a path in normal form (one leading `/`, no empty, `.` or `..`
 /// segment, no query), normalising it again changes nothing, and matching
-/// it against globs never panics.
+/// it against globs never panics. A rule that requires a query parameter
+/// admits a query only when the parameter is in it.
 pub fn request_path(data: &[u8]) {
-    use crate::policy::rules::{PathGlob, normalize_path};
+    use crate::policy::rules::{PathGlob, RequestRule, normalize_path, query_of};
     let text = String::from_utf8_lossy(data);
+    let rule = RequestRule::parse(&["GET", "/**?service=git-upload-pack"]);
+    if let Ok(rule) = rule
+        && rule.admits("GET", "/x", query_of(&text))
+    {
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("service=git-upload-pack") || text.contains('%'));
+    }
     let Ok(normal) = normalize_path(&text) else {
         return;
     };

@@ -114,6 +114,26 @@ impl RuleMap {
     }
 }
 
+/// One allowlist entry: a host pattern and, when it has one, its request
+/// rule.
+pub type Entry = (HostPattern, Option<RequestRule>);
+
+/// Parses one entry, `HOST[:PORT] [METHODS] /PATH-GLOB[?KEY=VALUE]` (the
+/// rule optional); the reason when it cannot be. Not for `@preset`
+/// entries: those are expanded by the caller.
+pub fn parse_entry(entry: &str) -> Result<Entry, String> {
+    let mut words = entry.split_ascii_whitespace();
+    let host = words.next().unwrap_or("");
+    let rule: Vec<&str> = words.collect();
+    let pattern: HostPattern = host.parse().map_err(|e: HostError| e.to_string())?;
+    let rule = if rule.is_empty() {
+        None
+    } else {
+        Some(RequestRule::parse(&rule)?)
+    };
+    Ok((pattern, rule))
+}
+
 impl Allowlist {
     pub fn new(patterns: impl IntoIterator<Item = HostPattern>) -> Self {
         Self::with_presets(patterns.into_iter().map(|p| (p, None)))
@@ -221,12 +241,13 @@ impl Allowlist {
         target: &str,
     ) -> Option<String> {
         let path = rules::normalize_path(target).ok()?;
+        let query = rules::query_of(target);
         (0..self.entries.len())
             .find(|&i| {
                 self.covers(i, host, port, allowed_ports).is_some()
                     && self.rules[i]
                         .as_ref()
-                        .is_some_and(|r| r.admits(method, &path))
+                        .is_some_and(|r| r.admits(method, &path, query))
             })
             .map(|i| self.written(i))
     }
@@ -264,6 +285,22 @@ impl Allowlist {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// What each preset the token names stands for, entry by entry as
+    /// written: what `explain` shows beside its decision.
+    pub fn preset_expansions(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (i, preset) in self.presets.iter().enumerate() {
+            if let Some(label) = preset {
+                let entry = match &self.rules[i] {
+                    Some(rule) => format!("{} {rule}", self.entries[i]),
+                    None => self.entries[i].to_string(),
+                };
+                out.entry(label.to_string()).or_default().push(entry);
+            }
+        }
+        out
     }
 
     /// May a connection to `host` on `port` go ahead? A name that matches
@@ -361,11 +398,12 @@ impl Allowlist {
         target: &str,
     ) -> Result<(), Deny> {
         let path = rules::normalize_path(target).map_err(|_| Deny::BadRequest)?;
+        let query = rules::query_of(target);
         let admitted = self
             .ruled
             .for_host(host)
             .flat_map(|p| p.on(port, allowed_ports))
-            .any(|(set, _)| set.admits(method, &path).is_some());
+            .any(|(set, _)| set.admits(method, &path, query).is_some());
         if admitted {
             Ok(())
         } else {
@@ -564,6 +602,103 @@ mod tests {
         );
     }
 
+    /// `@github_read:ORG`: fetch and read for one organisation, nothing
+    /// that writes, nothing of another.
+    #[test]
+    fn github_read_admits_fetching_one_organisation_only() {
+        let l = ruled(&["@github_read:acme"]);
+        let req = |h: &str, m: &str, p: &str| l.admits_request(&host(h), 443, PORTS, m, p);
+        let ok = [
+            (
+                "github.com",
+                "GET",
+                "/acme/w.git/info/refs?service=git-upload-pack",
+            ),
+            (
+                "github.com",
+                "GET",
+                "/acme/w/info/refs?service=git-upload-pack",
+            ),
+            ("github.com", "POST", "/acme/w.git/git-upload-pack"),
+            ("github.com", "POST", "/acme/w.git/info/lfs/objects/batch"),
+            (
+                "github.com",
+                "GET",
+                "/acme/w/archive/refs/heads/main.tar.gz",
+            ),
+            ("github.com", "GET", "/acme/w/releases/download/v1/w.tgz"),
+            ("api.github.com", "GET", "/repos/acme/w/pulls?state=open"),
+            ("api.github.com", "HEAD", "/repos/acme/w"),
+            ("codeload.github.com", "GET", "/acme/w/tar.gz/main"),
+            ("raw.githubusercontent.com", "GET", "/acme/w/main/README.md"),
+            (
+                "media.githubusercontent.com",
+                "GET",
+                "/media/acme/w/main/big.bin",
+            ),
+            (
+                "objects.githubusercontent.com",
+                "GET",
+                "/github-production-release-asset/1",
+            ),
+        ];
+        for (h, m, p) in ok {
+            assert_eq!(req(h, m, p), Ok(()), "{m} {h}{p}");
+        }
+        let refused = [
+            (
+                "github.com",
+                "GET",
+                "/acme/w.git/info/refs?service=git-receive-pack",
+            ),
+            ("github.com", "GET", "/acme/w.git/info/refs"),
+            (
+                "github.com",
+                "GET",
+                "/acme/w.git/info/refs?service=git-upload-pack&service=git-receive-pack",
+            ),
+            ("github.com", "POST", "/acme/w.git/git-receive-pack"),
+            (
+                "github.com",
+                "GET",
+                "/other/w.git/info/refs?service=git-upload-pack",
+            ),
+            ("github.com", "POST", "/other/w.git/git-upload-pack"),
+            ("github.com", "GET", "/acme/../other/w/archive/x.tgz"),
+            ("github.com", "POST", "/acme/w.git/info/lfs/locks"),
+            ("api.github.com", "POST", "/repos/acme/w/issues"),
+            ("api.github.com", "PATCH", "/repos/acme/w"),
+            ("api.github.com", "DELETE", "/repos/acme/w"),
+            ("api.github.com", "POST", "/graphql"),
+            ("api.github.com", "GET", "/graphql"),
+            ("api.github.com", "POST", "/gists"),
+            ("api.github.com", "GET", "/repos/other/w"),
+            ("api.github.com", "GET", "/repos/acmex/w"),
+            ("codeload.github.com", "GET", "/other/w/tar.gz/main"),
+            ("raw.githubusercontent.com", "GET", "/other/w/main/x"),
+            ("objects.githubusercontent.com", "PUT", "/x"),
+        ];
+        for (h, m, p) in refused {
+            assert_eq!(req(h, m, p), Err(Deny::RequestNotAllowed), "{m} {h}{p}");
+        }
+        // A host the preset does not name at all.
+        assert_eq!(
+            l.decide(&host("gist.github.com"), 443, PORTS),
+            Err(Deny::HostNotAllowed)
+        );
+        let gh = host("github.com");
+        assert_eq!(
+            l.matched_request(&gh, 443, PORTS, "POST", "/acme/w.git/git-upload-pack")
+                .as_deref(),
+            Some("github.com POST /acme/*/git-upload-pack (@github_read:acme)")
+        );
+        let shown = l.preset_expansions();
+        assert_eq!(
+            shown["@github_read:acme"].len(),
+            crate::presets::GITHUB_READ.len()
+        );
+    }
+
     #[test]
     fn malformed_rules_are_refused_with_their_reason() {
         let presets = crate::presets::Presets::default();
@@ -573,6 +708,12 @@ mod tests {
             "github.test GET|BOGUS? /x",
             "github.test GET /a/**/b/** extra",
             "@package_managers GET /x",
+            "@github_read",
+            "@github_read:",
+            "@github_read:ac/me",
+            "@github_read:acme GET /x",
+            "@nope:acme",
+            "github.test GET /x?service",
         ] {
             let e = crate::identity::token::compile_hosts(&[bad.to_string()], &presets);
             assert!(e.is_err(), "{bad} was accepted");

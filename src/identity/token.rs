@@ -33,7 +33,6 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::deny::Deny;
-use crate::host::HostPattern;
 use crate::metrics as m;
 use crate::policy::Allowlist;
 use crate::presets::Presets;

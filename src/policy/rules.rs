@@ -5,7 +5,9 @@
 //! strings: no I/O, no allocation on a match beyond the normalised path.
 //!
 //! Normalisation, one way everywhere:
-//! - the query (and a fragment) is dropped;
+//! - the query is dropped; a `#` anywhere is refused (a request target
+//!   has no fragment, and a server that does not cut there would read
+//!   what follows as path);
 //! - `%XX` is decoded only when it is an unreserved character
 //!   (`A-Z a-z 0-9 - . _ ~`); other escapes stay, hex in upper case;
 //! - an encoded `/`, `\` or NUL, a raw `\`, NUL or control character, a
@@ -38,6 +40,8 @@ pub enum PathError {
     DotParameter,
     #[error("`..` climbs above the root")]
     AboveRoot,
+    #[error("a `#` (a fragment is never sent; a server may read it as part of the path)")]
+    Fragment,
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -55,7 +59,10 @@ fn hex(b: u8) -> Option<u8> {
 
 /// The normalised form of a request target's path (see the module).
 pub fn normalize_path(target: &str) -> Result<String, PathError> {
-    let path = target.split(['?', '#']).next().unwrap_or("");
+    if target.contains('#') {
+        return Err(PathError::Fragment);
+    }
+    let path = target.split('?').next().unwrap_or("");
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathError::NotAPath);
     };
@@ -275,10 +282,15 @@ impl RuleSet {
         self.len == 0
     }
 
-    /// The rule that admits `method` on the normalised `path`, if any.
-    pub fn admits(&self, method: &str, path: &str) -> Option<&RequestRule> {
+    /// The rule that admits `method` on the normalised `path` with the
+    /// raw `query`, if any.
+    pub fn admits(&self, method: &str, path: &str, query: &str) -> Option<&RequestRule> {
         let split = Split::of(path);
-        let admits = |r: &&RequestRule| r.methods.admits(method) && r.path.matches_split(&split);
+        let admits = |r: &&RequestRule| {
+            r.methods.admits(method)
+                && r.path.matches_split(&split)
+                && r.query.as_ref().is_none_or(|q| q.admits(query))
+        };
         let mut node = &self.root;
         if let Some(r) = node.rules.iter().find(admits) {
             return Some(r);
@@ -351,41 +363,132 @@ fn glob_one(glob: &str, text: &str) -> bool {
     g[gi..].iter().all(|&c| c == b'*')
 }
 
-/// One rule: methods and a path glob.
+/// One rule: methods, a path glob and, optionally, one query parameter
+/// the request must carry with exactly one value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestRule {
     pub methods: Methods,
     pub path: PathGlob,
+    pub query: Option<QueryParam>,
 }
 
 impl RequestRule {
-    /// Parses what follows the host in an entry: `[METHODS] /PATH-GLOB`,
-    /// METHODS `GET|HEAD|…` or `*`.
+    /// Parses what follows the host in an entry: `[METHODS]
+    /// /PATH-GLOB[?KEY=VALUE]`, METHODS `GET|HEAD|…` or `*`.
     pub fn parse(words: &[&str]) -> Result<RequestRule, String> {
         let (methods, glob) = match words {
             [glob] => (Methods::Any, *glob),
             [methods, glob] => (parse_methods(methods)?, *glob),
-            _ => return Err("a rule is `[METHODS] /PATH-GLOB`".into()),
+            _ => return Err("a rule is `[METHODS] /PATH-GLOB[?KEY=VALUE]`".into()),
         };
         if !glob.starts_with('/') {
             return Err(format!("{glob:?}: a path glob starts with `/`"));
         }
-        let path = PathGlob::parse(glob).map_err(|e| format!("{glob:?}: {e}"))?;
-        Ok(RequestRule { methods, path })
+        let (glob_path, query) = match glob.split_once('?') {
+            Some((p, q)) => (
+                p,
+                Some(QueryParam::parse(q).map_err(|e| format!("{glob:?}: {e}"))?),
+            ),
+            None => (glob, None),
+        };
+        let path = PathGlob::parse(glob_path).map_err(|e| format!("{glob:?}: {e}"))?;
+        Ok(RequestRule {
+            methods,
+            path,
+            query,
+        })
     }
 
-    pub fn admits(&self, method: &str, path: &str) -> bool {
-        self.methods.admits(method) && self.path.matches(path)
+    /// Does it admit `method` on the normalised `path` with this raw
+    /// `query` (what follows `?` in the target, `""` for none)?
+    pub fn admits(&self, method: &str, path: &str, query: &str) -> bool {
+        self.methods.admits(method)
+            && self.path.matches(path)
+            && self.query.as_ref().is_none_or(|q| q.admits(query))
     }
 }
 
 impl fmt::Display for RequestRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.methods {
-            Methods::Any => write!(f, "* {}", self.path),
-            Methods::Only(m) => write!(f, "{} {}", m.join("|"), self.path),
+            Methods::Any => write!(f, "* {}", self.path)?,
+            Methods::Only(m) => write!(f, "{} {}", m.join("|"), self.path)?,
+        }
+        match &self.query {
+            Some(q) => write!(f, "?{}={}", q.key, q.value),
+            None => Ok(()),
         }
     }
+}
+
+/// A query parameter a rule requires (`service=git-upload-pack`): the
+/// request's query must carry the key, and every occurrence of it (keys
+/// compared decoded and without case, `&` and `;` both separating, as
+/// the most lenient server would read them) must have exactly this
+/// value, decoded. Anything that could read otherwise (a broken escape, a
+/// second value) does not match: a rule with a query fails closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryParam {
+    key: Box<str>,
+    value: Box<str>,
+}
+
+impl QueryParam {
+    fn parse(raw: &str) -> Result<QueryParam, String> {
+        let plain = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(is_unreserved);
+        match raw.split_once('=') {
+            Some((k, v)) if plain(k) && plain(v) => Ok(QueryParam {
+                key: k.into(),
+                value: v.into(),
+            }),
+            _ => Err("a rule's query is one `KEY=VALUE`, of unreserved characters".into()),
+        }
+    }
+
+    /// Does the raw query carry this parameter, with only this value?
+    pub fn admits(&self, query: &str) -> bool {
+        let mut seen = false;
+        for pair in query.split(['&', ';']) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let Some(k) = percent_decode(k) else {
+                return false;
+            };
+            // `+` may read as a space to the server: no key here has either.
+            if !k.eq_ignore_ascii_case(self.key.as_bytes()) {
+                continue;
+            }
+            match percent_decode(v) {
+                Some(v) if v == self.value.as_bytes() => seen = true,
+                _ => return false,
+            }
+        }
+        seen
+    }
+}
+
+/// Every `%XX` decoded; `None` for a broken escape.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = b.get(i + 1).copied().and_then(hex)?;
+            let l = b.get(i + 2).copied().and_then(hex)?;
+            out.push(h * 16 + l);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// What follows the first `?` of a request target, up to a `#`.
+pub fn query_of(target: &str) -> &str {
+    let before_fragment = target.split('#').next().unwrap_or("");
+    before_fragment.split_once('?').map_or("", |(_, q)| q)
 }
 
 fn parse_methods(raw: &str) -> Result<Methods, String> {
@@ -454,6 +557,8 @@ mod tests {
             ("/%2e%2e/x", PathError::AboveRoot),
             ("/acme/..;/other", PathError::DotParameter),
             ("/acme/.;x/other", PathError::DotParameter),
+            ("/acme/x#/../../other", PathError::Fragment),
+            ("/acme/x?q=1#f", PathError::Fragment),
         ];
         for (raw, want) in bad {
             assert_eq!(normalize_path(raw), Err(*want), "{raw}");
@@ -501,7 +606,7 @@ mod tests {
         ] {
             set.push(RequestRule::parse(&[m, g]).unwrap());
         }
-        let hit = |m: &str, p: &str| set.admits(m, p).map(|r| r.to_string());
+        let hit = |m: &str, p: &str| set.admits(m, p, "").map(|r| r.to_string());
         assert_eq!(
             hit("GET", "/repos/acme/x").as_deref(),
             Some("GET|HEAD /repos/acme/**")
@@ -523,13 +628,13 @@ mod tests {
     #[test]
     fn rules_parse_methods_and_globs() {
         let r = RequestRule::parse(&["GET|HEAD", "/acme/**"]).unwrap();
-        assert!(r.admits("GET", "/acme/x"));
-        assert!(r.admits("HEAD", "/acme/x"));
-        assert!(!r.admits("POST", "/acme/x"));
-        assert!(!r.admits("get", "/acme/x"));
+        assert!(r.admits("GET", "/acme/x", ""));
+        assert!(r.admits("HEAD", "/acme/x", ""));
+        assert!(!r.admits("POST", "/acme/x", ""));
+        assert!(!r.admits("get", "/acme/x", ""));
         assert_eq!(r.to_string(), "GET|HEAD /acme/**");
         let any = RequestRule::parse(&["/x/*"]).unwrap();
-        assert!(any.admits("DELETE", "/x/y"));
+        assert!(any.admits("DELETE", "/x/y", ""));
         assert_eq!(any.to_string(), "* /x/*");
         for bad in [
             &["get", "/a"][..],
@@ -540,6 +645,48 @@ mod tests {
             &["GET", "/a%2fb"],
         ] {
             assert!(RequestRule::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_rule_may_require_one_query_parameter() {
+        let r = RequestRule::parse(&["GET", "/acme/*/info/refs?service=git-upload-pack"]).unwrap();
+        assert_eq!(
+            r.to_string(),
+            "GET /acme/*/info/refs?service=git-upload-pack"
+        );
+        let path = "/acme/r.git/info/refs";
+        for (query, want) in [
+            ("service=git-upload-pack", true),
+            ("x=1&service=git-upload-pack", true),
+            ("service=git-%75pload-pack", true),
+            ("service=git-receive-pack", false),
+            ("", false),
+            ("service", false),
+            ("service=", false),
+            ("service=git-upload-pack&service=git-receive-pack", false),
+            ("service=git-upload-pack;service=git-receive-pack", false),
+            ("SERVICE=git-receive-pack&service=git-upload-pack", false),
+            ("servic%65=git-receive-pack&service=git-upload-pack", false),
+            ("service=git-upload-pack&servic%zz=x", false),
+            ("service=git-upload-pack%00", false),
+            ("service=git-upload-pack+", false),
+        ] {
+            assert_eq!(r.admits("GET", path, query), want, "{query}");
+        }
+        assert_eq!(query_of("/a?b=c#d"), "b=c");
+        assert_eq!(query_of("/a#d?x"), "");
+        assert_eq!(query_of("/a"), "");
+        for bad in [
+            "/a?",
+            "/a?k",
+            "/a?k=",
+            "/a?=v",
+            "/a?k=v&x=y",
+            "/a?k=%41",
+            "/a?k=v?w",
+        ] {
+            assert!(RequestRule::parse(&["GET", bad]).is_err(), "{bad}");
         }
     }
 

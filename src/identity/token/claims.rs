@@ -122,11 +122,8 @@ pub fn compile_hosts(hosts: &[String], presets: &Presets) -> Result<Allowlist, T
     for h in hosts {
         let entry = h.trim();
         let bad = |why: String| TokenError::BadAllowedHosts(h.clone(), why);
-        let mut words = entry.split_ascii_whitespace();
-        let host = words.next().unwrap_or("");
-        let rule: Vec<&str> = words.collect();
-        if let Some(name) = host.strip_prefix('@') {
-            if !rule.is_empty() {
+        if let Some(name) = entry.strip_prefix('@') {
+            if name.contains(char::is_whitespace) {
                 return Err(bad("a preset entry takes no rule".into()));
             }
             let group = presets.expand(name).map_err(|e| bad(e.to_string()))?;
@@ -134,19 +131,12 @@ pub fn compile_hosts(hosts: &[String], presets: &Presets) -> Result<Allowlist, T
             patterns.extend(
                 group
                     .iter()
-                    .map(|p| (p.clone(), None, Some(Arc::clone(&label)))),
+                    .map(|(p, rule)| (p.clone(), rule.clone(), Some(Arc::clone(&label)))),
             );
             continue;
         }
-        let p: HostPattern = host
-            .parse()
-            .map_err(|e: crate::host::HostError| bad(e.to_string()))?;
-        let rule = if rule.is_empty() {
-            None
-        } else {
-            Some(crate::policy::rules::RequestRule::parse(&rule).map_err(bad)?)
-        };
-        patterns.push((p, rule, None));
+        let (pattern, rule) = crate::policy::parse_entry(entry).map_err(bad)?;
+        patterns.push((pattern, rule, None));
     }
     Ok(Allowlist::with_rules(patterns))
 }
