@@ -24,6 +24,7 @@ pub const STORE_UP: &str = "sluice_store_up";
 pub const FLEET_REJECTED: &str = "sluice_fleet_entries_rejected_total";
 pub const INSPECTED_REQUESTS_TOTAL: &str = "sluice_inspected_requests_total";
 pub const CREDENTIAL_INJECTIONS_TOTAL: &str = "sluice_credential_injections_total";
+pub const REFUSED_REQUESTS_TOTAL: &str = "sluice_refused_requests_total";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -111,6 +112,10 @@ fn describe() {
     describe_counter!(
         INSPECTED_REQUESTS_TOTAL,
         "Requests on inspected (TLS-opened) connections, by decision and reason."
+    );
+    describe_counter!(
+        REFUSED_REQUESTS_TOTAL,
+        "Plain HTTP requests the request rules refused, by reason (each audited as \"refused request\"; a connection that then ends is counted apart)."
     );
     describe_counter!(
         CREDENTIAL_INJECTIONS_TOTAL,

@@ -273,6 +273,21 @@ pub fn deny_response(protocol: Protocol, deny: Deny) -> Option<Cow<'static, [u8]
     }
 }
 
+/// The answer to a request refused on a connection that goes on (the
+/// request rules' `request_not_allowed`): as [`deny_response`]'s, without
+/// `connection: close`.
+pub fn refusal_keeping_connection(deny: Deny) -> Vec<u8> {
+    let (code, text) = deny.http_status();
+    let body = format!("sluice: {}\n", deny.as_str());
+    format!(
+        "HTTP/1.1 {code} {text}\r\nx-deny-reason: {}\r\ncontent-type: text/plain\r\n\
+         content-length: {}\r\n\r\n{body}",
+        deny.as_str(),
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// The proxy door's answer to a refused request: a credential failure is
 /// a 407 with the challenge, anything else the HTTP answer by reason.
 pub fn proxy_deny_response(d: Deny) -> Vec<u8> {

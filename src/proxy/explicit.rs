@@ -171,12 +171,7 @@ fn session_check(gw: &Arc<Gateway>, target: Target) -> http::Check {
             return Err(Deny::CredentialMisuse);
         }
         super::pipeline::misuse_check(&gw, &allowed.grant, bytes)?;
-        allowed.request(
-            &target,
-            &policy.gateway.allowed_ports,
-            &head.method,
-            &head.path,
-        )?;
+        super::pipeline::judge_request(&allowed, &target, &policy.gateway.allowed_ports, head)?;
         Ok(Verdict::Forward)
     })
 }

@@ -10,7 +10,11 @@
 //! `101 Switching Protocols`: until then every request is parsed and
 //! checked. A refused request is never forwarded: the answers to earlier
 //! requests are let finish (bounded by [`REFUSAL_GRACE`]), then the refusal
-//! is written and the connection closed.
+//! is written. A request only the request rules refuse
+//! (`request_not_allowed`), on a connection the client keeps
+//! ([`RequestHead::reusable`]), is answered in turn, its body (up to
+//! [`DISCARD_MAX`]) read and dropped, and the next request read; any other
+//! refusal closes the connection.
 
 use std::collections::VecDeque;
 use std::io;
@@ -34,6 +38,11 @@ const BODY_BUF: usize = 64 * 1024;
 /// How long the answers to earlier requests may take to reach the client
 /// once a later request is refused (or, on the proxy door, goes elsewhere).
 pub const REFUSAL_GRACE: Duration = Duration::from_secs(5);
+
+/// The most of a refused request's body read and dropped so that its
+/// connection can go on; a longer body ends the connection after the
+/// refusal.
+pub const DISCARD_MAX: u64 = 1024 * 1024;
 
 /// What a request's check says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +220,31 @@ async fn requests(
         };
         traffic.touch();
         match (rules.check)(&head, &buf[..head.head_len]) {
+            Err(Deny::RequestNotAllowed) if head.reusable && discardable(head.framing) => {
+                let d = Deny::RequestNotAllowed;
+                if !answer_in_turn(shared, d).await {
+                    shared.held.store(true, Ordering::Release);
+                    upstream.shutdown().await;
+                    shared.set_end(HttpEnd::Refused {
+                        deny: d,
+                        answered: false,
+                    });
+                    return Ok(Done::Whole);
+                }
+                buf.drain(..head.head_len);
+                if discard_body(client, &mut buf, head.framing, traffic).await? {
+                    continue;
+                }
+                // A body too long to drop, or malformed: the refusal is
+                // written, the connection ends.
+                shared.held.store(true, Ordering::Release);
+                upstream.shutdown().await;
+                shared.set_end(HttpEnd::Refused {
+                    deny: d,
+                    answered: true,
+                });
+                return Ok(Done::Whole);
+            }
             Err(d) => return refuse(upstream, shared, d).await,
             Ok(Verdict::Elsewhere) => {
                 let answered = hold_client(upstream, shared).await;
@@ -304,6 +338,91 @@ async fn hold_client(upstream: &mut WriteHalf, shared: &Shared<'_>) -> bool {
     )
     .await;
     matches!(waited, Ok(Ok(p)) if p.outstanding == 0)
+}
+
+/// Could a refused request's body be dropped to go on? A declared
+/// length within [`DISCARD_MAX`]; a chunked body is counted as it comes.
+fn discardable(framing: Framing) -> bool {
+    match framing {
+        Framing::Length(n) => n <= DISCARD_MAX,
+        Framing::None | Framing::Chunked => true,
+    }
+}
+
+/// Writes a refusal that keeps the connection once the answers to the
+/// requests before it are through (bounded by [`REFUSAL_GRACE`]); the
+/// upstream connection stays open for the requests after it. `false`
+/// when the earlier answers did not finish in time (nothing written).
+async fn answer_in_turn(shared: &Shared<'_>, deny: Deny) -> bool {
+    let mut rx = shared.progress.subscribe();
+    let waited = tokio::time::timeout(REFUSAL_GRACE, async {
+        rx.wait_for(|p| p.outstanding == 0 || p.responses_done)
+            .await
+            .map(|p| p.outstanding == 0)
+    })
+    .await;
+    if !matches!(waited, Ok(Ok(true))) {
+        return false;
+    }
+    let bytes = super::refusal_keeping_connection(deny);
+    let t = shared.traffic;
+    let sent = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut client = shared.client_write.lock().await;
+        send(&mut client, &bytes, &t.to_client, t).await
+    })
+    .await;
+    matches!(sent, Ok(Ok(())))
+}
+
+/// Reads and drops a refused request's body (those of its bytes already
+/// in `buf` first), leaving in `buf` what follows it. `false` when the
+/// client closed first, the chunking is malformed, or it runs over
+/// [`DISCARD_MAX`].
+async fn discard_body(
+    client: &mut ReadHalf,
+    buf: &mut Vec<u8>,
+    framing: Framing,
+    traffic: &Traffic,
+) -> io::Result<bool> {
+    match framing {
+        Framing::None => Ok(true),
+        Framing::Length(n) => {
+            let mut left = n;
+            loop {
+                let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                buf.drain(..take);
+                left -= take as u64;
+                if left == 0 {
+                    return Ok(true);
+                }
+                if client.read_some(buf, BODY_BUF).await? == 0 {
+                    return Ok(false);
+                }
+                traffic.touch();
+            }
+        }
+        Framing::Chunked => {
+            let mut state = ChunkedState::default();
+            let mut dropped: u64 = 0;
+            loop {
+                match state.feed(buf) {
+                    ChunkProgress::Done(n) => {
+                        buf.drain(..n);
+                        return Ok(true);
+                    }
+                    ChunkProgress::Consumed => {
+                        dropped += buf.len() as u64;
+                        buf.clear();
+                    }
+                    ChunkProgress::Invalid => return Ok(false),
+                }
+                if dropped > DISCARD_MAX || client.read_some(buf, BODY_BUF).await? == 0 {
+                    return Ok(false);
+                }
+                traffic.touch();
+            }
+        }
+    }
 }
 
 /// Refuses a request: never forwarded; the earlier answers let finish,

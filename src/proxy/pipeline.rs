@@ -563,14 +563,38 @@ pub fn same_host_check(gw: &Arc<Gateway>, caller: Caller, target: Target) -> htt
             return Err(Deny::HostNotAllowed);
         }
         misuse_check(&gw, &allowed.grant, bytes)?;
-        allowed.request(
-            &target,
-            &policy.gateway.allowed_ports,
-            &head.method,
-            &head.path,
-        )?;
+        judge_request(&allowed, &target, &policy.gateway.allowed_ports, head)?;
         Ok(Verdict::Forward)
     })
+}
+
+/// The request rules' word on one plain HTTP request (`Ok` when the host
+/// is unrestricted); a refusal is audited and counted on its own, since
+/// its connection may go on.
+pub fn judge_request(
+    allowed: &crate::decision::Authorized,
+    target: &Target,
+    allowed_ports: &[u16],
+    head: &RequestHead,
+) -> Result<(), Deny> {
+    let judged = allowed.request(target, allowed_ports, &head.method, &head.path);
+    if let Err(d) = judged {
+        ::metrics::counter!(crate::metrics::REFUSED_REQUESTS_TOTAL, "reason" => d.as_str())
+            .increment(1);
+        tracing::info!(
+            target: "sluice::audit",
+            container_id = %allowed.grant.container,
+            host = %target.host,
+            port = target.port,
+            method = %head.method,
+            // The path only: a query string may carry what is not ours to log.
+            path = %head.path.split(['?', '#']).next().unwrap_or(""),
+            decision = "deny",
+            reason = d.as_str(),
+            "refused request"
+        );
+    }
+    judged
 }
 
 /// A placeholder of the sandbox's in bytes that go out as they are (a

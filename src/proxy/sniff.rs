@@ -541,6 +541,11 @@ pub struct RequestHead {
     pub path: String,
     /// The head's length in bytes, CRLFCRLF included.
     pub head_len: usize,
+    /// HTTP/1.1, no `Connection: close` (nor `Proxy-Connection: close`),
+    /// no `Expect` and no upgrade: the client reads a refusal and goes
+    /// on with its next request on the same connection (after the body
+    /// it sends regardless).
+    pub reusable: bool,
 }
 
 /// Parses an HTTP/1.x request head. `Found` once the whole head is in
@@ -583,6 +588,8 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
     let mut has_upgrade = false;
     let mut connection_upgrade = false;
     let mut proxy_authorization: Option<String> = None;
+    let mut closes = false;
+    let mut expects = false;
     for h in req.headers.iter() {
         if h.name.is_empty() {
             return Err(Deny::BadRequest);
@@ -639,10 +646,18 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
             proxy_authorization = Some(v.trim().to_owned());
         } else if name.eq_ignore_ascii_case("upgrade") {
             has_upgrade = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            expects = true;
+        } else if name.eq_ignore_ascii_case("proxy-connection") {
+            closes |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         } else if name.eq_ignore_ascii_case("connection") {
             let v = std::str::from_utf8(h.value).map_err(|_| Deny::BadRequest)?;
             for token in v.split(',').map(str::trim) {
                 connection_upgrade |= token.eq_ignore_ascii_case("upgrade");
+                closes |= token.eq_ignore_ascii_case("close");
                 // A hop-by-hop list that names a header framing the message
                 // would have a forwarder drop it and still send the body,
                 // which the next hop reads as another request.
@@ -694,6 +709,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
                     upgrade: false,
                     path: String::new(),
                     head_len,
+                    reusable: false,
                 });
             }
             _ => return Err(Deny::BadRequest),
@@ -731,6 +747,7 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         (None, Some(v)) => split_authority(v).map_err(|_| Deny::BadRequest)?,
     };
 
+    let upgrade = has_upgrade && connection_upgrade;
     Ok(RequestHead {
         method: method.to_owned(),
         host,
@@ -740,9 +757,10 @@ fn head_from(req: &httparse::Request<'_, '_>, head_len: usize) -> Result<Request
         connect: false,
         proxy_authorization,
         framing,
-        upgrade: has_upgrade && connection_upgrade,
+        upgrade,
         path,
         head_len,
+        reusable: req.version == Some(1) && !closes && !expects && !upgrade,
     })
 }
 
