@@ -232,6 +232,7 @@ fn main() -> Result<()> {
                         .map(|i| {
                             signer
                                 .mint(&MintRequest {
+                                    enforce: Default::default(),
                                     credentials: Vec::new(),
                                     container_id: format!("sb-{i:06}"),
                                     user_id: "bench".into(),

@@ -159,6 +159,7 @@ fn identity(c: &mut Criterion) {
     );
     let minted = signer
         .mint(&MintRequest {
+            enforce: Default::default(),
             credentials: Vec::new(),
             container_id: "bench".into(),
             user_id: "u".into(),

@@ -171,6 +171,8 @@ fn v1() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(exec))
         .routes(routes!(revoke))
         .routes(routes!(explain))
+        .routes(routes!(destinations))
+        .routes(routes!(events))
 }
 
 /// The admin API's OpenAPI 3 document, from the same registrations as the
@@ -263,6 +265,10 @@ pub(crate) struct TokenRequest {
     /// each must be configured on this gateway.
     #[serde(default)]
     credentials: Vec<String>,
+    /// Claim `enforce`: `"enforce"` (default) or `"report"` (allowlist
+    /// and request-rule denials let through, recorded `would_deny`).
+    #[serde(default)]
+    enforce: crate::identity::token::Enforce,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -309,6 +315,7 @@ async fn mint_token(
             req.allowed_hosts,
             req.credentials,
             req.ttl_seconds,
+            req.enforce,
         )
         .map_err(|e| match e {
             MintError::NoSigningKey => ApiError::new(
@@ -467,6 +474,8 @@ pub(crate) struct SandboxView {
     live_connections: u64,
     /// Each credential the token names → the sandbox's placeholder.
     credentials: BTreeMap<String, String>,
+    /// `enforce` or `report`.
+    enforce: crate::identity::token::Enforce,
 }
 
 fn view(s: &Sandbox, registry: &Registry, gw: &crate::proxy::Gateway) -> SandboxView {
@@ -483,6 +492,7 @@ fn view(s: &Sandbox, registry: &Registry, gw: &crate::proxy::Gateway) -> Sandbox
         origin: s.origin,
         live_connections: registry.connections().live(s.container_id.as_str()) as u64,
         credentials: placeholders(gw, &s.grant),
+        enforce: c.enforce,
     }
 }
 
@@ -554,6 +564,97 @@ async fn show(
         .get_by_id(&id)
         .map(|s| Json(view(&s, &state.registry, &state.gateway)))
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
+}
+
+/// `GET /v1/sandboxes/{container_id}/destinations`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct DestinationsView {
+    /// Each host and port the sandbox reached or tried, the most recent
+    /// first (at most 512).
+    destinations: Vec<crate::events::Destination>,
+}
+
+/// What a sandbox reached or tried: each host and port with its allowed
+/// and denied counts, the last reason, bytes each way, first and last
+/// seen (Unix seconds). Kept across a restart while it is registered.
+#[utoipa::path(get, path = "/sandboxes/{container_id}/destinations", params(("container_id" = String, Path)), security(("admin" = [])),
+    responses(
+        (status = 200, description = "Its destinations", body = DestinationsView),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+    ))]
+async fn destinations(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Json<DestinationsView>, ApiError> {
+    if state.registry.get_by_id(&id).is_none() {
+        return Err(ApiError::not_found(format!("no sandbox {id:?}")));
+    }
+    Ok(Json(DestinationsView {
+        destinations: state.gateway.events.destinations(&id),
+    }))
+}
+
+/// `GET /v1/events`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
+    /// Only this sandbox's events.
+    #[serde(default)]
+    container_id: Option<String>,
+}
+
+/// Every event as it happens, as server-sent events (`event:` the kind,
+/// `data:` the event as JSON; `event: lagged` says how many a slow reader
+/// missed). Ends when the gateway stops.
+#[utoipa::path(get, path = "/events", params(EventsQuery), security(("admin" = [])),
+    responses(
+        (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad query", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+    ))]
+async fn events(
+    State(state): State<Arc<AdminState>>,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
+    let rx = state.gateway.events.subscribe();
+    let stop = state.gateway.shutdown.clone();
+    let filter = q.container_id;
+    let stream =
+        futures_util::stream::unfold((rx, stop, filter), |(mut rx, stop, filter)| async move {
+            loop {
+                let got = tokio::select! {
+                    () = stop.stopping() => return None,
+                    got = rx.recv() => got,
+                };
+                let out = match got {
+                    Ok(e)
+                        if filter
+                            .as_deref()
+                            .is_some_and(|f| e.container_id.as_deref() != Some(f)) =>
+                    {
+                        continue;
+                    }
+                    Ok(e) => SseEvent::default()
+                        .event(e.kind.as_str())
+                        .json_data(&*e)
+                        .unwrap_or_else(|_| SseEvent::default().event("error")),
+                    Err(RecvError::Lagged(n)) => {
+                        SseEvent::default().event("lagged").data(n.to_string())
+                    }
+                    Err(RecvError::Closed) => return None,
+                };
+                return Some((Ok::<_, std::convert::Infallible>(out), (rx, stop, filter)));
+            }
+        });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// The sandbox's inspection CA (PEM), for its trust store: beside the
@@ -769,7 +870,8 @@ pub(crate) struct ExplainQuery {
 
 #[derive(Serialize, ToSchema)]
 pub(crate) struct ExplainResponse {
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or `would_deny` (a report-mode sandbox's denial,
+    /// let through).
     decision: &'static str,
     /// The deny reason, or `none`.
     reason: &'static str,
@@ -820,10 +922,7 @@ async fn explain(
         &crate::decision::Target { host, port },
         request,
     );
-    let (decision, reason) = match explained.decision {
-        Ok(()) => ("allow", "none"),
-        Err(d) => ("deny", d.as_str()),
-    };
+    let (decision, reason) = explained.verdict();
     Ok(Json(ExplainResponse {
         decision,
         reason,

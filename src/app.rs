@@ -196,6 +196,11 @@ impl Running {
         keep(new.metrics != old.metrics, "[metrics]");
         keep(new.sandbox != old.sandbox, "[sandbox]");
         keep(new.state_dir != old.state_dir, "state_dir");
+        keep(
+            new.audit.otlp_endpoint != old.audit.otlp_endpoint,
+            "audit.otlp_endpoint",
+        );
+        keep(new.audit.queue != old.audit.queue, "audit.queue");
         // The data plane and the control plane keep one view of what is
         // fixed: the values they started with.
         g.transparent_listen = was.transparent_listen;
@@ -264,9 +269,22 @@ impl Running {
             server.abort();
             let _ = server.await;
         }
+        // The destinations as the last connection left them.
+        let path = self.started_with.state_dir.join(DESTINATIONS_FILE);
+        let registry = Arc::clone(&self.registry);
+        if let Err(e) = self
+            .gateway
+            .events
+            .save(&path, |c| registry.get_by_id(c).is_some())
+        {
+            tracing::warn!(path = %path.display(), error = %e, "destinations not saved");
+        }
         cut
     }
 }
+
+/// Where the destinations tables are kept, in `state_dir`.
+const DESTINATIONS_FILE: &str = "destinations.json";
 
 /// Connections the admin API holds at once, in total and from one source.
 const ADMIN_CONNECTIONS: usize = 1024;
@@ -445,7 +463,36 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         Arc::clone(&verifier),
     ));
 
+    // Events: what each registered sandbox reached, kept across a
+    // restart (saved every few seconds and at the end), and the export.
+    let destinations_file = config.state_dir.join(DESTINATIONS_FILE);
+    {
+        let r = Arc::clone(&registry);
+        gateway
+            .events
+            .load(&destinations_file, |c| r.get_by_id(c).is_some());
+    }
     let mut servers = vec![verify_pass];
+    servers.push(tokio::spawn(save_destinations(
+        Arc::clone(&gateway.events),
+        Arc::clone(&registry),
+        destinations_file,
+        shutdown.clone(),
+    )));
+    if !config.audit.otlp_endpoint.is_empty() {
+        let rx = gateway.events.export_to(config.audit.queue);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (s, st) = (shutdown.clone(), stop.clone());
+        tokio::spawn(async move {
+            s.stopping().await;
+            st.cancel();
+        });
+        servers.push(tokio::spawn(crate::events::otlp::run(
+            config.audit.otlp_endpoint.clone(),
+            rx,
+            stop,
+        )));
+    }
     servers.push(tokio::spawn(local.watch(shutdown.clone())));
     servers.push(tokio::spawn(accept_loop(
         transparent,
@@ -892,4 +939,31 @@ fn credential_errors(problems: Vec<(String, crate::credentials::CredentialError)
         .map(|(k, e)| format!("{k}: {e}"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Saves the destinations tables every few seconds while anything
+/// changed, and once more when the gateway stops; a sandbox no longer
+/// registered is dropped from them. Off the runtime's threads.
+async fn save_destinations(
+    events: Arc<crate::events::Events>,
+    registry: Arc<Registry>,
+    path: std::path::PathBuf,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(crate::events::SAVE_EVERY);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.stopping() => true,
+        };
+        let (e, r, p) = (Arc::clone(&events), Arc::clone(&registry), path.clone());
+        let saved =
+            tokio::task::spawn_blocking(move || e.save(&p, |c| r.get_by_id(c).is_some())).await;
+        if let Ok(Err(err)) = saved {
+            tracing::warn!(path = %path.display(), error = %err, "destinations not saved");
+        }
+        if last {
+            return;
+        }
+    }
 }

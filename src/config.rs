@@ -53,6 +53,28 @@ pub struct Config {
     pub inspect: InspectConfig,
     /// `[credentials.NAME]`: secrets the gateway adds to requests.
     pub credentials: BTreeMap<String, CredentialConfig>,
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: where events go beside stderr.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// An OTLP/HTTP (protobuf) logs endpoint
+    /// (`http://collector:4318/v1/logs`); empty: stderr only.
+    pub otlp_endpoint: String,
+    /// Events held while the collector is slow or away; beyond it they
+    /// are dropped and counted.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            otlp_endpoint: String::new(),
+            queue: 10_000,
+        }
+    }
 }
 
 /// `[inspect]`: TLS inspection, only for the hosts that need it.
@@ -277,6 +299,7 @@ impl Default for Config {
             presets: BTreeMap::new(),
             inspect: InspectConfig::default(),
             credentials: BTreeMap::new(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -485,11 +508,12 @@ impl Config {
                 "presets" => section(&key, value, &mut errors).map(|v| config.presets = v),
                 "inspect" => section(&key, value, &mut errors).map(|v| config.inspect = v),
                 "credentials" => section(&key, value, &mut errors).map(|v| config.credentials = v),
+                "audit" => section(&key, value, &mut errors).map(|v| config.audit = v),
                 _ => {
                     errors.push(KeyError {
                         key: key.clone(),
                         message:
-                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, store, presets, inspect, credentials)"
+                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, store, presets, inspect, credentials, audit)"
                                 .into(),
                     });
                     Some(())
@@ -507,6 +531,7 @@ impl Config {
                     "presets" => "presets",
                     "inspect" => "inspect",
                     "credentials" => "credentials",
+                    "audit" => "audit",
                     _ => "state_dir",
                 });
             }
@@ -588,6 +613,19 @@ impl Config {
         }
         if let Err(e) = crate::presets::Presets::new(&self.presets) {
             err("presets", e.to_string());
+        }
+        if !self.audit.otlp_endpoint.is_empty() {
+            match reqwest::Url::parse(&self.audit.otlp_endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => err(
+                    "audit.otlp_endpoint",
+                    "must be an http:// or https:// URL (e.g. http://collector:4318/v1/logs)"
+                        .into(),
+                ),
+            }
+        }
+        if self.audit.queue == 0 || self.audit.queue > 1_000_000 {
+            err("audit.queue", "must be between 1 and 1000000".into());
         }
         if self.inspect.leaf_ttl_s < 3600 || self.inspect.leaf_ttl_s > 90 * 86_400 {
             err(

@@ -255,6 +255,7 @@ impl ControlPlane {
         allowed_hosts: Vec<String>,
         credentials: Vec<String>,
         ttl_seconds: Option<u64>,
+        enforce: crate::identity::token::Enforce,
     ) -> Result<crate::identity::token::Minted, MintError> {
         let signer = self.signer.as_ref().ok_or(MintError::NoSigningKey)?;
         let ttl = ttl_seconds.unwrap_or(DEFAULT_MINT_TTL_S);
@@ -262,6 +263,7 @@ impl ControlPlane {
             return Err(MintError::BadTtl(self.config.auth.max_ttl_s));
         }
         Ok(signer.mint(&MintRequest {
+            enforce,
             credentials,
             container_id,
             user_id,
@@ -411,6 +413,7 @@ impl ControlPlane {
         }
         let minted = signer
             .mint(&MintRequest {
+                enforce: req.enforce,
                 credentials: req.credentials.clone(),
                 container_id: container_id.clone(),
                 user_id: req.user_id.clone(),

@@ -97,23 +97,48 @@ pub struct Authorized {
     /// Only entries with request rules admit it: each request is judged
     /// by them, and what cannot be read is refused.
     pub restricted: bool,
+    /// The allowlist entry that admitted it, by index.
+    pub entry: Option<usize>,
+    /// A report-mode sandbox's allowlist denial, let through.
+    pub would_deny: Option<Deny>,
 }
 
 impl Authorized {
-    /// The request rules' word on one request (`Ok` when unrestricted).
+    /// Is the sandbox's token in report mode?
+    pub fn reports(&self) -> bool {
+        self.grant.claims.enforce == crate::identity::token::Enforce::Report
+    }
+
+    /// The request rules' word on one request: `Ok(None)` admitted (or
+    /// unrestricted), `Ok(Some(deny))` a report-mode sandbox's refusal let
+    /// through, `Err` refused. A path that cannot be normalised is refused
+    /// in report mode too: that is hostile input, not policy.
     pub fn request(
         &self,
         target: &Target,
         allowed_ports: &[u16],
         method: &str,
         path: &str,
-    ) -> Result<(), Deny> {
+    ) -> Result<Option<Deny>, Deny> {
         if !self.restricted {
-            return Ok(());
+            return Ok(None);
         }
-        self.grant
-            .allowlist
-            .admits_request(&target.host, target.port, allowed_ports, method, path)
+        match self.grant.allowlist.admits_request(
+            &target.host,
+            target.port,
+            allowed_ports,
+            method,
+            path,
+        ) {
+            Ok(()) => Ok(None),
+            Err(d @ Deny::RequestNotAllowed) if self.reports() => Ok(Some(d)),
+            Err(d) => Err(d),
+        }
+    }
+
+    /// The entry that admitted it, as written.
+    pub fn matched(&self) -> Option<String> {
+        self.entry.and_then(|i| self.grant.allowlist.entry_text(i))
     }
 }
 
@@ -123,6 +148,10 @@ pub struct Permit {
     pub explicit_port: bool,
     /// See [`Authorized::restricted`].
     pub restricted: bool,
+    /// See [`Authorized::would_deny`].
+    pub would_deny: Option<Deny>,
+    /// See [`Authorized::entry`].
+    pub entry: Option<usize>,
     /// Cancelled when the token is revoked, the sandbox unregistered or
     /// the token expires: the connection closes.
     pub revoked: CancellationToken,
@@ -170,21 +199,46 @@ impl Decision<'_> {
     pub fn authorize(&self, caller: &Caller, target: &Target) -> Result<Authorized, Deny> {
         let grant = self.grant(caller)?;
         let admitted =
-            grant
+            match grant
                 .allowlist
-                .decide(&target.host, target.port, &self.gateway.allowed_ports)?;
+                .decide(&target.host, target.port, &self.gateway.allowed_ports)
+            {
+                Ok(a) => a,
+                // Report mode: an allowlist denial is let through, recorded.
+                Err(d @ (Deny::HostNotAllowed | Deny::PortNotAllowed))
+                    if grant.claims.enforce == crate::identity::token::Enforce::Report =>
+                {
+                    return Ok(Authorized {
+                        grant,
+                        explicit_port: false,
+                        restricted: false,
+                        entry: None,
+                        would_deny: Some(d),
+                    });
+                }
+                Err(d) => return Err(d),
+            };
         Ok(Authorized {
             grant,
             explicit_port: admitted.explicit_port,
             restricted: admitted.restricted,
+            entry: admitted.entry,
+            would_deny: None,
         })
     }
 
-    /// May `caller` reach `host` on some port? The DNS door's question.
-    pub fn authorize_name(&self, caller: &Caller, host: &Host) -> Result<Arc<Grant>, Deny> {
+    /// May `caller` reach `host` on some port? The DNS door's question;
+    /// a report-mode sandbox's denial is let through, with its reason.
+    pub fn authorize_name(
+        &self,
+        caller: &Caller,
+        host: &Host,
+    ) -> Result<(Arc<Grant>, Option<Deny>), Deny> {
         let grant = self.grant(caller)?;
         if grant.allowlist.admits_name(host) {
-            Ok(grant)
+            Ok((grant, None))
+        } else if grant.claims.enforce == crate::identity::token::Enforce::Report {
+            Ok((grant, Some(Deny::HostNotAllowed)))
         } else {
             Err(Deny::HostNotAllowed)
         }
@@ -207,6 +261,7 @@ impl Decision<'_> {
                     decision: Err(d),
                     matched: None,
                     presets: Default::default(),
+                    would_deny: None,
                 };
             }
         };
@@ -214,6 +269,7 @@ impl Decision<'_> {
             decision: Err(d),
             matched: None,
             presets: presets.clone(),
+            would_deny: None,
         };
         let a = match self.authorize(caller, target) {
             Ok(a) => a,
@@ -225,19 +281,22 @@ impl Decision<'_> {
         if let Some((method, path)) = request
             && a.restricted
         {
-            if let Err(d) = a.request(target, ports, method, path) {
-                return denied(d);
-            }
+            let would_deny = match a.request(target, ports, method, path) {
+                Ok(w) => w,
+                Err(d) => return denied(d),
+            };
             return Explanation {
                 decision: Ok(()),
                 matched: list.matched_request(&target.host, target.port, ports, method, path),
                 presets,
+                would_deny,
             };
         }
         Explanation {
             decision: Ok(()),
             matched: list.matched(&target.host, target.port, ports),
             presets,
+            would_deny: a.would_deny,
         }
     }
 
@@ -248,6 +307,8 @@ impl Decision<'_> {
             grant,
             explicit_port,
             restricted,
+            entry,
+            would_deny,
         } = self.authorize(caller, target)?;
         let slot = self
             .connections
@@ -258,6 +319,8 @@ impl Decision<'_> {
             grant,
             explicit_port,
             restricted,
+            would_deny,
+            entry,
             slot,
         })
     }
@@ -272,14 +335,19 @@ pub struct Explanation {
     pub matched: Option<String>,
     /// What each preset the token names stands for, entry by entry.
     pub presets: std::collections::BTreeMap<String, Vec<String>>,
+    /// A report-mode sandbox's denial, which would be let through.
+    pub would_deny: Option<Deny>,
 }
 
 impl Explanation {
+    /// `allow`, `deny` or `would_deny`, and the reason.
+    pub fn verdict(&self) -> (&'static str, &'static str) {
+        let (v, reason) = crate::events::Verdict::of(self.decision, self.would_deny);
+        (v.as_str(), reason)
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
-        let (decision, reason) = match self.decision {
-            Ok(()) => ("allow", "none"),
-            Err(d) => ("deny", d.as_str()),
-        };
+        let (decision, reason) = self.verdict();
         let mut out =
             serde_json::json!({"decision": decision, "reason": reason, "matched": self.matched});
         if !self.presets.is_empty() {

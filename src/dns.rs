@@ -169,22 +169,23 @@ pub struct Door {
     gw: Arc<Gateway>,
 }
 
-/// One query's outcome, for the audit line and the metrics.
-struct Outcome<'a> {
+/// One query's outcome, for its event and the metrics.
+struct Outcome {
     source: IpAddr,
-    container: Option<&'a str>,
+    sandbox: Option<Arc<crate::identity::Sandbox>>,
     name: Option<String>,
     qtype: &'static str,
     decision: Result<(), Deny>,
+    /// A report-mode sandbox's denial, answered anyway.
+    would_deny: Option<Deny>,
     answers: usize,
 }
 
-impl Outcome<'_> {
-    fn record(&self) {
-        let (decision, reason) = match self.decision {
-            Ok(()) => ("allow", "none"),
-            Err(d) => ("deny", d.as_str()),
-        };
+impl Outcome {
+    fn record(&self, events: &crate::events::Events) {
+        use crate::events::{Event, Kind, Verdict};
+        let (verdict, reason) = Verdict::of(self.decision, self.would_deny);
+        let decision = verdict.as_str();
         ::metrics::counter!(
             m::DNS_QUERIES_TOTAL,
             "qtype" => self.qtype,
@@ -192,18 +193,18 @@ impl Outcome<'_> {
             "reason" => reason
         )
         .increment(1);
-        tracing::info!(
-            target: "sluice::audit",
-            protocol = "dns",
-            source = %self.source,
-            container_id = self.container.unwrap_or("-"),
-            name = self.name.as_deref().unwrap_or("-"),
-            qtype = self.qtype,
-            decision,
-            reason,
-            answers = self.answers,
-            "dns"
-        );
+        let mut event = Event::new(Kind::Dns, "dns", "dns");
+        if let Some(sandbox) = &self.sandbox {
+            event = event.with_grant(&sandbox.grant);
+        }
+        event.source = Some(std::net::SocketAddr::new(self.source, 0));
+        event.host = self.name.clone();
+        event.port = 53;
+        event.method = Some(self.qtype.to_owned());
+        event.decision = verdict;
+        event.reason = reason;
+        event.end = self.answers.to_string();
+        events.emit(event);
     }
 }
 
@@ -231,13 +232,14 @@ impl Door {
             Err(Some(id)) => {
                 let outcome = Outcome {
                     source,
-                    container: None,
+                    sandbox: None,
                     name: None,
                     qtype: "other",
                     decision: Err(Deny::BadRequest),
+                    would_deny: None,
                     answers: 0,
                 };
-                outcome.record();
+                outcome.record(&self.gw.events);
                 let mut empty = Message::new(id, MessageType::Query, OpCode::Query);
                 empty.metadata.id = id;
                 return Some(respond(&empty, &Answer::FormErr, CLASSIC_UDP));
@@ -250,7 +252,7 @@ impl Door {
         let sandbox = self.gw.registry.get(source);
         let mut outcome = Outcome {
             source,
-            container: sandbox.as_deref().map(|s| s.container_id.as_str()),
+            sandbox: sandbox.clone(),
             name: request.queries.first().map(|q| q.name().to_ascii()),
             qtype: request
                 .queries
@@ -258,13 +260,14 @@ impl Door {
                 .map(|q| qtype_label(q.query_type()))
                 .unwrap_or("other"),
             decision: Ok(()),
+            would_deny: None,
             answers: 0,
         };
-        let answer = self.decide(&request, sandbox.clone(), &mut outcome).await;
+        let answer = self.decide(&request, sandbox, &mut outcome).await;
         if let Answer::Addresses(ips, _) = &answer {
             outcome.answers = ips.len();
         }
-        outcome.record();
+        outcome.record(&self.gw.events);
         Some(respond(&request, &answer, limit))
     }
 
@@ -272,7 +275,7 @@ impl Door {
         &self,
         request: &Message,
         sandbox: Option<Arc<crate::identity::Sandbox>>,
-        outcome: &mut Outcome<'_>,
+        outcome: &mut Outcome,
     ) -> Answer {
         let mut deny = |d: Deny, a: Answer| {
             outcome.decision = Err(d);
@@ -319,9 +322,10 @@ impl Door {
         let policy = self.gw.policy();
         let decision = self.gw.decision(&policy);
         let caller = Caller::Sandbox(Arc::clone(&sandbox));
-        if let Err(d) = decision.authorize_name(&caller, &Host::Name(name.clone())) {
+        match decision.authorize_name(&caller, &Host::Name(name.clone())) {
+            Ok((_, would_deny)) => outcome.would_deny = would_deny,
             // Never sent upstream.
-            return deny(d, Answer::NxDomain);
+            Err(d) => return deny(d, Answer::NxDomain),
         }
         match query.query_type() {
             RecordType::A => {}

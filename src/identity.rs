@@ -444,6 +444,7 @@ mod tests {
             allowed_hosts: token::HostList(vec!["*.cdn.test".into()]),
             credentials: Default::default(),
             enforce_container_binding: token::Flag(false),
+            enforce: Default::default(),
             use_egress_gateway: token::Flag(true),
         };
         let grant = Arc::new(token::Grant {

@@ -30,7 +30,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 pub mod admin;
 pub mod app;
-pub mod audit;
 pub mod authority;
 pub mod config;
 pub mod control;
@@ -38,6 +37,7 @@ pub mod credentials;
 pub mod decision;
 pub mod deny;
 pub mod dns;
+pub mod events;
 pub mod fleet;
 pub mod host;
 pub mod identity;

@@ -408,6 +408,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             let signer = Signer::load(&key, &kid, &issuer, &audience)?
                 .with_presets(std::sync::Arc::new(presets));
             let minted = signer.mint(&MintRequest {
+                enforce: Default::default(),
                 credentials: Vec::new(),
                 container_id,
                 user_id,

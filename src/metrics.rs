@@ -25,6 +25,7 @@ pub const FLEET_REJECTED: &str = "sluice_fleet_entries_rejected_total";
 pub const INSPECTED_REQUESTS_TOTAL: &str = "sluice_inspected_requests_total";
 pub const CREDENTIAL_INJECTIONS_TOTAL: &str = "sluice_credential_injections_total";
 pub const REFUSED_REQUESTS_TOTAL: &str = "sluice_refused_requests_total";
+pub const AUDIT_EVENTS_DROPPED_TOTAL: &str = "sluice_audit_events_dropped_total";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -112,6 +113,10 @@ fn describe() {
     describe_counter!(
         INSPECTED_REQUESTS_TOTAL,
         "Requests on inspected (TLS-opened) connections, by decision and reason."
+    );
+    describe_counter!(
+        AUDIT_EVENTS_DROPPED_TOTAL,
+        "Events the OpenTelemetry export dropped: its queue full, or a batch the collector did not take."
     );
     describe_counter!(
         REFUSED_REQUESTS_TOTAL,

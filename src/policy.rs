@@ -19,17 +19,26 @@ use rules::{RequestRule, RuleSet};
 /// without a port) and/or the ports named explicitly.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct PortRule {
-    default_ports: bool,
-    ports: Vec<u16>,
+    /// The first entry without a port, by index: it admits the
+    /// gateway's `allowed_ports`.
+    default_ports: Option<usize>,
+    /// Each port named explicitly, with the first entry naming it.
+    ports: Vec<(u16, usize)>,
 }
 
 impl PortRule {
-    fn add(&mut self, port: Option<u16>) {
+    fn add(&mut self, port: Option<u16>, entry: usize) {
         match port {
-            None => self.default_ports = true,
-            Some(p) if !self.ports.contains(&p) => self.ports.push(p),
+            None => {
+                self.default_ports.get_or_insert(entry);
+            }
+            Some(p) if !self.ports.iter().any(|(q, _)| *q == p) => self.ports.push((p, entry)),
             Some(_) => {}
         }
+    }
+
+    fn explicit(&self, port: u16) -> Option<usize> {
+        self.ports.iter().find(|(p, _)| *p == port).map(|(_, e)| *e)
     }
 }
 
@@ -180,18 +189,19 @@ impl Allowlist {
                 list.entries.push(pattern);
                 continue;
             }
+            let index = list.entries.len();
             match &pattern {
                 HostPattern::Exact(name, port) => list
                     .exact
                     .entry(name.as_str().into())
                     .or_default()
-                    .add(*port),
+                    .add(*port, index),
                 HostPattern::Wildcard(name, port) => list
                     .wildcard
                     .entry(name.as_str().into())
                     .or_default()
-                    .add(*port),
-                HostPattern::Ip(ip, port) => list.ips.entry(*ip).or_default().add(*port),
+                    .add(*port, index),
+                HostPattern::Ip(ip, port) => list.ips.entry(*ip).or_default().add(*port, index),
             }
             list.entries.push(pattern);
         }
@@ -271,6 +281,12 @@ impl Allowlist {
         }
     }
 
+    /// Entry `i` as an operator reads it (with the preset it came from):
+    /// what an event names as the entry that admitted a connection.
+    pub fn entry_text(&self, i: usize) -> Option<String> {
+        (i < self.entries.len()).then(|| self.written(i))
+    }
+
     /// Entry `i` as written, with its rule and the preset it came from.
     fn written(&self, i: usize) -> String {
         let entry = match &self.rules[i] {
@@ -314,15 +330,20 @@ impl Allowlist {
         let mut check = |rule: Option<&PortRule>| -> bool {
             let Some(rule) = rule else { return false };
             name_matched = true;
-            let explicit_port = rule.ports.contains(&port);
-            if explicit_port || (rule.default_ports && allowed_ports.contains(&port)) {
+            let explicit = rule.explicit(port);
+            let by_default = rule.default_ports.filter(|_| allowed_ports.contains(&port));
+            if let Some(entry) = explicit.or(by_default) {
                 // An explicit port anywhere wins over a default-port match.
-                let prev = found.is_some_and(|a| a.explicit_port);
-                found = Some(Admitted {
-                    explicit_port: explicit_port || prev,
-                    restricted: false,
+                let prev = found.filter(|a| a.explicit_port);
+                found = Some(match prev {
+                    Some(p) if explicit.is_none() => p,
+                    _ => Admitted {
+                        explicit_port: explicit.is_some(),
+                        restricted: false,
+                        entry: Some(entry),
+                    },
                 });
-                return explicit_port;
+                return explicit.is_some();
             }
             false
         };
@@ -368,6 +389,7 @@ impl Allowlist {
             (Some(explicit_port), _) => Ok(Admitted {
                 explicit_port,
                 restricted: true,
+                entry: None,
             }),
             (None, true) => Err(Deny::PortNotAllowed),
             (None, false) => Err(Deny::HostNotAllowed),
@@ -437,6 +459,10 @@ pub struct Admitted {
     /// read and judged ([`Allowlist::admits_request`]); bytes that cannot
     /// be read are refused.
     pub restricted: bool,
+    /// The entry that admitted it (the first for its name and port), for
+    /// [`Allowlist::entry_text`]; none when only ruled entries do (each
+    /// request then names its own).
+    pub entry: Option<usize>,
 }
 
 #[cfg(test)]

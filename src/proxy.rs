@@ -64,6 +64,8 @@ pub struct Gateway {
     resolver: RwLock<Arc<Resolver>>,
     /// Inspection and the credentials, replaced on SIGHUP.
     seal: RwLock<Arc<Seal>>,
+    /// Where every decision's event goes.
+    pub events: Arc<crate::events::Events>,
 }
 
 /// Why a sandbox's inspection CA cannot be had.
@@ -112,6 +114,7 @@ impl Gateway {
             own,
             resolver: RwLock::new(resolver),
             seal: RwLock::default(),
+            events: Arc::default(),
         }
     }
 
@@ -205,6 +208,7 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let (limits, shutdown) = (gw.limits.clone(), gw.shutdown.clone());
+    let events = Arc::clone(&gw.events);
     crate::listener::serve(
         listener,
         limits,
@@ -213,24 +217,27 @@ where
             let _ = stream.set_nodelay(true);
             handle(Arc::clone(&gw), stream, peer, admission)
         },
-        |stream, peer| overloaded(stream, peer, mode),
+        move |stream, peer| overloaded(stream, peer, mode, Arc::clone(&events)),
     )
     .await;
 }
 
-fn overloaded(stream: TcpStream, peer: SocketAddr, mode: Mode) {
-    let mut record = record::Record::new(mode, peer);
+fn overloaded(stream: TcpStream, peer: SocketAddr, mode: Mode, events: Arc<crate::events::Events>) {
+    let mut record = record::Record::new(mode, peer, events);
     record.decide(Err(Deny::Overloaded));
     record.end = "overloaded";
     drop(stream);
 }
 
-/// Counts one decision.
-pub fn count(mode: Mode, protocol: Protocol, decision: Result<(), Deny>) {
-    let (decision, reason) = match decision {
-        Ok(()) => ("allow", "none"),
-        Err(d) => ("deny", d.as_str()),
-    };
+/// Counts one decision (`would_deny` for a report-mode denial let
+/// through).
+pub fn count(
+    mode: Mode,
+    protocol: Protocol,
+    verdict: crate::events::Verdict,
+    reason: &'static str,
+) {
+    let decision = verdict.as_str();
     ::metrics::counter!(
         m::CONNECTIONS_TOTAL,
         "mode" => mode.as_str(),

@@ -132,6 +132,9 @@ pub struct LaunchRequest {
     /// holds its placeholder inside.
     #[serde(default)]
     pub credentials: Vec<String>,
+    /// Claim `enforce`: `"enforce"` (default) or `"report"`.
+    #[serde(default)]
+    pub enforce: crate::identity::token::Enforce,
 }
 
 /// Where a launched sandbox's CA bundle is (read-only): the system's

@@ -175,7 +175,7 @@ async fn path_tricks_are_refused_before_the_upstream() {
     assert!(
         metric(
             &page,
-            r#"sluice_refused_requests_total{reason="request_not_allowed"}"#
+            r#"sluice_refused_requests_total{reason="request_not_allowed",decision="deny"}"#
         ) >= 12.0,
         "{page}"
     );

@@ -104,6 +104,7 @@ fn signer(keys: &Keys) -> Signer {
 fn token(signer: &Signer, id: &str) -> String {
     signer
         .mint(&MintRequest {
+            enforce: Default::default(),
             credentials: Vec::new(),
             container_id: id.into(),
             user_id: "u".into(),

@@ -466,8 +466,9 @@ fn refused_requests_leave_the_connection_open_and_paths_are_normalised() {
     // The plain door's refusals are audited and counted one by one.
     assert!(lab.sluice_log().contains("refused request"));
     assert!(
-        lab.metrics()
-            .contains("sluice_refused_requests_total{reason=\"request_not_allowed\"}"),
+        lab.metrics().contains(
+            "sluice_refused_requests_total{reason=\"request_not_allowed\",decision=\"deny\"}"
+        ),
         "{}",
         lab.metrics()
     );

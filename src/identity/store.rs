@@ -468,6 +468,7 @@ mod tests {
     fn mint(signer: &Signer, id: &str, ttl: u64) -> crate::identity::token::Minted {
         signer
             .mint(&MintRequest {
+                enforce: Default::default(),
                 credentials: Vec::new(),
                 container_id: id.into(),
                 user_id: "u".into(),

@@ -87,7 +87,7 @@ async fn serve(gw: Arc<Gateway>, client: Stream, peer: SocketAddr) {
             } => (head, buf) = (next, rest),
             Ending::Closed => return,
         }
-        conn.record = Record::new(Mode::Proxy, peer);
+        conn.record = Record::new(Mode::Proxy, peer, Arc::clone(&conn.gw.events));
     }
 }
 
@@ -138,7 +138,14 @@ async fn session(conn: &mut Conn, head: RequestHead, buf: Vec<u8>) -> Ending {
         }
     } else {
         Opened::Requests {
-            check: session_check(&conn.gw, target.clone()),
+            check: session_check(
+                &conn.gw,
+                target.clone(),
+                super::pipeline::Judged {
+                    door: Mode::Proxy,
+                    source: conn.record.source,
+                },
+            ),
         }
     };
     drop(head);
@@ -148,7 +155,7 @@ async fn session(conn: &mut Conn, head: RequestHead, buf: Vec<u8>) -> Ending {
 /// The check for every request on a session: one for another authority
 /// (or a CONNECT) ends the session and is judged afresh by the door; one
 /// for this authority is authenticated and authorised on its own.
-fn session_check(gw: &Arc<Gateway>, target: Target) -> http::Check {
+fn session_check(gw: &Arc<Gateway>, target: Target, at: super::pipeline::Judged) -> http::Check {
     let gw = Arc::clone(gw);
     Box::new(move |head: &RequestHead, bytes: &[u8]| {
         let same = !head.connect
@@ -171,7 +178,14 @@ fn session_check(gw: &Arc<Gateway>, target: Target) -> http::Check {
             return Err(Deny::CredentialMisuse);
         }
         super::pipeline::misuse_check(&gw, &allowed.grant, bytes)?;
-        super::pipeline::judge_request(&allowed, &target, &policy.gateway.allowed_ports, head)?;
+        super::pipeline::judge_request(
+            &gw,
+            &allowed,
+            &target,
+            &policy.gateway.allowed_ports,
+            head,
+            at,
+        )?;
         Ok(Verdict::Forward)
     })
 }

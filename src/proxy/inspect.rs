@@ -32,6 +32,7 @@ use crate::authority::Authority;
 use crate::credentials::Sealed;
 use crate::decision::{Caller, Permit, Target};
 use crate::deny::Deny;
+use crate::events::{Event, Kind, Verdict};
 use crate::host::{Host, HostName};
 use crate::metrics as m;
 
@@ -187,7 +188,9 @@ pub async fn serve(
         target,
         host: plan.host,
         sealed: plan.sealed,
-        container,
+        grant: Arc::clone(&permit.grant),
+        door: conn.record.mode,
+        source: conn.record.source,
         sender: tokio::sync::Mutex::new(None),
         h2_sender: std::sync::Mutex::new(None),
         refused: AtomicBool::new(false),
@@ -323,7 +326,10 @@ struct Session {
     target: Target,
     host: HostName,
     sealed: Arc<Sealed>,
-    container: Arc<str>,
+    /// What each request's event names: the sandbox, the door, the client.
+    grant: Arc<crate::identity::token::Grant>,
+    door: crate::metrics::Mode,
+    source: std::net::SocketAddr,
     /// HTTP/1.1 upstream: one request at a time.
     sender: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
     /// HTTP/2 upstream: shared by every stream.
@@ -337,23 +343,28 @@ impl Session {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        if let Err(deny) = self.judge(&req) {
-            // A placeholder out of place is hostile: that connection ends.
-            // A request off the rules is refused alone; the next goes on.
-            let hostile = deny == Deny::CredentialMisuse;
-            if hostile {
-                self.refused.store(true, Ordering::Release);
+        let started = std::time::Instant::now();
+        let would_deny = match self.judge(&req) {
+            Ok(w) => w,
+            Err(deny) => {
+                // A placeholder out of place is hostile: that connection ends.
+                // A request off the rules is refused alone; the next goes on.
+                let hostile = deny == Deny::CredentialMisuse;
+                if hostile {
+                    self.refused.store(true, Ordering::Release);
+                }
+                let status = if is_grpc(&req) {
+                    200
+                } else {
+                    deny.http_status().0
+                };
+                self.audit(&method, &path, (Err(deny), None), &[], status, started);
+                if is_grpc(&req) {
+                    return grpc_refusal(deny);
+                }
+                return refusal(deny, hostile && req.version() == hyper::Version::HTTP_11);
             }
-            self.audit(&method, &path, Err(deny), &[], 0);
-            let grpc = req
-                .headers()
-                .get(hyper::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            if grpc {
-                return grpc_refusal(deny);
-            }
-            return refusal(deny, hostile && req.version() == hyper::Version::HTTP_11);
-        }
+        };
         let injected = self.inject(&mut req);
         strip_proxy_headers(&mut req);
         if req.version() == hyper::Version::HTTP_2 {
@@ -368,12 +379,20 @@ impl Session {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, host = %self.host, "inspected request failed upstream");
-                self.audit(&method, &path, Err(Deny::UpstreamUnreachable), &injected, 0);
+                let d = Deny::UpstreamUnreachable;
+                self.audit(&method, &path, (Err(d), None), &injected, 502, started);
                 return refusal(Deny::UpstreamUnreachable, false);
             }
         };
         let status = resp.status().as_u16();
-        self.audit(&method, &path, Ok(()), &injected, status);
+        self.audit(
+            &method,
+            &path,
+            (Ok(()), would_deny),
+            &injected,
+            status,
+            started,
+        );
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
@@ -396,7 +415,8 @@ impl Session {
     /// The same host the connection was opened to, the caller still
     /// allowed there, and no placeholder outside the headers the gateway
     /// sets.
-    fn judge(&self, req: &Request<Incoming>) -> Result<(), Deny> {
+    /// `Ok(Some(deny))`: a report-mode sandbox's refusal, let through.
+    fn judge(&self, req: &Request<Incoming>) -> Result<Option<Deny>, Deny> {
         let authority = req
             .uri()
             .authority()
@@ -423,7 +443,7 @@ impl Session {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        allowed.request(
+        let would_deny = allowed.request(
             &self.target,
             &policy.gateway.allowed_ports,
             req.method().as_str(),
@@ -447,7 +467,7 @@ impl Session {
                 return Err(Deny::CredentialMisuse);
             }
         }
-        Ok(())
+        Ok(would_deny.or(allowed.would_deny))
     }
 
     /// Sets each credential for this host in its header, replacing what
@@ -496,36 +516,43 @@ impl Session {
         }
     }
 
+    /// One event per request judged: its decision (a report-mode
+    /// refusal let through is `would_deny`), the credentials set by name,
+    /// the status answered.
     fn audit(
         &self,
         method: &hyper::Method,
         path: &str,
-        decision: Result<(), Deny>,
+        (decision, would_deny): (Result<(), Deny>, Option<Deny>),
         injected: &[Arc<str>],
         status: u16,
+        started: std::time::Instant,
     ) {
-        let (d, reason) = match decision {
-            Ok(()) => ("allow", "none"),
-            Err(d) => ("deny", d.as_str()),
-        };
-        ::metrics::counter!(m::INSPECTED_REQUESTS_TOTAL, "decision" => d, "reason" => reason)
+        let (verdict, reason) = Verdict::of(decision, would_deny);
+        ::metrics::counter!(m::INSPECTED_REQUESTS_TOTAL, "decision" => verdict.as_str(), "reason" => reason)
             .increment(1);
-        let injected: Vec<&str> = injected.iter().map(|n| &**n).collect();
-        tracing::info!(
-            target: "sluice::audit",
-            container_id = %self.container,
-            host = %self.host,
-            port = self.target.port,
-            method = %method,
-            // The path only: a query string may carry what is not ours to log.
-            path = %path,
-            decision = d,
-            reason,
-            credentials = %injected.join(","),
-            status,
-            "inspected request"
-        );
+        let mut event =
+            Event::new(Kind::Request, self.door.as_str(), "https").with_grant(&self.grant);
+        event.source = Some(self.source);
+        event.host = Some(self.host.to_string());
+        event.port = self.target.port;
+        event.method = Some(method.to_string());
+        // The path only: a query string may carry what is not ours to log.
+        event.path = Some(path.to_owned());
+        event.decision = verdict;
+        event.reason = reason;
+        event.credentials = injected.iter().map(|n| n.to_string()).collect();
+        event.end = status.to_string();
+        event.timings.total_ms = started.elapsed().as_millis() as u64;
+        self.gw.events.emit(event);
     }
+}
+
+/// A gRPC call (its answer is a trailers-only status, not an HTTP one).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// The answer to a refused request, with the reason.

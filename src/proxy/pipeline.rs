@@ -25,6 +25,7 @@ use super::stream::{Split, Stream};
 use super::{Gateway, Policy, deny_response, proxy_deny_response};
 use crate::decision::{Caller, Decision, Permit, Target};
 use crate::deny::Deny;
+use crate::events::{Event, Kind, Verdict as Outcome};
 use crate::host::Host;
 use crate::identity::CountGuard;
 use crate::metrics::Mode;
@@ -54,9 +55,9 @@ pub struct Conn {
 impl Conn {
     pub fn new(gw: Arc<Gateway>, client: Stream, mode: Mode, peer: std::net::SocketAddr) -> Conn {
         Conn {
+            record: Record::new(mode, peer, Arc::clone(&gw.events)),
             gw,
             client: client.split(),
-            record: Record::new(mode, peer),
             slot: None,
         }
     }
@@ -83,11 +84,15 @@ impl Conn {
         let policy = self.gw.policy();
         // Its lookups are the client's to spend.
         let asker = crate::resolver::Asker::Connection(self.record.source.ip());
+        let t0 = std::time::Instant::now();
         let addrs = policy
             .upstream
             .resolve(&target.host, target.port, asker)
             .await?;
+        let t1 = std::time::Instant::now();
+        self.record.resolve_ms = Some(t1.duration_since(t0).as_millis() as u64);
         let (stream, addr) = policy.upstream.connect(&addrs).await?;
+        self.record.connect_ms = Some(t1.elapsed().as_millis() as u64);
         self.record.upstream = Some(addr);
         Ok(stream)
     }
@@ -106,6 +111,8 @@ impl Conn {
                 grant: a.grant,
                 explicit_port: a.explicit_port,
                 restricted: a.restricted,
+                would_deny: a.would_deny,
+                entry: a.entry,
                 slot: held,
             }),
             Err(d) => {
@@ -127,11 +134,23 @@ impl Conn {
         let permit = match self.permit(caller, target) {
             Ok(p) => p,
             Err(d) => {
+                // Whose refusal it is, when the caller is known (its
+                // token valid, the target not allowed).
+                let policy = self.gw.policy();
+                if let Ok(grant) = self.gw.decision(&policy).grant(caller) {
+                    self.record.container_id = Some(Arc::clone(&grant.container));
+                    self.record.grant = Some(grant);
+                }
                 self.refuse(protocol, d, opened.refusal(protocol, d)).await;
                 return None;
             }
         };
         self.record.container_id = Some(Arc::clone(&permit.grant.container));
+        self.record.grant = Some(Arc::clone(&permit.grant));
+        self.record.would_deny = permit.would_deny;
+        self.record.matched = permit
+            .entry
+            .and_then(|i| permit.grant.allowlist.entry_text(i));
         // A placeholder in the name itself (an SNI or `Host` under a
         // wildcard-allowed zone) would carry it out: refused, not dialled.
         if let (Host::Name(name), Some((sealed, _))) = (&target.host, self.gw.sealed(&permit.grant))
@@ -358,6 +377,11 @@ async fn to_origin(
                 plan,
             })),
             Ok(None) if !permit.restricted => Relay::Raw(Stream::Tcp(upstream)),
+            // Report mode: what cannot be judged is let through, recorded.
+            Ok(None) if reports(&permit) => {
+                conn.record.would_deny = Some(Deny::RequestNotAllowed);
+                Relay::Raw(Stream::Tcp(upstream))
+            }
             // A host with request rules whose TLS is not opened: its
             // requests cannot be judged, so none pass.
             Ok(None) => {
@@ -388,13 +412,25 @@ async fn to_origin(
             Relay::Http(
                 Stream::Tcp(upstream),
                 HttpRules {
-                    check: same_host_check(&conn.gw, caller, target),
+                    check: same_host_check(
+                        &conn.gw,
+                        caller,
+                        target,
+                        Judged {
+                            door: conn.record.mode,
+                            source: conn.record.source,
+                        },
+                    ),
                     rewrite: Rewrite::StripProxyAuth,
                     answer: origin_answer,
                 },
             )
         }
         // Bytes that are not HTTP cannot be judged by request rules.
+        Protocol::Connect | Protocol::Other if permit.restricted && reports(&permit) => {
+            conn.record.would_deny = Some(Deny::RequestNotAllowed);
+            Relay::Raw(Stream::Tcp(upstream))
+        }
         Protocol::Connect | Protocol::Other if permit.restricted => {
             drop(upstream);
             conn.slot = Some(permit.slot);
@@ -405,6 +441,11 @@ async fn to_origin(
         Protocol::Connect | Protocol::Other => Relay::Raw(Stream::Tcp(upstream)),
     };
     Ok(Ready { permit, buf, relay })
+}
+
+/// Is the permit's sandbox in report mode?
+fn reports(permit: &Permit) -> bool {
+    permit.grant.claims.enforce == crate::identity::token::Enforce::Report
 }
 
 /// What inspecting a TLS connection to `target` takes, when it must be:
@@ -551,7 +592,12 @@ pub fn target_of(
 /// The check for every request of an HTTP connection bound to one host
 /// (transparent, or inside a tunnel): not a CONNECT, the same host the
 /// connection was opened to, and the caller still allowed there now.
-pub fn same_host_check(gw: &Arc<Gateway>, caller: Caller, target: Target) -> http::Check {
+pub fn same_host_check(
+    gw: &Arc<Gateway>,
+    caller: Caller,
+    target: Target,
+    at: Judged,
+) -> http::Check {
     let gw = Arc::clone(gw);
     Box::new(move |head: &RequestHead, bytes: &[u8]| {
         if head.connect {
@@ -563,38 +609,64 @@ pub fn same_host_check(gw: &Arc<Gateway>, caller: Caller, target: Target) -> htt
             return Err(Deny::HostNotAllowed);
         }
         misuse_check(&gw, &allowed.grant, bytes)?;
-        judge_request(&allowed, &target, &policy.gateway.allowed_ports, head)?;
+        judge_request(
+            &gw,
+            &allowed,
+            &target,
+            &policy.gateway.allowed_ports,
+            head,
+            at,
+        )?;
         Ok(Verdict::Forward)
     })
 }
 
+/// Where a plain request was judged: the door and the client.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged {
+    pub door: Mode,
+    pub source: std::net::SocketAddr,
+}
+
 /// The request rules' word on one plain HTTP request (`Ok` when the host
-/// is unrestricted); a refusal is audited and counted on its own, since
-/// its connection may go on.
+/// is unrestricted, or a report-mode sandbox's refusal let through); a
+/// refusal (or a would-be one) is its own event and counted, since its
+/// connection may go on.
 pub fn judge_request(
+    gw: &Gateway,
     allowed: &crate::decision::Authorized,
     target: &Target,
     allowed_ports: &[u16],
     head: &RequestHead,
+    at: Judged,
 ) -> Result<(), Deny> {
     let judged = allowed.request(target, allowed_ports, &head.method, &head.path);
-    if let Err(d) = judged {
-        ::metrics::counter!(crate::metrics::REFUSED_REQUESTS_TOTAL, "reason" => d.as_str())
-            .increment(1);
-        tracing::info!(
-            target: "sluice::audit",
-            container_id = %allowed.grant.container,
-            host = %target.host,
-            port = target.port,
-            method = %head.method,
-            // The path only: a query string may carry what is not ours to log.
-            path = %head.path.split(['?', '#']).next().unwrap_or(""),
-            decision = "deny",
-            reason = d.as_str(),
-            "refused request"
-        );
+    let (verdict, reason) = match judged {
+        Ok(None) => return Ok(()),
+        Ok(Some(d)) => (Outcome::WouldDeny, d),
+        Err(d) => (Outcome::Deny, d),
+    };
+    ::metrics::counter!(crate::metrics::REFUSED_REQUESTS_TOTAL, "reason" => reason.as_str(), "decision" => verdict.as_str())
+        .increment(1);
+    let mut event = Event::new(Kind::Request, at.door.as_str(), "http").with_grant(&allowed.grant);
+    event.source = Some(at.source);
+    event.host = Some(target.host.to_string());
+    event.port = target.port;
+    event.method = Some(head.method.clone());
+    // The path only: a query string may carry what is not ours to log.
+    event.path = Some(head.path.split(['?', '#']).next().unwrap_or("").to_owned());
+    event.decision = verdict;
+    event.reason = reason.as_str();
+    event.end = if verdict == Outcome::Deny {
+        reason.http_status().0.to_string()
+    } else {
+        "forwarded".to_owned()
+    };
+    gw.events.emit(event);
+    match verdict {
+        Outcome::Deny => Err(reason),
+        _ => Ok(()),
     }
-    judged
 }
 
 /// A placeholder of the sandbox's in bytes that go out as they are (a

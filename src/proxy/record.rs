@@ -1,9 +1,10 @@
 //! The connection record: what became of one connection (or one upstream
 //! session of a proxy connection), filled in along the pipeline and written
-//! exactly once, when it is dropped, whatever the ending: one audit line,
-//! one count in `sluice_connections_total` with the final decision, the
-//! bytes each way (a refusal's answer included), and the active gauge.
-//! No door builds an audit line or counts a decision by hand.
+//! exactly once, when it is dropped, whatever the ending: one event (the
+//! audit line, the event stream, the destinations table, the export), one
+//! count in `sluice_connections_total` with the final decision, the bytes
+//! each way (a refusal's answer included), and the active gauge. No door
+//! builds an event or counts a decision by hand.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +13,10 @@ use std::time::Instant;
 
 use super::relay::Traffic;
 use super::sniff::Protocol;
-use crate::audit;
 use crate::deny::Deny;
+use crate::events::{Event, Events, Kind, Timings, Verdict};
 use crate::host::Host;
+use crate::identity::token::Grant;
 use crate::metrics::{self as m, ActiveGuard, Mode};
 
 pub struct Record {
@@ -32,13 +34,23 @@ pub struct Record {
     decision: Option<Result<(), Deny>>,
     pub traffic: Arc<Traffic>,
     pub end: &'static str,
+    /// The grant that decided it, once known (organisation and token id).
+    pub grant: Option<Arc<Grant>>,
+    /// A report-mode sandbox's denial that was let through.
+    pub would_deny: Option<Deny>,
+    /// The allowlist entry that admitted it, as written.
+    pub matched: Option<String>,
+    /// Resolving and connecting, once done.
+    pub resolve_ms: Option<u64>,
+    pub connect_ms: Option<u64>,
+    events: Arc<Events>,
     started: Instant,
     timed: bool,
     _active: ActiveGuard,
 }
 
 impl Record {
-    pub fn new(mode: Mode, source: SocketAddr) -> Record {
+    pub fn new(mode: Mode, source: SocketAddr, events: Arc<Events>) -> Record {
         Record {
             mode,
             source,
@@ -50,6 +62,12 @@ impl Record {
             decision: None,
             traffic: Arc::new(Traffic::default()),
             end: "denied",
+            grant: None,
+            would_deny: None,
+            matched: None,
+            resolve_ms: None,
+            connect_ms: None,
+            events,
             started: Instant::now(),
             timed: false,
             _active: ActiveGuard::new(mode),
@@ -72,6 +90,11 @@ impl Record {
         self.decision
     }
 
+    /// Milliseconds since the connection was accepted.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     pub fn set_target(&mut self, protocol: Protocol, host: &Host, port: u16) {
         self.protocol = protocol;
         self.host = Some(host.clone());
@@ -82,25 +105,35 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let decision = self.decision.unwrap_or(Err(Deny::NoHost));
-        super::count(self.mode, self.protocol, decision);
+        let (verdict, reason) = Verdict::of(decision, self.would_deny);
+        super::count(self.mode, self.protocol, verdict, reason);
         let up = self.traffic.to_upstream.load(Ordering::Relaxed);
         let down = self.traffic.to_client.load(Ordering::Relaxed);
         ::metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_upstream").increment(up);
         ::metrics::counter!(m::BYTES_TOTAL, "direction" => "upstream_to_client").increment(down);
-        audit::Record {
-            container_id: self.container_id.as_deref(),
-            source: self.source,
-            mode: self.mode,
-            protocol: self.protocol.as_str(),
-            host: self.host.as_ref(),
-            port: self.port,
-            upstream: self.upstream,
-            decision,
-            bytes_to_upstream: up,
-            bytes_to_client: down,
-            duration: self.started.elapsed(),
-            end: self.end,
+        let mut event = Event::new(Kind::Connection, self.mode.as_str(), self.protocol.as_str());
+        if let Some(grant) = &self.grant {
+            event = event.with_grant(grant);
         }
-        .emit();
+        if event.container_id.is_none() {
+            event.container_id = self.container_id.as_deref().map(str::to_owned);
+        }
+        event.source = Some(self.source);
+        event.host = self.host.as_ref().map(|h| h.to_string());
+        event.port = self.port;
+        event.upstream = self.upstream;
+        event.decision = verdict;
+        event.reason = reason;
+        event.matched = self.matched.take();
+        event.bytes_to_upstream = up;
+        event.bytes_to_client = down;
+        event.timings = Timings {
+            resolve_ms: self.resolve_ms,
+            connect_ms: self.connect_ms,
+            first_byte_ms: self.traffic.first_byte_ms(self.started),
+            total_ms: self.elapsed_ms(),
+        };
+        event.end = self.end.to_owned();
+        self.events.emit(event);
     }
 }

@@ -73,6 +73,8 @@ pub struct Traffic {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
     last_ms: AtomicU64,
+    /// When the first byte was relayed (either way), plus one; 0 until.
+    first_ms: AtomicU64,
 }
 
 static EPOCH: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
@@ -81,6 +83,16 @@ impl Traffic {
     pub fn touch(&self) {
         let ms = EPOCH.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
+        if self.first_ms.load(Ordering::Relaxed) == 0 {
+            self.first_ms.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds from `started` to the first byte relayed, if one was.
+    pub fn first_byte_ms(&self, started: std::time::Instant) -> Option<u64> {
+        let first = self.first_ms.load(Ordering::Relaxed).checked_sub(1)?;
+        let at = EPOCH.into_std() + Duration::from_millis(first);
+        Some(at.saturating_duration_since(started).as_millis() as u64)
     }
 
     /// When the last byte moved (either way).

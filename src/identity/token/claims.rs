@@ -70,6 +70,32 @@ impl<'de> Deserialize<'de> for Flag {
     }
 }
 
+/// `enforce`: what a denial by the allowlist or the request rules does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforce {
+    /// Refused (the default).
+    #[default]
+    Enforce,
+    /// Let through, and recorded as `would_deny` with its reason.
+    /// Identity, token validity, the private-destination guard and
+    /// credentials are never relaxed.
+    Report,
+}
+
+impl Enforce {
+    pub fn is_enforce(&self) -> bool {
+        *self == Enforce::Enforce
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Enforce::Enforce => "enforce",
+            Enforce::Report => "report",
+        }
+    }
+}
+
 /// The claims of a sluice token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
@@ -91,6 +117,9 @@ pub struct Claims {
     pub credentials: HostList,
     #[serde(default)]
     pub enforce_container_binding: Flag,
+    /// `"enforce"` (the default) or `"report"`.
+    #[serde(default, skip_serializing_if = "Enforce::is_enforce")]
+    pub enforce: Enforce,
     #[serde(default)]
     pub use_egress_gateway: Flag,
 }

@@ -188,6 +188,8 @@ pub struct MintRequest {
     /// `[credentials.NAME]` names (claim `credentials`).
     pub credentials: Vec<String>,
     pub ttl: Duration,
+    /// Claim `enforce`.
+    pub enforce: super::Enforce,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +302,7 @@ impl Signer {
             allowed_hosts: HostList(req.allowed_hosts.clone()),
             credentials: HostList(req.credentials.clone()),
             enforce_container_binding: Flag(true),
+            enforce: req.enforce,
             use_egress_gateway: Flag(true),
         };
         let token = self.sign(&claims)?;

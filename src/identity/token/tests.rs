@@ -26,6 +26,7 @@ fn fixture() -> Fixture {
 
 fn request(hosts: &[&str]) -> MintRequest {
     MintRequest {
+        enforce: Default::default(),
         credentials: Vec::new(),
         container_id: "sandbox_1".into(),
         user_id: "alice".into(),
