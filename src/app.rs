@@ -270,7 +270,10 @@ impl Running {
             let _ = server.await;
         }
         // The destinations as the last connection left them.
-        let path = self.started_with.state_dir.join(DESTINATIONS_FILE);
+        let path = self
+            .started_with
+            .state_dir
+            .join(crate::events::DESTINATIONS_FILE);
         let registry = Arc::clone(&self.registry);
         if let Err(e) = self
             .gateway
@@ -282,9 +285,6 @@ impl Running {
         cut
     }
 }
-
-/// Where the destinations tables are kept, in `state_dir`.
-const DESTINATIONS_FILE: &str = "destinations.json";
 
 /// Connections the admin API holds at once, in total and from one source.
 const ADMIN_CONNECTIONS: usize = 1024;
@@ -465,7 +465,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
 
     // Events: what each registered sandbox reached, kept across a
     // restart (saved every few seconds and at the end), and the export.
-    let destinations_file = config.state_dir.join(DESTINATIONS_FILE);
+    let destinations_file = config.state_dir.join(crate::events::DESTINATIONS_FILE);
     {
         let r = Arc::clone(&registry);
         gateway

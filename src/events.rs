@@ -473,6 +473,9 @@ struct Saved {
     sandboxes: HashMap<String, Vec<Destination>>,
 }
 
+/// Where the destinations tables are kept, in `state_dir`.
+pub const DESTINATIONS_FILE: &str = "destinations.json";
+
 /// How often the destinations are saved while the gateway runs.
 pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 

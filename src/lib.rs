@@ -52,4 +52,5 @@ pub mod resolver;
 pub mod rules;
 pub mod sandbox;
 pub mod shutdown;
+pub mod suggest;
 pub mod tls;

@@ -78,6 +78,29 @@ enum Command {
     /// or subnet, in this network namespace (the same rules as
     /// iptables/sluice-gateway.sh, applied as one batch).
     Rules(RulesArgs),
+    /// Allowlists from what sandboxes did.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print an `allowed_hosts` value (JSON: the value, and each entry with
+    /// what it covers and its counts) from what the sandbox reached, as the
+    /// gateway last saved it in its state directory (every 5 s).
+    Suggest {
+        /// The gateway's config (its state_dir and allowed_ports);
+        /// defaults without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        container_id: String,
+        /// Also the hosts an enforcing sandbox was refused by its
+        /// allowlist (by default only what it reached, or in report mode
+        /// would have been refused).
+        #[arg(long)]
+        include_denied: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -210,6 +233,11 @@ fn main() -> ExitCode {
         Command::Token(cmd) => token(cmd),
         Command::Check { config } => check(&config),
         Command::Rules(args) => rules(args),
+        Command::Policy(PolicyCommand::Suggest {
+            config,
+            container_id,
+            include_denied,
+        }) => policy_suggest(config.as_deref(), &container_id, include_denied),
         Command::Explain {
             config,
             token,
@@ -549,4 +577,30 @@ fn explain(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn policy_suggest(
+    config_path: Option<&Path>,
+    container_id: &str,
+    include_denied: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = match config_path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let events = sluice::events::Events::default();
+    let file = config.state_dir.join(sluice::events::DESTINATIONS_FILE);
+    events.load(&file, |c| c == container_id);
+    let destinations = events.destinations(container_id);
+    if destinations.is_empty() {
+        eprintln!(
+            "sluice: nothing recorded for {container_id:?} in {} (the gateway saves what sandboxes reach every 5 s)",
+            file.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let suggestion =
+        sluice::suggest::suggest(&destinations, &config.gateway.allowed_ports, include_denied);
+    println!("{}", serde_json::to_string_pretty(&suggestion)?);
+    Ok(ExitCode::SUCCESS)
 }

@@ -505,3 +505,92 @@ async fn report_mode_lets_denials_through_and_records_them() {
     assert_eq!(status, 200, "{after}");
     assert_eq!(after, before);
 }
+
+/// One request from `source` to `host`, its answer read by its length
+/// (the test upstream keeps the connection open).
+async fn get(gw: &Gw, source: &str, host: &str) -> String {
+    let mut s = gw.connect_from(source).await;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_response(&mut s).await
+}
+
+/// `sluice policy suggest`: a sandbox that fetched from three hosts and
+/// was refused one gets a suggestion that allows the three (not the
+/// refused one), and a token minted from it serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_suggest_allows_what_the_sandbox_reached() {
+    let up = http_upstream().await;
+    let p = up.addr.port();
+    let gw = start(up.addr, |_| {}).await;
+    let hosts = ["api.test", "secure.test", "api.example.test"];
+    let entries: Vec<String> = hosts.iter().map(|h| format!("{h}:{p}")).collect();
+    let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+    gw.register("sg-1", "127.0.0.1", &entries, 600).await;
+    for host in hosts.iter().chain(["other.test"].iter()) {
+        let answer = get(&gw, "127.0.0.1", host).await;
+        let want = if *host == "other.test" {
+            "HTTP/1.1 403"
+        } else {
+            "HTTP/1.1 200"
+        };
+        assert!(answer.starts_with(want), "{host}: {answer}");
+    }
+    // Stopped, the gateway has saved what the sandbox reached.
+    let Gw { running, dir } = gw;
+    running.shutdown().await;
+    let config = dir.path().join("suggest.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", dir.path().display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["policy", "suggest", "--config"])
+        .arg(&config)
+        .args(["--container-id", "sg-1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let suggestion: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let value = suggestion["allowed_hosts"].as_str().unwrap().to_owned();
+    let mut got: Vec<&str> = value.split(',').collect();
+    got.sort_unstable();
+    let mut want: Vec<String> = hosts.iter().map(|h| format!("{h}:{p}")).collect();
+    want.sort();
+    assert_eq!(got, want, "{suggestion}");
+    assert!(
+        suggestion["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["allowed"] == 1)
+    );
+    // Nothing recorded for another sandbox: said, exit 1.
+    let none = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["policy", "suggest", "--config"])
+        .arg(&config)
+        .args(["--container-id", "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+
+    // Minted into a token, the suggestion serves the three.
+    let gw = start_in(dir, up.addr, |_| {}).await;
+    let suggested: Vec<&str> = value.split(',').collect();
+    gw.register("sg-2", "127.0.0.4", &suggested, 600).await;
+    for host in hosts.iter().chain(["other.test"].iter()) {
+        let answer = get(&gw, "127.0.0.4", host).await;
+        let want = if *host == "other.test" {
+            "HTTP/1.1 403"
+        } else {
+            "HTTP/1.1 200"
+        };
+        assert!(answer.starts_with(want), "{host}: {answer}");
+    }
+}
