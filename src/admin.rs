@@ -158,6 +158,7 @@ fn public() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(healthz))
         .routes(routes!(jwks))
         .routes(routes!(openapi_json))
+        .routes(routes!(ui))
 }
 
 /// The `/v1` calls, each behind the admin token.
@@ -172,6 +173,7 @@ fn v1() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(revoke))
         .routes(routes!(explain))
         .routes(routes!(destinations))
+        .routes(routes!(suggestion))
         .routes(routes!(events))
 }
 
@@ -188,9 +190,35 @@ pub fn router(state: Arc<AdminState>) -> Router {
     ));
     let (router, _) = public().nest("/v1", v1).split_for_parts();
     router
+        .route(
+            "/ui",
+            axum::routing::get(|| async { axum::response::Redirect::permanent("/ui/") }),
+        )
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// The operator page: one self-contained document (no outside assets),
+/// holding no data of its own. Everything it shows comes from `/v1`,
+/// asked with the admin token the operator gives it: without the token
+/// it shows nothing but the sign-in form.
+#[utoipa::path(get, path = "/ui/", responses((status = 200, description = "The operator page (HTML, self-contained)", body = String, content_type = "text/html")))]
+async fn ui() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("ui/index.html"),
+    )
+        .into_response()
 }
 
 /// Whether the gateway is up.
@@ -508,6 +536,10 @@ pub(crate) struct ListQuery {
     /// Start after this container id (the previous page's `next`).
     #[serde(default)]
     after: Option<String>,
+    /// Only sandboxes whose container id contains it, or whose address
+    /// starts with it.
+    #[serde(default)]
+    q: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -540,11 +572,39 @@ async fn list(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let (page, next) = state.registry.page(q.after.as_deref(), limit);
-    let sandboxes = page
-        .iter()
-        .map(|s| view(s, &state.registry, &state.gateway))
-        .collect();
+    let Some(search) = q.q.as_deref().filter(|s| !s.is_empty()) else {
+        let (page, next) = state.registry.page(q.after.as_deref(), limit);
+        let sandboxes = page
+            .iter()
+            .map(|s| view(s, &state.registry, &state.gateway))
+            .collect();
+        return Ok(Json(SandboxPage { sandboxes, next }));
+    };
+    // A search walks the pages until it has a page of matches (or the end).
+    let mut sandboxes = Vec::new();
+    let mut after = q.after.clone();
+    let next = loop {
+        let (page, more) = state.registry.page(after.as_deref(), MAX_PAGE);
+        let mut last = None;
+        for s in &page {
+            last = Some(s.container_id.to_string());
+            let hit =
+                s.container_id.contains(search) || s.source_ip.to_string().starts_with(search);
+            if hit {
+                sandboxes.push(view(s, &state.registry, &state.gateway));
+                if sandboxes.len() == limit {
+                    break;
+                }
+            }
+        }
+        if sandboxes.len() == limit {
+            break last;
+        }
+        match more {
+            Some(m) => after = Some(m),
+            None => break None,
+        }
+    };
     Ok(Json(SandboxPage { sandboxes, next }))
 }
 
@@ -593,6 +653,43 @@ async fn destinations(
     Ok(Json(DestinationsView {
         destinations: state.gateway.events.destinations(&id),
     }))
+}
+
+/// `GET /v1/sandboxes/{container_id}/suggestion`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct SuggestionQuery {
+    /// Also what an enforcing sandbox was refused by its allowlist.
+    #[serde(default)]
+    include_denied: bool,
+}
+
+/// An `allowed_hosts` value from what the sandbox reached (as `sluice
+/// policy suggest` prints it, from the live table).
+#[utoipa::path(get, path = "/sandboxes/{container_id}/suggestion", params(("container_id" = String, Path), SuggestionQuery), security(("admin" = [])),
+    responses(
+        (status = 200, description = "The suggestion", body = crate::suggest::Suggestion),
+        (status = 400, description = "A bad query", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+    ))]
+async fn suggestion(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<SuggestionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<crate::suggest::Suggestion>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
+    if state.registry.get_by_id(&id).is_none() {
+        return Err(ApiError::not_found(format!("no sandbox {id:?}")));
+    }
+    let policy = state.gateway.policy();
+    Ok(Json(crate::suggest::suggest(
+        &state.gateway.events.destinations(&id),
+        &policy.gateway.allowed_ports,
+        q.include_denied,
+    )))
 }
 
 /// `GET /v1/events`.

@@ -21,7 +21,7 @@ use crate::presets::{OS_UPDATES, PACKAGE_MANAGERS};
 pub const WILDCARD_AT: usize = 3;
 
 /// One suggested entry, with what it covers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Suggested {
     pub entry: String,
     /// The destinations (`host` or `host:port`) it stands for.
@@ -32,7 +32,7 @@ pub struct Suggested {
 }
 
 /// The suggestion: the value to put in `allowed_hosts`, and its entries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Suggestion {
     pub allowed_hosts: String,
     pub entries: Vec<Suggested>,
