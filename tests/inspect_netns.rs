@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netns::{CurlOut, Lab};
+use netns::{CurlOut, Lab, sh};
 
 const UP: &str = "198.18.1.10";
 const BAD: &str = "198.18.1.11";
@@ -28,18 +28,6 @@ const PIP_SECRET: &str = "p1p-S3CRET-77aa";
 const WS: &str = "198.18.1.13";
 /// The secret the gateway holds: it must reach nginx, and nothing else.
 const SECRET: &str = "s3cr3t-VALUE-9f8e7d6c";
-
-fn sh(script: &str) {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A test root, a certificate it signs for the upstream's names, and a
 /// self-signed one for the upstream that must fail verification.

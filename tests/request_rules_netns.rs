@@ -20,22 +20,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netns::{CurlOut, Lab};
+use netns::{CurlOut, Lab, sh};
 
 const UP: &str = "198.18.1.10";
 const CONTAINER: &str = "rules-1";
-
-fn sh(script: &str) {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The test root and a certificate for the upstream's names; two bare
 /// repositories (`acme/widgets`, `other/secret`) with one commit each,

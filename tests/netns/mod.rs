@@ -107,6 +107,20 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// A bash script (`-euo pipefail`) that must succeed; its stderr in the
+/// panic when it does not.
+pub fn sh(script: &str) {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn bash(script: &str) {
     run(Command::new("bash").args(["-euo", "pipefail", "-c", script]));
 }
