@@ -232,6 +232,8 @@ fn main() -> Result<()> {
                         .map(|i| {
                             signer
                                 .mint(&MintRequest {
+                                    limits: Default::default(),
+                                    organization_uuid: None,
                                     enforce: Default::default(),
                                     credentials: Vec::new(),
                                     container_id: format!("sb-{i:06}"),

@@ -159,6 +159,8 @@ fn identity(c: &mut Criterion) {
     );
     let minted = signer
         .mint(&MintRequest {
+            limits: Default::default(),
+            organization_uuid: None,
             enforce: Default::default(),
             credentials: Vec::new(),
             container_id: "bench".into(),

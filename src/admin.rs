@@ -169,6 +169,7 @@ fn v1() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(launch))
         .routes(routes!(show, unregister))
         .routes(routes!(ca_pem))
+        .routes(routes!(replace_token))
         .routes(routes!(exec))
         .routes(routes!(revoke))
         .routes(routes!(explain))
@@ -297,6 +298,14 @@ pub(crate) struct TokenRequest {
     /// and request-rule denials let through, recorded `would_deny`).
     #[serde(default)]
     enforce: crate::identity::token::Enforce,
+    /// Claim `limits`: per-sandbox limits, every key optional.
+    #[serde(default)]
+    limits: crate::limits::Limits,
+    /// Claim `organization_uuid`: whose `[limits.organizations]` budget
+    /// the sandbox spends.
+    #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,128}$")]
+    organization_uuid: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -338,12 +347,17 @@ async fn mint_token(
     let minted = state
         .control
         .mint(
-            req.container_id,
-            req.user_id,
-            req.allowed_hosts,
-            req.credentials,
+            crate::identity::token::MintRequest {
+                container_id: req.container_id,
+                user_id: req.user_id,
+                allowed_hosts: req.allowed_hosts,
+                credentials: req.credentials,
+                ttl: std::time::Duration::ZERO,
+                enforce: req.enforce,
+                limits: req.limits,
+                organization_uuid: req.organization_uuid,
+            },
             req.ttl_seconds,
-            req.enforce,
         )
         .map_err(|e| match e {
             MintError::NoSigningKey => ApiError::new(
@@ -473,8 +487,8 @@ async fn register(
         Json(Registered {
             container_id: sandbox.container_id.clone(),
             source_ip: sandbox.source_ip,
-            expires_at: sandbox.grant.claims.exp,
-            credentials: placeholders(&state.gateway, &sandbox.grant),
+            expires_at: sandbox.grant().claims.exp,
+            credentials: placeholders(&state.gateway, &sandbox.grant()),
         }),
     ))
 }
@@ -504,10 +518,14 @@ pub(crate) struct SandboxView {
     credentials: BTreeMap<String, String>,
     /// `enforce` or `report`.
     enforce: crate::identity::token::Enforce,
+    /// The token's `limits` (a missing key is no limit).
+    limits: crate::limits::Limits,
+    /// What it uses of them now, on this gateway.
+    usage: crate::live::Usage,
 }
 
 fn view(s: &Sandbox, registry: &Registry, gw: &crate::proxy::Gateway) -> SandboxView {
-    let c = &s.grant.claims;
+    let c = &s.grant().claims;
     SandboxView {
         container_id: s.container_id.clone(),
         source_ip: s.source_ip,
@@ -519,8 +537,10 @@ fn view(s: &Sandbox, registry: &Registry, gw: &crate::proxy::Gateway) -> Sandbox
         registered_at: s.registered_at,
         origin: s.origin,
         live_connections: registry.connections().live(s.container_id.as_str()) as u64,
-        credentials: placeholders(gw, &s.grant),
+        credentials: placeholders(gw, &s.grant()),
         enforce: c.enforce,
+        limits: c.limits,
+        usage: registry.tenants().usage(&s.container_id),
     }
 }
 
@@ -624,6 +644,85 @@ async fn show(
         .get_by_id(&id)
         .map(|s| Json(view(&s, &state.registry, &state.gateway)))
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
+}
+
+/// `PUT /v1/sandboxes/{container_id}/token`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReplaceRequest {
+    /// The replacement token: for the same `container_id`, valid now.
+    token: String,
+}
+
+/// What a replacement answers.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ReplacedView {
+    container_id: String,
+    #[schema(value_type = String)]
+    source_ip: IpAddr,
+    /// Unix seconds: the new token's expiry.
+    expires_at: u64,
+    /// Each credential the new token names → the sandbox's placeholder.
+    credentials: BTreeMap<String, String>,
+    /// Live connections (on this gateway) the new token still allows.
+    kept: usize,
+    /// Live connections (on this gateway) it closed, `policy_changed`.
+    closed: usize,
+}
+
+/// Replaces a sandbox's token in place (same container, same address):
+/// every live connection is checked again under the new token, on every
+/// gateway of a fleet; those it no longer allows close
+/// (`policy_changed`), and the old token is revoked. A refused
+/// replacement changes nothing.
+#[utoipa::path(put, path = "/sandboxes/{container_id}/token", params(("container_id" = String, Path)),
+    request_body = ReplaceRequest, security(("admin" = [])),
+    responses(
+        (status = 200, description = "Replaced", body = ReplacedView),
+        (status = 400, description = "The token does not verify (its deny reason), is for another container (`container_mismatch`) or is the sandbox's own (`bad_request`)", body = ErrorBody),
+        (status = 401, description = AUTH, body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 500, description = "The store did not take it (nothing changed)", body = ErrorBody),
+    ))]
+async fn replace_token(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ReplaceRequest>,
+) -> Result<Json<ReplacedView>, ApiError> {
+    use crate::control::ReplaceError;
+    let replaced = state
+        .control
+        .replace_token(&id, req.token)
+        .await
+        .map_err(|e| {
+            let detail = crate::error_chain(&e);
+            match e {
+                ReplaceError::NotFound => ApiError::not_found(format!("no sandbox {id:?}")),
+                ReplaceError::Token(t) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, t.deny().as_str(), t.to_string())
+                }
+                ReplaceError::OtherContainer => ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    crate::deny::Deny::ContainerMismatch.as_str(),
+                    detail,
+                ),
+                ReplaceError::SameToken => ApiError::bad_request(detail),
+                ReplaceError::Persist(_) => {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
+                }
+            }
+        })?;
+    let s = &replaced.sandbox;
+    let grant = s.grant();
+    Ok(Json(ReplacedView {
+        container_id: s.container_id.clone(),
+        source_ip: s.source_ip,
+        expires_at: grant.claims.exp,
+        credentials: placeholders(&state.gateway, &grant),
+        kept: replaced.kept,
+        closed: replaced.closed,
+    }))
 }
 
 /// `GET /v1/sandboxes/{container_id}/destinations`.
@@ -771,7 +870,7 @@ async fn ca_pem(
         .registry
         .get_by_id(&id)
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
-    let ca = state.gateway.sandbox_ca(&sandbox.grant).map_err(|e| {
+    let ca = state.gateway.sandbox_ca(&sandbox.grant()).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

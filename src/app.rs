@@ -201,6 +201,7 @@ impl Running {
             "audit.otlp_endpoint",
         );
         keep(new.audit.queue != old.audit.queue, "audit.queue");
+        keep(new.limits != old.limits, "[limits]");
         // The data plane and the control plane keep one view of what is
         // fixed: the values they started with.
         g.transparent_listen = was.transparent_listen;
@@ -367,6 +368,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     }
     // The fleet store: this gateway's durable changes are shared once on
     // disk here; Redis's health is sluice_store_up.
+    let data_plane: Arc<std::sync::OnceLock<Arc<Gateway>>> = Arc::default();
     let fleet = match config.store.backend {
         crate::config::StoreBackend::Local => {
             ::metrics::gauge!(crate::metrics::STORE_UP).set(1.0);
@@ -392,6 +394,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
                     registry: Arc::clone(&registry),
                     verifier: Arc::clone(&verifier),
                     store: Arc::clone(&store),
+                    gateway: Arc::clone(&data_plane),
                 },
                 rx,
                 shutdown.clone(),
@@ -399,6 +402,14 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
             Some(fleet)
         }
     };
+    let orgs = Arc::new(crate::limits::org::OrgBudgets::new(
+        &config.limits.organization_budgets(),
+        fleet.is_some(),
+    ));
+    registry.tenants().set_orgs(Arc::clone(&orgs));
+    if let Some(fleet) = &fleet {
+        tokio::spawn(Arc::clone(fleet).lease(orgs, shutdown.clone()));
+    }
     let own = vec![
         transparent_addr,
         proxy_addr,
@@ -420,6 +431,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
         },
         resolver,
     ));
+    let _ = data_plane.set(Arc::clone(&gateway));
     // Inspection: the key every sandbox CA and placeholder is derived
     // from, and the credentials (their secrets read now, again on SIGHUP).
     let key = crate::authority::load_key(&config.inspect.key_file, &config.state_dir)?;

@@ -54,6 +54,35 @@ pub struct Config {
     /// `[credentials.NAME]`: secrets the gateway adds to requests.
     pub credentials: BTreeMap<String, CredentialConfig>,
     pub audit: AuditConfig,
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: budgets beyond one sandbox's token.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// `organization_uuid` → its budget, for every sandbox whose token
+    /// names it, together (across the fleet with `[store] backend =
+    /// "redis"`).
+    pub organizations: BTreeMap<String, OrgLimitConfig>,
+}
+
+/// One organisation's budget.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OrgLimitConfig {
+    /// Bytes both ways per UTC day.
+    pub bytes_per_day: u64,
+}
+
+impl LimitsConfig {
+    /// uuid → bytes per day.
+    pub fn organization_budgets(&self) -> BTreeMap<String, u64> {
+        self.organizations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.bytes_per_day))
+            .collect()
+    }
 }
 
 /// `[audit]`: where events go beside stderr.
@@ -300,6 +329,7 @@ impl Default for Config {
             inspect: InspectConfig::default(),
             credentials: BTreeMap::new(),
             audit: AuditConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -509,11 +539,12 @@ impl Config {
                 "inspect" => section(&key, value, &mut errors).map(|v| config.inspect = v),
                 "credentials" => section(&key, value, &mut errors).map(|v| config.credentials = v),
                 "audit" => section(&key, value, &mut errors).map(|v| config.audit = v),
+                "limits" => section(&key, value, &mut errors).map(|v| config.limits = v),
                 _ => {
                     errors.push(KeyError {
                         key: key.clone(),
                         message:
-                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, store, presets, inspect, credentials, audit)"
+                            "unknown key (state_dir, gateway, auth, admin, metrics, sandbox, dns, store, presets, inspect, credentials, audit, limits)"
                                 .into(),
                     });
                     Some(())
@@ -532,6 +563,7 @@ impl Config {
                     "inspect" => "inspect",
                     "credentials" => "credentials",
                     "audit" => "audit",
+                    "limits" => "limits",
                     _ => "state_dir",
                 });
             }
@@ -622,6 +654,21 @@ impl Config {
                     "must be an http:// or https:// URL (e.g. http://collector:4318/v1/logs)"
                         .into(),
                 ),
+            }
+        }
+        for (uuid, budget) in &self.limits.organizations {
+            let key = format!("limits.organizations.{uuid:?}");
+            if !crate::identity::token::is_safe_id(uuid) {
+                err(
+                    &key,
+                    "an organization_uuid is 1-128 letters, digits, '_', '-' or '.'".into(),
+                );
+            }
+            if !(1..=crate::limits::MAX_LIMIT).contains(&budget.bytes_per_day) {
+                err(
+                    &format!("{key}.bytes_per_day"),
+                    format!("must be between 1 and {}", crate::limits::MAX_LIMIT),
+                );
             }
         }
         if self.audit.queue == 0 || self.audit.queue > 1_000_000 {

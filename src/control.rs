@@ -56,6 +56,31 @@ pub enum RevokeError {
     Persist(#[source] StoreError),
 }
 
+/// Why a token replacement was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    #[error("no such sandbox")]
+    NotFound,
+    /// The replacement does not verify (its deny reason is the API's).
+    #[error("the replacement token is refused")]
+    Token(#[source] crate::identity::token::TokenError),
+    #[error("the replacement token is for another container")]
+    OtherContainer,
+    #[error("the replacement token is the sandbox's token already")]
+    SameToken,
+    #[error("cannot persist the replacement")]
+    Persist(#[source] StoreError),
+}
+
+/// What a replacement did.
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    pub sandbox: Arc<Sandbox>,
+    /// Live connections the new token still allows, and those it closed.
+    pub kept: usize,
+    pub closed: usize,
+}
+
 /// Why a token was not minted.
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
@@ -247,29 +272,20 @@ impl ControlPlane {
     /// sandboxes share (`gateway.l2_bind_iface`), its address is first
     /// bound to its MAC; then it is in the table and on disk before this
     /// returns. Anything done is undone on failure.
-    /// Mints a token (`ttl_seconds` default 4 h, at most `auth.max_ttl_s`).
+    /// Mints a token: `req` with its lifetime `ttl_seconds` (default 4 h,
+    /// at most `auth.max_ttl_s`).
     pub fn mint(
         &self,
-        container_id: String,
-        user_id: String,
-        allowed_hosts: Vec<String>,
-        credentials: Vec<String>,
+        mut req: MintRequest,
         ttl_seconds: Option<u64>,
-        enforce: crate::identity::token::Enforce,
     ) -> Result<crate::identity::token::Minted, MintError> {
         let signer = self.signer.as_ref().ok_or(MintError::NoSigningKey)?;
         let ttl = ttl_seconds.unwrap_or(DEFAULT_MINT_TTL_S);
         if ttl == 0 || ttl > self.config.auth.max_ttl_s {
             return Err(MintError::BadTtl(self.config.auth.max_ttl_s));
         }
-        Ok(signer.mint(&MintRequest {
-            enforce,
-            credentials,
-            container_id,
-            user_id,
-            allowed_hosts,
-            ttl: Duration::from_secs(ttl),
-        })?)
+        req.ttl = Duration::from_secs(ttl);
+        Ok(signer.mint(&req)?)
     }
 
     /// Registers a sandbox started elsewhere: `source_ip` → `token`,
@@ -314,8 +330,8 @@ impl ControlPlane {
             .registry
             .list()
             .iter()
-            .find(|s| s.grant.claims.jti == jti)
-            .map(|s| s.grant.claims.exp)
+            .find(|s| s.grant().claims.jti == jti)
+            .map(|s| s.grant().claims.exp)
             .unwrap_or_else(|| crate::identity::token::now_s() + self.config.auth.max_ttl_s);
         // Its live connections, on both doors, watch the token: they close.
         self.verifier.revoke(jti, exp);
@@ -327,6 +343,56 @@ impl ControlPlane {
         .map_err(RevokeError::Persist)?;
         tracing::info!(jti, "token revoked");
         Ok(())
+    }
+
+    /// Replaces a registered (or launched) sandbox's token in place: same
+    /// container, same address. The new token is verified in full and
+    /// must name the same container; then, durable (and shared with the
+    /// fleet) first, the sandbox holds it, every live connection under
+    /// the old token is checked again (kept, or closed `policy_changed`)
+    /// and the old token is revoked. Refused, nothing changes.
+    pub async fn replace_token(&self, id: &str, token: String) -> Result<Replaced, ReplaceError> {
+        let sandbox = self.registry.get_by_id(id).ok_or(ReplaceError::NotFound)?;
+        let generation = self.verifier.generation();
+        let grant = self
+            .verifier
+            .verify_fresh(&token)
+            .map_err(ReplaceError::Token)?;
+        if grant.claims.container_id != sandbox.container_id {
+            return Err(ReplaceError::OtherContainer);
+        }
+        let old = sandbox.grant();
+        if grant.claims.jti == old.claims.jti {
+            return Err(ReplaceError::SameToken);
+        }
+        let mut record = SandboxRecord::of(&sandbox, self.launch_record(id).as_ref());
+        record.token.clone_from(&token);
+        self.persist(vec![
+            Change::Put(record),
+            Change::Replace {
+                jti: old.claims.jti.clone(),
+                exp: old.claims.exp,
+                token: token.clone(),
+            },
+        ])
+        .await
+        .map_err(ReplaceError::Persist)?;
+        let (kept, closed) = match &self.gateway {
+            Some(gw) => {
+                gw.replace_token(&old.claims.jti, old.claims.exp, &grant, &token, generation)
+            }
+            None => {
+                sandbox.replace(&token, Arc::clone(&grant), generation);
+                self.verifier.revoke(&old.claims.jti, old.claims.exp);
+                (0, 0)
+            }
+        };
+        tracing::info!(container_id = id, kept, closed, "token replaced");
+        Ok(Replaced {
+            sandbox,
+            kept,
+            closed,
+        })
     }
 
     async fn register(&self, sandbox: Sandbox) -> Result<Arc<Sandbox>, RegisterError> {
@@ -414,6 +480,8 @@ impl ControlPlane {
         let minted = signer
             .mint(&MintRequest {
                 enforce: req.enforce,
+                limits: req.limits,
+                organization_uuid: req.organization_uuid.clone(),
                 credentials: req.credentials.clone(),
                 container_id: container_id.clone(),
                 user_id: req.user_id.clone(),
@@ -532,7 +600,7 @@ impl ControlPlane {
                 "timeout_ms must be between 1 and {MAX_EXEC_TIMEOUT_MS}"
             )));
         }
-        let env = self.environment(id, &sandbox.token, &sandbox.grant, record.gateway_ip)?;
+        let env = self.environment(id, &sandbox.token(), &sandbox.grant(), record.gateway_ip)?;
         self.launcher
             .exec(
                 id,
@@ -565,13 +633,13 @@ impl ControlPlane {
         // with the registry), which closes every connection it carries on
         // both doors and refuses it on the proxy door from now on.
         self.verifier
-            .revoke(&sandbox.grant.claims.jti, sandbox.grant.claims.exp);
+            .revoke(&sandbox.grant().claims.jti, sandbox.grant().claims.exp);
         let persisted = self
             .persist(vec![
                 Change::Remove(id.to_owned()),
                 Change::Revoke {
-                    jti: sandbox.grant.claims.jti.clone(),
-                    exp: sandbox.grant.claims.exp,
+                    jti: sandbox.grant().claims.jti.clone(),
+                    exp: sandbox.grant().claims.exp,
                 },
             ])
             .await
@@ -595,6 +663,9 @@ impl ControlPlane {
     /// The reaper's pass (see [`Registry::reap`]), stopping the launched
     /// sandboxes it removes and removing their records.
     pub async fn reap(&self, now: u64, retention: u64) -> Result<(), StoreError> {
+        self.registry
+            .tenants()
+            .tidy(now.saturating_sub(self.verifier.leeway()));
         let removed = self.registry.reap(now, self.verifier.leeway(), retention);
         for s in &removed {
             tracing::info!(container_id = %s.container_id, source_ip = %s.source_ip, "expired sandbox removed");

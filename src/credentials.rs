@@ -386,6 +386,15 @@ impl Sealed {
             .filter(move |c| c.covers(host))
     }
 
+    /// The names of the credentials that go to `host`, in order.
+    pub fn names_for(&self, host: &HostName) -> Vec<Arc<str>> {
+        self.items
+            .iter()
+            .filter(|(_, _, c)| c.as_ref().is_some_and(|c| c.covers(host)))
+            .map(|(n, _, _)| Arc::clone(n))
+            .collect()
+    }
+
     /// Is `host` one of this sandbox's credential hosts?
     pub fn covers(&self, host: &HostName) -> bool {
         self.for_host(host).next().is_some()

@@ -25,6 +25,7 @@ use crate::deny::Deny;
 use crate::host::Host;
 use crate::identity::token::{Grant, Verifier};
 use crate::identity::{ConnectionCounts, CountGuard, Sandbox};
+use crate::live::{Admitted, Tenants};
 
 /// Who is asking.
 #[derive(Debug, Clone)]
@@ -33,6 +34,10 @@ pub enum Caller {
     Sandbox(Arc<Sandbox>),
     /// A proxy client's `Proxy-Authorization`.
     Credentials(Credentials),
+    /// A connection already admitted, asking again (each request of an
+    /// HTTP connection, a tunnel's next target): the grant it runs under
+    /// now, which a token replacement swaps, still valid and not revoked.
+    Live(Arc<crate::live::LiveConn>),
 }
 
 /// What `Proxy-Authorization` carried.
@@ -153,9 +158,13 @@ pub struct Permit {
     /// See [`Authorized::entry`].
     pub entry: Option<usize>,
     /// Cancelled when the token is revoked, the sandbox unregistered or
-    /// the token expires: the connection closes.
+    /// the token expires, or the connection alone is closed (a token
+    /// replacement that no longer allows it, a spent budget): the
+    /// connection closes.
     pub revoked: CancellationToken,
     pub slot: CountGuard,
+    /// Its entry among its sandbox's live connections, and its meter.
+    pub live: Admitted,
 }
 
 impl Permit {
@@ -168,6 +177,7 @@ impl Permit {
 pub struct Decision<'a> {
     pub verifier: &'a Verifier,
     pub connections: &'a Arc<ConnectionCounts>,
+    pub tenants: &'a Tenants,
     pub gateway: &'a GatewayConfig,
 }
 
@@ -177,6 +187,16 @@ impl Decision<'_> {
     pub fn grant(&self, caller: &Caller) -> Result<Arc<Grant>, Deny> {
         match caller {
             Caller::Sandbox(s) => s.current_grant(self.verifier),
+            Caller::Live(c) => {
+                let grant = c.grant();
+                if grant.expired_at(crate::identity::token::now_s(), self.verifier.leeway()) {
+                    return Err(Deny::TokenExpired);
+                }
+                if self.verifier.is_revoked(&grant.claims.jti) {
+                    return Err(Deny::TokenRevoked);
+                }
+                Ok(grant)
+            }
             Caller::Credentials(creds) => {
                 let grant = self.verifier.verify(creds.token()).map_err(|e| e.deny())?;
                 if grant.claims.enforce_container_binding.0 {
@@ -314,15 +334,23 @@ impl Decision<'_> {
             .connections
             .try_acquire(&grant.container, self.gateway.max_connections_per_sandbox)
             .ok_or(Deny::Overloaded)?;
+        let live = self.admit(&grant, target)?;
         Ok(Permit {
-            revoked: self.verifier.watch(&grant),
+            revoked: live.conn.closed.clone(),
             grant,
             explicit_port,
             restricted,
             would_deny,
             entry,
             slot,
+            live,
         })
+    }
+
+    /// One live connection of the grant's sandbox, within its limits.
+    pub fn admit(&self, grant: &Arc<Grant>, target: &Target) -> Result<Admitted, Deny> {
+        self.tenants
+            .admit(grant, (target.host.clone(), target.port), self.verifier)
     }
 }
 

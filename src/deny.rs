@@ -30,10 +30,15 @@ pub enum Deny {
     UpstreamCertificate,
     /// The request's method or path is off its host's rules.
     RequestNotAllowed,
+    /// A `limits` key of the sandbox's token is reached (429 for HTTP).
+    QuotaExceeded,
+    /// An end reason: a live connection the sandbox's replacement token
+    /// no longer allows.
+    PolicyChanged,
 }
 
 impl Deny {
-    pub const ALL: [Deny; 18] = [
+    pub const ALL: [Deny; 20] = [
         Deny::HostNotAllowed,
         Deny::PortNotAllowed,
         Deny::UnknownSource,
@@ -52,6 +57,8 @@ impl Deny {
         Deny::CredentialMisuse,
         Deny::UpstreamCertificate,
         Deny::RequestNotAllowed,
+        Deny::QuotaExceeded,
+        Deny::PolicyChanged,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -74,6 +81,8 @@ impl Deny {
             Deny::CredentialMisuse => "credential_misuse",
             Deny::UpstreamCertificate => "upstream_certificate",
             Deny::RequestNotAllowed => "request_not_allowed",
+            Deny::QuotaExceeded => "quota_exceeded",
+            Deny::PolicyChanged => "policy_changed",
         }
     }
 
@@ -83,6 +92,7 @@ impl Deny {
             Deny::BadRequest => (400, "Bad Request"),
             Deny::UpstreamUnreachable | Deny::UpstreamCertificate => (502, "Bad Gateway"),
             Deny::UpstreamTimeout => (504, "Gateway Timeout"),
+            Deny::QuotaExceeded => (429, "Too Many Requests"),
             _ => (403, "Forbidden"),
         }
     }

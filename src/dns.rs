@@ -195,7 +195,7 @@ impl Outcome {
         .increment(1);
         let mut event = Event::new(Kind::Dns, "dns", "dns");
         if let Some(sandbox) = &self.sandbox {
-            event = event.with_grant(&sandbox.grant);
+            event = event.with_grant(&sandbox.grant());
         }
         event.source = Some(std::net::SocketAddr::new(self.source, 0));
         event.host = self.name.clone();
@@ -284,8 +284,15 @@ impl Door {
         let Some(sandbox) = sandbox else {
             return deny(Deny::UnknownSource, Answer::Refused);
         };
-        if !self.gw.resolver().admit_query(sandbox.source_ip) {
-            return deny(Deny::Overloaded, Answer::Refused);
+        // A token's `dns_queries_per_s` takes the place of the gateway's
+        // rate for its sandbox.
+        match self.gw.registry.tenants().admit_query(&sandbox.grant()) {
+            Some(true) => {}
+            Some(false) => return deny(Deny::QuotaExceeded, Answer::Refused),
+            None if !self.gw.resolver().admit_query(sandbox.source_ip) => {
+                return deny(Deny::Overloaded, Answer::Refused);
+            }
+            None => {}
         }
         if request.edns.as_ref().is_some_and(|e| e.version() != 0) {
             return deny(Deny::BadRequest, Answer::BadVers);
@@ -308,12 +315,12 @@ impl Door {
         };
         // A placeholder in a name is a way out for it (a query to a
         // wildcard-allowed zone): refused, and audited.
-        if let Some((sealed, _)) = self.gw.sealed(&sandbox.grant)
+        if let Some((sealed, _)) = self.gw.sealed(&sandbox.grant())
             && let Some(credential) = sealed.find_in_name(name.as_str())
         {
             tracing::warn!(
                 target: "sluice::audit",
-                container_id = %sandbox.grant.claims.container_id,
+                container_id = %sandbox.grant().claims.container_id,
                 credential,
                 "a credential placeholder in a DNS query"
             );

@@ -33,6 +33,8 @@ pub enum Kind {
     Request,
     /// One DNS query.
     Dns,
+    /// A change of a sandbox's policy: its token replaced.
+    Policy,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::Connection => "connection",
             Kind::Request => "request",
             Kind::Dns => "dns",
+            Kind::Policy => "policy",
         }
     }
 }
@@ -220,6 +223,16 @@ impl Event {
                     "refused request"
                 }
             ),
+            Kind::Policy => tracing::info!(
+                target: "sluice::audit",
+                kind = "policy",
+                container_id = %dash(&self.container_id),
+                organization = %dash(&self.organization),
+                jti = %dash(&self.jti),
+                reason,
+                end = %self.end,
+                "token replaced"
+            ),
             Kind::Dns => tracing::info!(
                 target: "sluice::audit",
                 kind = "dns",
@@ -338,7 +351,7 @@ impl Events {
             // A request judged on its own counts when it was refused (its
             // connection is counted allowed at its end).
             Kind::Request => e.decision != Verdict::Allow,
-            Kind::Dns => false,
+            Kind::Dns | Kind::Policy => false,
         };
         if !counts {
             return;

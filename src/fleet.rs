@@ -90,6 +90,9 @@ pub struct Local {
     pub registry: Arc<Registry>,
     pub verifier: Arc<Verifier>,
     pub store: Arc<Store>,
+    /// The data plane, once it is made: what a peer's token replacement
+    /// re-checks the live connections with.
+    pub gateway: Arc<std::sync::OnceLock<Arc<crate::proxy::Gateway>>>,
 }
 
 #[derive(serde::Serialize)]
@@ -151,6 +154,14 @@ impl Fleet {
             }
             Change::Forget(jti) => {
                 pipe.zrem(self.key("revoked"), jti).ignore();
+            }
+            // Kept in the sorted set as a revocation (a gateway that misses
+            // the message closes the old token's connections when it reads
+            // the set: it fails closed); the message carries the new token.
+            Change::Replace { jti, exp, token } => {
+                pipe.zadd(self.key("revoked"), jti, *exp).ignore();
+                pipe.publish(self.channel(), format!("replace {jti} {exp} {token}"))
+                    .ignore();
             }
         }
     }
@@ -283,6 +294,61 @@ impl Fleet {
         }
     }
 
+    /// Runs until shutdown: takes slices of the organisation budgets for
+    /// this gateway when they run low (`INCRBY` on the day's key, which
+    /// lives two days), so no splice waits on Redis. While Redis is away
+    /// no slice is granted: the flows of an organisation whose slices are
+    /// spent wait (see [`crate::limits::org`]).
+    pub async fn lease(
+        self: Arc<Fleet>,
+        orgs: Arc<crate::limits::org::OrgBudgets>,
+        shutdown: Shutdown,
+    ) {
+        if orgs.is_empty() {
+            return;
+        }
+        let woken = orgs.woken();
+        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = woken.notified() => {}
+                _ = tick.tick() => {}
+                _ = shutdown.stopping() => return,
+            }
+            let day = crate::limits::day_of(now_s());
+            for budget in orgs.all() {
+                if !budget.wants_slice(day) {
+                    continue;
+                }
+                if conn.is_none() {
+                    let connect = self.client.get_multiplexed_async_connection();
+                    conn = tokio::time::timeout(TIMEOUT, connect)
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                }
+                let Some(c) = conn.as_mut() else {
+                    tracing::debug!("redis: no slice of an organisation budget (not connected)");
+                    break;
+                };
+                let key = self.key(&format!("org:{}:{day}", budget.uuid));
+                let slice = budget.slice();
+                let mut pipe = redis::pipe();
+                pipe.incr(&key, slice).expire(&key, 2 * 86_400).ignore();
+                match tokio::time::timeout(TIMEOUT, pipe.query_async::<(u64,)>(c)).await {
+                    Ok(Ok((total,))) => budget.leased(day, slice, total),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "redis: no slice of an organisation budget");
+                        conn = None;
+                    }
+                    Err(_) => conn = None,
+                }
+            }
+        }
+    }
+
     /// What an empty Redis lost: this gateway's registrations' sessions and
     /// every live revocation it knows (each already within the longest
     /// token life); then the fleet is told to re-read the revocations.
@@ -398,16 +464,61 @@ impl Fleet {
                 let over = apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
                 self.rejected(over);
             }
+            Some(Message::Replace(jti, exp, token)) => {
+                let over = apply_replacement(local, jti, exp, token).await;
+                self.rejected(over);
+            }
             Some(Message::Sync) => self.sync_now.notify_one(),
             None => self.rejected(1),
         }
     }
 }
 
+/// A peer replaced the token `jti` by `token`: verified here in full (a
+/// peer's word is not enough), then applied as the control plane applies
+/// its own (the connections the new token still allows are kept, the rest
+/// closed `policy_changed`, a sandbox registered here under the old token
+/// holds the new one) and kept in the local store. A replacement that
+/// does not verify is a revocation: the old token's connections close.
+async fn apply_replacement(local: &Local, jti: &str, exp: u64, token: &str) -> usize {
+    if local.verifier.is_revoked(jti) {
+        return 0;
+    }
+    let generation = local.verifier.generation();
+    let grant = match local.verifier.verify_fresh(token) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(jti, error = %e, "a fleet replacement token does not verify; the old token is revoked");
+            return apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
+        }
+    };
+    let Some(gateway) = local.gateway.get() else {
+        return apply_revocations(local, vec![(jti.to_owned(), exp)]).await;
+    };
+    let exp = exp.min(local.verifier.latest_exp(now_s()));
+    let (kept, closed) = gateway.replace_token(jti, exp, &grant, token, generation);
+    tracing::info!(container_id = %grant.claims.container_id, kept, closed, "a token replacement from the fleet applied");
+    let mut changes = vec![Change::Revoke {
+        jti: jti.to_owned(),
+        exp,
+    }];
+    if let Some(s) = local.registry.get_by_id(&grant.claims.container_id)
+        && s.grant().claims.jti == grant.claims.jti
+    {
+        changes.push(Change::Put(SandboxRecord::of(&s, None)));
+    }
+    if let Err(e) = local.store.apply_unshared(changes).await {
+        tracing::error!(error = %crate::error_chain(&e), "cannot keep the fleet's replacement");
+    }
+    0
+}
+
 /// A message on the revocations channel.
 #[derive(Debug, PartialEq)]
 pub enum Message<'a> {
     Revoke(&'a str, u64),
+    /// The token `jti` (expiring then) replaced by this one.
+    Replace(&'a str, u64, &'a str),
     Sync,
 }
 
@@ -419,9 +530,24 @@ pub fn parse_message(text: &str) -> Option<Message<'_>> {
         (Some("revoke"), Some(jti), Some(exp), None) if is_jti(jti) => {
             Some(Message::Revoke(jti, parse_score(exp)?))
         }
+        (Some("replace"), Some(jti), Some(exp), Some(token))
+            if is_jti(jti) && is_token_shaped(token) && words.next().is_none() =>
+        {
+            Some(Message::Replace(jti, parse_score(exp)?, token))
+        }
         (Some("sync"), None, None, None) => Some(Message::Sync),
         _ => None,
     }
+}
+
+/// A compact JWT's shape: three base64url parts, within the size every
+/// verifier accepts (what it says is the verifier's to judge).
+fn is_token_shaped(token: &str) -> bool {
+    token.len() <= crate::identity::token::MAX_TOKEN_BYTES
+        && token.split('.').count() == 3
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// A jti as sluice mints them and as it accepts them from peers.
@@ -529,6 +655,22 @@ mod tests {
             Some(Message::Revoke("abc-1", 1_700_000_000))
         );
         assert_eq!(parse_message("sync"), Some(Message::Sync));
+        assert_eq!(
+            parse_message("replace abc 1700000000 aa.bb.cc"),
+            Some(Message::Replace("abc", 1_700_000_000, "aa.bb.cc"))
+        );
+        for bad in [
+            "replace abc 10",
+            "replace abc 10 aa.bb",
+            "replace abc 10 aa.bb.cc extra",
+            "replace a;b 10 aa.bb.cc",
+            "replace abc 10 aa.b b.cc",
+            "replace abc 10 a+a.bb.cc",
+        ] {
+            assert_eq!(parse_message(bad), None, "{bad:?}");
+        }
+        let long = format!("replace abc 10 {}.b.c", "a".repeat(9000));
+        assert_eq!(parse_message(&long), None);
         assert_eq!(
             parse_message("revoke abc 1.7e9"),
             Some(Message::Revoke("abc", 1_700_000_000))

@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::deny::Deny;
-use crate::host::HostName;
+use crate::host::{Host, HostName};
 use crate::metrics as m;
 use token::{Grant, Verifier};
 
@@ -99,10 +99,10 @@ pub struct Sandbox {
     /// The MAC its address is bound to on a shared bridge, if any.
     pub mac: Option<MacAddr>,
     pub origin: Origin,
-    pub token: String,
-    /// The grant: verified at registration, or only decoded when restored
-    /// after a restart (then verified on first use).
-    pub grant: Arc<Grant>,
+    /// Its token and the grant from it: verified at registration, or only
+    /// decoded when restored after a restart (then verified on first
+    /// use); swapped whole by a token replacement.
+    held: std::sync::RwLock<Held>,
     /// 1 + the verifier's key-set generation `grant` was verified under; 0
     /// when not verified yet. A changed key set means verifying again.
     verified: std::sync::atomic::AtomicU64,
@@ -110,6 +110,13 @@ pub struct Sandbox {
     /// Addresses the DNS door answered, each with the names it was the
     /// answer for and until when (the answer's TTL).
     answered: Mutex<std::collections::HashMap<IpAddr, Vec<(HostName, Instant)>>>,
+}
+
+/// A sandbox's token and its grant, swapped together.
+#[derive(Debug, Clone)]
+struct Held {
+    token: Arc<str>,
+    grant: Arc<Grant>,
 }
 
 /// Answered addresses remembered per sandbox at most: past that the
@@ -128,12 +135,49 @@ impl Sandbox {
             source_ip: source_ip.to_canonical(),
             mac: None,
             origin,
-            token,
-            grant,
+            held: std::sync::RwLock::new(Held {
+                token: Arc::from(token),
+                grant,
+            }),
             verified: std::sync::atomic::AtomicU64::new(0),
             registered_at: token::now_s(),
             answered: Mutex::default(),
         }
+    }
+
+    fn held(&self) -> Held {
+        self.held.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Its token.
+    pub fn token(&self) -> Arc<str> {
+        self.held().token
+    }
+
+    /// Its grant as held (see [`current_grant`](Self::current_grant) for
+    /// one checked now).
+    pub fn grant(&self) -> Arc<Grant> {
+        self.held().grant
+    }
+
+    /// Its token replaced by `token`, whose grant was verified in full
+    /// under key-set `generation`; the DNS door's answers for names the
+    /// new grant does not admit are forgotten.
+    pub fn replace(&self, token: &str, grant: Arc<Grant>, generation: u64) {
+        {
+            let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
+            *held = Held {
+                token: Arc::from(token),
+                grant: Arc::clone(&grant),
+            };
+            self.verified
+                .store(generation + 1, std::sync::atomic::Ordering::Release);
+        }
+        let mut map = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, names| {
+            names.retain(|(name, _)| grant.allowlist.admits_name(&Host::Name(name.clone())));
+            !names.is_empty()
+        });
     }
 
     /// Remembers that the DNS door answered `ip` for `name` until `until`.
@@ -221,21 +265,22 @@ impl Sandbox {
     /// misses count as the cache's.
     pub fn current_grant(&self, verifier: &Verifier) -> Result<Arc<Grant>, Deny> {
         use std::sync::atomic::Ordering;
-        if self.grant.expired_at(token::now_s(), verifier.leeway()) {
+        let held = self.held();
+        if held.grant.expired_at(token::now_s(), verifier.leeway()) {
             return Err(Deny::TokenExpired);
         }
         let generation = verifier.generation();
         if self.verified.load(Ordering::Acquire) == generation + 1 {
             ::metrics::counter!(crate::metrics::CLAIMS_CACHE_HITS).increment(1);
-            if verifier.is_revoked(&self.grant.claims.jti) {
+            if verifier.is_revoked(&held.grant.claims.jti) {
                 return Err(Deny::TokenRevoked);
             }
         } else {
             ::metrics::counter!(crate::metrics::CLAIMS_CACHE_MISSES).increment(1);
-            verifier.verify_fresh(&self.token).map_err(|e| e.deny())?;
+            verifier.verify_fresh(&held.token).map_err(|e| e.deny())?;
             self.verified.store(generation + 1, Ordering::Release);
         }
-        Ok(Arc::clone(&self.grant))
+        Ok(held.grant)
     }
 }
 
@@ -254,6 +299,8 @@ pub struct Registry {
     by_ip: DashMap<IpAddr, Arc<Sandbox>>,
     by_id: DashMap<String, IpAddr>,
     connections: Arc<ConnectionCounts>,
+    /// What each container has flowing and has taken (its limits).
+    tenants: crate::live::Tenants,
     /// Container ids in order, for paging; its lock also serialises
     /// writers so the maps always agree.
     ordered: Mutex<std::collections::BTreeSet<String>>,
@@ -307,6 +354,11 @@ impl Registry {
         &self.connections
     }
 
+    /// Each container's live connections and limits' state.
+    pub fn tenants(&self) -> &crate::live::Tenants {
+        &self.tenants
+    }
+
     /// The reaper's pass: removes the sandboxes whose token expired more
     /// than `retention` seconds ago (their connections were closed when the
     /// verifier's watch of the token ended at its expiry). Returns the
@@ -314,7 +366,7 @@ impl Registry {
     pub fn reap(&self, now: u64, leeway: u64, retention: u64) -> Vec<Arc<Sandbox>> {
         let mut removed = Vec::new();
         for s in self.list() {
-            let exp = s.grant.claims.exp.saturating_add(leeway);
+            let exp = s.grant().claims.exp.saturating_add(leeway);
             if now <= exp {
                 continue;
             }
@@ -445,6 +497,7 @@ mod tests {
             credentials: Default::default(),
             enforce_container_binding: token::Flag(false),
             enforce: Default::default(),
+            limits: Default::default(),
             use_egress_gateway: token::Flag(true),
         };
         let grant = Arc::new(token::Grant {

@@ -182,6 +182,12 @@ enum TokenCommand {
         /// (the built-in ones are always known).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Claim `limits`, as JSON: `{"egress_bytes_per_s":1048576,...}`.
+        #[arg(long, value_parser = parse_limits)]
+        limits: Option<Box<sluice::limits::Limits>>,
+        /// Claim `organization_uuid`.
+        #[arg(long)]
+        organization_uuid: Option<String>,
     },
     /// Print a token's verified claims as JSON (exit 1 with the reason).
     Verify {
@@ -403,6 +409,14 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
+/// `--limits`: the claim's JSON.
+fn parse_limits(s: &str) -> Result<Box<sluice::limits::Limits>, String> {
+    let limits: sluice::limits::Limits =
+        serde_json::from_str(s).map_err(|e| format!("not a limits object: {e}"))?;
+    limits.validate()?;
+    Ok(Box::new(limits))
+}
+
 fn keygen(out: &Path, kid: &str) -> anyhow::Result<ExitCode> {
     if kid.is_empty() {
         bail!("--kid must not be empty");
@@ -428,6 +442,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             issuer,
             audience,
             config,
+            limits,
+            organization_uuid,
         } => {
             let presets = match config {
                 Some(p) => sluice::presets::Presets::new(&Config::load(&p)?.presets)?,
@@ -437,6 +453,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 .with_presets(std::sync::Arc::new(presets));
             let minted = signer.mint(&MintRequest {
                 enforce: Default::default(),
+                limits: limits.map(|l| *l).unwrap_or_default(),
+                organization_uuid,
                 credentials: Vec::new(),
                 container_id,
                 user_id,
@@ -561,9 +579,11 @@ fn explain(
         bail!("--port must be 1-65535");
     }
     let connections = std::sync::Arc::default();
+    let tenants = sluice::live::Tenants::default();
     let decision = Decision {
         verifier: &verifier,
         connections: &connections,
+        tenants: &tenants,
         gateway: &config.gateway,
     };
     let explained = decision.explain(

@@ -26,6 +26,8 @@ pub const INSPECTED_REQUESTS_TOTAL: &str = "sluice_inspected_requests_total";
 pub const CREDENTIAL_INJECTIONS_TOTAL: &str = "sluice_credential_injections_total";
 pub const REFUSED_REQUESTS_TOTAL: &str = "sluice_refused_requests_total";
 pub const AUDIT_EVENTS_DROPPED_TOTAL: &str = "sluice_audit_events_dropped_total";
+pub const LIMITED_TOTAL: &str = "sluice_limited_total";
+pub const POLICY_CHANGES_TOTAL: &str = "sluice_policy_changes_total";
 
 /// Decision latencies are microseconds to milliseconds; connects up to the
 /// connect timeout.
@@ -121,6 +123,14 @@ fn describe() {
     describe_counter!(
         REFUSED_REQUESTS_TOTAL,
         "Plain HTTP requests the request rules refused, by reason (each audited as \"refused request\"; a connection that then ends is counted apart)."
+    );
+    describe_counter!(
+        LIMITED_TOTAL,
+        "Flows slowed (a rate limit, counted at most once a second per key) or refused and closed (a count, a rate or a daily budget) by a `limits` key, by key."
+    );
+    describe_counter!(
+        POLICY_CHANGES_TOTAL,
+        "Live connections re-checked when their sandbox's token was replaced, by outcome (kept or closed)."
     );
     describe_counter!(
         CREDENTIAL_INJECTIONS_TOTAL,

@@ -128,6 +128,83 @@ impl Gateway {
         *self.seal.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(seal);
     }
 
+    /// A sandbox's token `old_jti` (expiring at `old_exp`) is replaced by
+    /// `grant`, whose `token` was verified in full under key-set
+    /// `generation`: the registered sandbox (if this gateway has it under
+    /// the old token) holds the new one and forgets the DNS answers it no
+    /// longer admits; every live connection under the old token is
+    /// checked again ([`still_allows`](Self::still_allows)), kept under
+    /// the new grant or closed `policy_changed`; the old token is
+    /// revoked. Returns how many connections were kept and closed.
+    pub fn replace_token(
+        &self,
+        old_jti: &str,
+        old_exp: u64,
+        grant: &Arc<crate::identity::token::Grant>,
+        token: &str,
+        generation: u64,
+    ) -> (usize, usize) {
+        if let Some(s) = self.registry.get_by_id(&grant.claims.container_id)
+            && s.grant().claims.jti == old_jti
+        {
+            s.replace(token, Arc::clone(grant), generation);
+        }
+        let (kept, closed) =
+            self.registry
+                .tenants()
+                .replace(old_jti, old_exp, grant, &self.verifier, |c, g| {
+                    self.still_allows(c, g)
+                });
+        for (outcome, n) in [("kept", kept), ("closed", closed)] {
+            ::metrics::counter!(crate::metrics::POLICY_CHANGES_TOTAL, "outcome" => outcome)
+                .increment(n as u64);
+        }
+        let mut event = crate::events::Event::new(crate::events::Kind::Policy, "admin", "token")
+            .with_grant(grant);
+        event.reason = Deny::PolicyChanged.as_str();
+        event.end = format!("token replaced: {kept} connections kept, {closed} closed");
+        self.events.emit(event);
+        (kept, closed)
+    }
+
+    /// Would `grant` let this live connection go on as it is? Its target
+    /// must be allowed (or, in report mode, let through), and what it
+    /// carries must be what a new connection would: bytes relayed unread
+    /// only where no request rules apply, plain HTTP (judged request by
+    /// request under the new grant) only to a host no credential of the
+    /// sandbox goes to, inspected TLS only with the same credentials set.
+    pub fn still_allows(
+        &self,
+        conn: &crate::live::LiveConn,
+        grant: &crate::identity::token::Grant,
+    ) -> bool {
+        use crate::live::Carried;
+        let (host, port) = conn.target();
+        let reports = grant.claims.enforce == crate::identity::token::Enforce::Report;
+        let policy = self.policy();
+        let restricted = match grant
+            .allowlist
+            .decide(host, *port, &policy.gateway.allowed_ports)
+        {
+            Ok(a) => a.restricted,
+            Err(Deny::HostNotAllowed | Deny::PortNotAllowed) if reports => false,
+            Err(_) => return false,
+        };
+        let credentials = match host {
+            crate::host::Host::Name(name) => self
+                .sealed(grant)
+                .map(|(s, _)| s.names_for(name))
+                .unwrap_or_default(),
+            crate::host::Host::Ip(_) => Vec::new(),
+        };
+        match conn.carried() {
+            Carried::Opening => true,
+            Carried::Raw => !restricted || reports,
+            Carried::Judged => credentials.is_empty(),
+            Carried::Inspected(had) => had == credentials,
+        }
+    }
+
     /// A sandbox's inspection CA: permitting its credentials' hosts and
     /// the hosts its request rules name.
     pub fn sandbox_ca(

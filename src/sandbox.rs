@@ -135,6 +135,12 @@ pub struct LaunchRequest {
     /// Claim `enforce`: `"enforce"` (default) or `"report"`.
     #[serde(default)]
     pub enforce: crate::identity::token::Enforce,
+    /// Claim `limits`: per-sandbox limits, every key optional.
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
+    /// Claim `organization_uuid`.
+    #[serde(default)]
+    pub organization_uuid: Option<String>,
 }
 
 /// Where a launched sandbox's CA bundle is (read-only): the system's

@@ -104,6 +104,8 @@ fn signer(keys: &Keys) -> Signer {
 fn token(signer: &Signer, id: &str) -> String {
     signer
         .mint(&MintRequest {
+            limits: Default::default(),
+            organization_uuid: None,
             enforce: Default::default(),
             credentials: Vec::new(),
             container_id: id.into(),

@@ -327,6 +327,8 @@ async fn the_jwks_is_reloaded_when_it_changes_and_a_broken_one_is_ignored() {
     let mint = |signer: &Signer, id: &str| {
         signer
             .mint(&MintRequest {
+                limits: Default::default(),
+                organization_uuid: None,
                 enforce: Default::default(),
                 credentials: Vec::new(),
                 container_id: id.into(),

@@ -106,6 +106,7 @@ pub fn record(e: &Event) -> LogRecord {
         Kind::Request if e.protocol == "https" => "inspected request",
         Kind::Request => "refused request",
         Kind::Dns => "dns",
+        Kind::Policy => "token replaced",
     };
     let nanos = e.time_ms.saturating_mul(1_000_000);
     LogRecord {

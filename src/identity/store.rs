@@ -57,7 +57,7 @@ impl SandboxRecord {
         SandboxRecord {
             container_id: s.container_id.clone(),
             source_ip: s.source_ip,
-            token: s.token.clone(),
+            token: s.token().to_string(),
             origin: s.origin,
             mac: s.mac,
             launch: launch.cloned(),
@@ -100,6 +100,14 @@ pub enum Change {
     Revoke { jti: String, exp: u64 },
     /// A revocation past its token's expiry, no longer needed.
     Forget(String),
+    /// A token replaced in place: `jti` refused until `exp`, like
+    /// [`Change::Revoke`] here; the fleet is told the replacement `token`
+    /// too, so its gateways keep the live connections it still allows.
+    Replace {
+        jti: String,
+        exp: u64,
+        token: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -409,7 +417,7 @@ fn commit<'a>(db: &Database, changes: impl Iterator<Item = &'a Change>) -> Resul
                 Change::Remove(id) => {
                     sandboxes.remove(id.as_str())?;
                 }
-                Change::Revoke { jti, exp } => {
+                Change::Revoke { jti, exp } | Change::Replace { jti, exp, .. } => {
                     revoked.insert(jti.as_str(), *exp)?;
                 }
                 Change::Forget(jti) => {
@@ -468,6 +476,8 @@ mod tests {
     fn mint(signer: &Signer, id: &str, ttl: u64) -> crate::identity::token::Minted {
         signer
             .mint(&MintRequest {
+                limits: Default::default(),
+                organization_uuid: None,
                 enforce: Default::default(),
                 credentials: Vec::new(),
                 container_id: id.into(),

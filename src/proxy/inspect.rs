@@ -121,6 +121,8 @@ pub async fn serve(
         Ok(n) => n,
         Err(_) => return refuse_before(conn, &mut start.io, Deny::NoHost).await,
     };
+    // A limited sandbox's bytes are metered under the TLS, as they go.
+    let upstream = super::stream::Metered::new(upstream, permit.live.meter().cloned());
     let connect = TlsConnector::from(Arc::new(config)).connect(name, upstream);
     let upstream = match tokio::time::timeout(handshake, connect).await {
         Ok(Ok(s)) => s,

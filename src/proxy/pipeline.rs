@@ -21,13 +21,14 @@ use super::relay::{self, RelayEnd};
 use super::sniff::{
     Incremental, Opening, OpeningReader, Protocol, ReadEnd, RequestHead, read_until,
 };
-use super::stream::{Split, Stream};
+use super::stream::{Metered, Split, Stream};
 use super::{Gateway, Policy, deny_response, proxy_deny_response};
 use crate::decision::{Caller, Decision, Permit, Target};
 use crate::deny::Deny;
 use crate::events::{Event, Kind, Verdict as Outcome};
 use crate::host::Host;
 use crate::identity::CountGuard;
+use crate::live::Carried;
 use crate::metrics::Mode;
 
 impl Gateway {
@@ -36,6 +37,7 @@ impl Gateway {
         Decision {
             verifier: &self.verifier,
             connections: self.registry.connections(),
+            tenants: self.registry.tenants(),
             gateway: &policy.gateway,
         }
     }
@@ -105,15 +107,19 @@ impl Conn {
         let Some(held) = self.slot.take() else {
             return decision.decide(caller, target);
         };
-        match decision.authorize(caller, target) {
-            Ok(a) => Ok(Permit {
-                revoked: self.gw.verifier.watch(&a.grant),
+        let admitted = decision
+            .authorize(caller, target)
+            .and_then(|a| decision.admit(&a.grant, target).map(|live| (a, live)));
+        match admitted {
+            Ok((a, live)) => Ok(Permit {
+                revoked: live.conn.closed.clone(),
                 grant: a.grant,
                 explicit_port: a.explicit_port,
                 restricted: a.restricted,
                 would_deny: a.would_deny,
                 entry: a.entry,
                 slot: held,
+                live,
             }),
             Err(d) => {
                 self.slot = Some(held);
@@ -253,6 +259,7 @@ pub async fn drive(
     };
     let (idle, max_head) = idle_and_head(conn);
     let permit = ready.permit;
+    permit.live.conn.set_carried(carried(&ready.relay));
     let ending = match ready.relay {
         // Two TCP sockets, spliced: the common case, its state inline.
         Relay::Raw(upstream) => {
@@ -260,10 +267,22 @@ pub async fn drive(
             let end = match (conn.client.tcp(), upstream) {
                 (Some(client), Stream::Tcp(upstream)) => {
                     let (head, closed) = (ready.buf, &permit.revoked);
-                    relay::raw_pair(client, &upstream, head, &traffic, idle, closed).await
+                    match permit.live.meter().map(|m| &**m) {
+                        // Unlimited: the loop as it always was.
+                        None => {
+                            relay::raw_pair(client, &upstream, head, &traffic, idle, closed).await
+                        }
+                        Some(m) => {
+                            let metered = relay::raw_pair_metered(
+                                client, &upstream, head, &traffic, idle, closed, m,
+                            );
+                            Box::pin(metered).await
+                        }
+                    }
                 }
                 (_, upstream) => {
                     let (head, closed) = (ready.buf, &permit.revoked);
+                    let upstream = Metered::wrap(upstream, permit.live.meter().cloned());
                     let copy =
                         relay::copy_pair(&mut conn.client, upstream, head, &traffic, idle, closed);
                     Box::pin(copy).await
@@ -276,7 +295,7 @@ pub async fn drive(
             let traffic = Arc::clone(&conn.record.traffic);
             let ex = Exchange {
                 client: &mut conn.client,
-                upstream,
+                upstream: Metered::wrap(upstream, permit.live.meter().cloned()),
                 traffic: &traffic,
                 max_head,
                 rewrite: rules.rewrite,
@@ -311,6 +330,16 @@ pub async fn drive(
             Ending::Closed
         }
     };
+    // Closed on its own: a replacement token that no longer allows it,
+    // or a spent budget (which closes the sandbox's other connections too).
+    if let Some(limit) = permit.live.meter().and_then(|m| m.spent()) {
+        limit.count();
+        conn.record.end = Deny::QuotaExceeded.as_str();
+        permit.live.close_all(Deny::QuotaExceeded);
+    }
+    if let Some(why) = permit.live.conn.reason() {
+        conn.record.end = why.as_str();
+    }
     if permit.revoked.is_cancelled() {
         // Revoked (or the gateway stopping hard): the close is a reset, so
         // what the kernel still holds for the client is not delivered.
@@ -319,6 +348,15 @@ pub async fn drive(
     // Held for the connection's life, whatever it carries next.
     conn.slot = Some(permit.slot);
     ending
+}
+
+/// What a relay carries, for a token replacement's re-check.
+fn carried(relay: &Relay) -> Carried {
+    match relay {
+        Relay::Raw(_) => Carried::Raw,
+        Relay::Http(..) => Carried::Judged,
+        Relay::Inspect(i) => Carried::Inspected(i.plan.sealed.names_for(&i.plan.host)),
+    }
 }
 
 /// A connection decided, dialled and opened: what the relay needs.
@@ -483,7 +521,7 @@ fn inspection(
 /// its ending when it goes no further (refused, gone, or over).
 async fn open(
     conn: &mut Conn,
-    caller: Caller,
+    mut caller: Caller,
     mut target: Target,
     mut opened: Opened,
     mut buf: Vec<u8>,
@@ -492,6 +530,9 @@ async fn open(
         let Some((permit, upstream)) = conn.open(&opened, &caller, &target).await else {
             return Err(Ending::Closed);
         };
+        // From here on the connection asks as itself: under the grant it
+        // was admitted with, or the one a token replacement swapped in.
+        caller = Caller::Live(Arc::clone(&permit.live.conn));
         match opened {
             Opened::FirstBytes(protocol) => {
                 return to_origin(conn, permit, caller, target, upstream, protocol, buf).await;

@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::stream::{ReadHalf, Split, Stream, WriteHalf};
+use crate::limits::{Grant, Meter, Taken, Way};
 use crate::net::shutdown_write;
 
 /// How a direction ended.
@@ -52,6 +53,8 @@ pub enum RelayEnd {
     Cancelled,
     /// A reset or another I/O error ended it.
     Error(io::Error),
+    /// A daily byte budget (the sandbox's or its organisation's) is spent.
+    Quota,
 }
 
 impl RelayEnd {
@@ -62,6 +65,16 @@ impl RelayEnd {
             RelayEnd::Idle => "idle_timeout",
             RelayEnd::Cancelled => "cancelled",
             RelayEnd::Error(_) => "reset",
+            RelayEnd::Quota => "quota_exceeded",
+        }
+    }
+
+    /// An error's ending: [`RelayEnd::Quota`] for a spent budget.
+    pub fn of_error(e: io::Error) -> RelayEnd {
+        if e.get_ref().is_some_and(|inner| inner.is::<Spent>()) {
+            RelayEnd::Quota
+        } else {
+            RelayEnd::Error(e)
         }
     }
 }
@@ -136,7 +149,7 @@ where
                 match r {
                     Ok(Done::Half) if !down_done => {}
                     Ok(_) => return RelayEnd::Closed,
-                    Err(e) => return RelayEnd::Error(e),
+                    Err(e) => return RelayEnd::of_error(e),
                 }
             }
             r = &mut down, if !down_done => {
@@ -144,7 +157,7 @@ where
                 match r {
                     Ok(Done::Half) if !up_done => {}
                     Ok(_) => return RelayEnd::Closed,
-                    Err(e) => return RelayEnd::Error(e),
+                    Err(e) => return RelayEnd::of_error(e),
                 }
             }
             _ = closed.cancelled() => return RelayEnd::Cancelled,
@@ -403,13 +416,44 @@ pub async fn copy_pair(
 /// this future's state (no pipe). The directions take turns at who is
 /// polled first, and tokio's cooperative budget makes a saturated one
 /// yield, so neither starves the other.
-pub async fn raw_pair(
+pub fn raw_pair<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    head: Vec<u8>,
+    traffic: &'a Traffic,
+    idle: Duration,
+    closed: &'a CancellationToken,
+) -> impl Future<Output = RelayEnd> + 'a {
+    // Not a future of its own around the one it returns: the relay's
+    // state is a connection's largest part, held once.
+    raw_pair_with(client, upstream, head, traffic, idle, closed, None)
+}
+
+/// [`raw_pair`] for a limited sandbox: each splice (and each write of the
+/// first bytes) moves at most what `meter` grants that way, and waits
+/// when it grants nothing yet; a spent daily budget ends the connection
+/// ([`RelayEnd::Quota`]). Still zero-copy: the meter only caps how much
+/// each `splice(2)` moves.
+pub fn raw_pair_metered<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    head: Vec<u8>,
+    traffic: &'a Traffic,
+    idle: Duration,
+    closed: &'a CancellationToken,
+    meter: &'a Meter,
+) -> impl Future<Output = RelayEnd> + 'a {
+    raw_pair_with(client, upstream, head, traffic, idle, closed, Some(meter))
+}
+
+async fn raw_pair_with(
     client: &TcpStream,
     upstream: &TcpStream,
     head: Vec<u8>,
     traffic: &Traffic,
     idle: Duration,
     closed: &CancellationToken,
+    meter: Option<&Meter>,
 ) -> RelayEnd {
     traffic.touch();
     let mut up = Flow::new(head);
@@ -424,28 +468,26 @@ pub async fn raw_pair(
         up_first = !up_first;
         for turn in [up_first, !up_first] {
             let r = if turn {
-                step(
-                    cx,
-                    &mut up,
-                    down.done,
-                    client,
-                    upstream,
-                    &traffic.to_upstream,
+                let ends = Ends {
+                    src: client,
+                    dst: upstream,
+                    counter: &traffic.to_upstream,
                     traffic,
-                )
+                    meter: meter.map(|m| (m, Way::Egress)),
+                };
+                step(cx, &mut up, down.done, &ends)
             } else {
-                step(
-                    cx,
-                    &mut down,
-                    up.done,
-                    upstream,
-                    client,
-                    &traffic.to_client,
+                let ends = Ends {
+                    src: upstream,
+                    dst: client,
+                    counter: &traffic.to_client,
                     traffic,
-                )
+                    meter: meter.map(|m| (m, Way::Ingress)),
+                };
+                step(cx, &mut down, up.done, &ends)
             };
             if let Err(e) = r {
-                return Poll::Ready(RelayEnd::Error(e));
+                return Poll::Ready(RelayEnd::of_error(e));
             }
         }
         if up.done && down.done {
@@ -472,22 +514,71 @@ fn step(
     cx: &mut Context<'_>,
     flow: &mut Flow,
     other_done: bool,
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &AtomicU64,
-    traffic: &Traffic,
+    ends: &Ends<'_>,
 ) -> io::Result<()> {
     if flow.done {
         return Ok(());
     }
-    if let Poll::Ready(r) = flow.poll(cx, src, dst, counter, traffic) {
+    if let Poll::Ready(r) = flow.poll(cx, ends) {
         r?;
         flow.done = true;
         if !other_done {
-            shutdown_write(dst);
+            shutdown_write(ends.dst);
         }
     }
     Ok(())
+}
+
+/// One direction's two sockets, its counter, and its meter (and which
+/// way it meters) when the sandbox is limited.
+struct Ends<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    counter: &'a AtomicU64,
+    traffic: &'a Traffic,
+    meter: Option<(&'a Meter, Way)>,
+}
+
+/// The error a byte mover ends with when a daily budget is spent.
+#[derive(Debug, thiserror::Error)]
+#[error("a daily byte budget is spent")]
+pub struct Spent;
+
+fn spent() -> io::Error {
+    io::Error::other(Spent)
+}
+
+impl Flow {
+    /// How much the meter lets this direction move now (all of `want`
+    /// when unlimited); `Pending` while it makes the direction wait.
+    fn allowance(
+        &mut self,
+        cx: &mut Context<'_>,
+        ends: &Ends<'_>,
+        want: usize,
+    ) -> Poll<io::Result<(usize, Option<Taken>)>> {
+        let Some((meter, way)) = ends.meter else {
+            return Poll::Ready(Ok((want, None)));
+        };
+        loop {
+            if let Some(wait) = &mut self.wait {
+                ready!(wait.as_mut().poll(cx));
+                self.wait = None;
+            }
+            match meter.grant(way, want) {
+                (Grant::Move(n), taken) => return Poll::Ready(Ok((n, Some(taken)))),
+                (Grant::Wait(d), _) => self.wait = Some(Box::pin(tokio::time::sleep(d))),
+                (Grant::Spent(_), _) => return Poll::Ready(Err(spent())),
+            }
+        }
+    }
+
+    /// What was granted and what moved: the rest goes back to the meter.
+    fn settle(ends: &Ends<'_>, taken: Option<Taken>, moved: usize) {
+        if let (Some((meter, way)), Some(taken)) = (ends.meter, taken) {
+            meter.moved(way, taken, moved);
+        }
+    }
 }
 
 /// One direction of a raw relay: its bytes in flight and how far it got.
@@ -510,6 +601,8 @@ struct Flow {
     eof: bool,
     /// EOF, and every byte delivered.
     done: bool,
+    /// A limited sandbox's meter made it wait until then.
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 const SPLICE: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
@@ -529,6 +622,7 @@ impl Flow {
             spliced: false,
             eof: false,
             done: false,
+            wait: None,
         }
     }
 
@@ -541,19 +635,18 @@ impl Flow {
 
     /// Moves what can move now; `Ready(Ok)` once the source is at EOF and
     /// everything read is delivered.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
-        counter: &AtomicU64,
-        traffic: &Traffic,
-    ) -> Poll<io::Result<()>> {
+    fn poll(&mut self, cx: &mut Context<'_>, ends: &Ends<'_>) -> Poll<io::Result<()>> {
+        let (src, dst, counter, traffic) = (ends.src, ends.dst, ends.counter, ends.traffic);
         loop {
             // What the client sent before the relay began.
             if self.head_sent < self.head.len() {
                 ready!(dst.poll_write_ready(cx))?;
-                match dst.try_write(&self.head[self.head_sent..]) {
+                let (allowed, taken) =
+                    ready!(self.allowance(cx, ends, self.head.len() - self.head_sent))?;
+                let end = self.head_sent + allowed;
+                let wrote = dst.try_write(&self.head[self.head_sent..end]);
+                Flow::settle(ends, taken, *wrote.as_ref().unwrap_or(&0));
+                match wrote {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => {
                         self.head_sent += n;
@@ -603,8 +696,12 @@ impl Flow {
             }
             // Take what the source has.
             ready!(src.poll_read_ready(cx))?;
-            if let Some(buf) = &mut self.copy {
-                match src.try_read(buf) {
+            if self.copy.is_some() {
+                let (allowed, taken) = ready!(self.allowance(cx, ends, COPY_BUF))?;
+                let Some(buf) = &mut self.copy else { continue };
+                let read = src.try_read(&mut buf[..allowed]);
+                Flow::settle(ends, taken, *read.as_ref().unwrap_or(&0));
+                match read {
                     Ok(0) => self.eof = true,
                     Ok(n) => (self.queued, self.copy_at) = (n, 0),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -612,26 +709,35 @@ impl Flow {
                 }
                 continue;
             }
-            let pipe = match self.pipe {
-                Some(ref mut p) => p,
-                None => match POOL.take() {
-                    Ok(p) => self.pipe.insert(p),
+            if self.pipe.is_none() {
+                match POOL.take() {
+                    Ok(p) => self.pipe = Some(p),
                     Err(e) => {
                         tracing::debug!(error = %e, "no pipe for splice; copying");
                         self.copy_instead();
                         continue;
                     }
-                },
+                }
+            }
+            let cap = self.pipe.as_ref().map_or(0, |p| p.cap);
+            let (want, taken) = match ends.meter {
+                None => (cap, None),
+                Some(_) => ready!(self.allowance(cx, ends, cap))?,
             };
-            let cap = pipe.cap;
-            match src.try_io(Interest::READABLE, || {
-                splice(src, None, &pipe.write, None, cap, SPLICE).map_err(io::Error::from)
-            }) {
+            let Some(pipe) = &mut self.pipe else {
+                Flow::settle(ends, taken, 0);
+                continue;
+            };
+            let spliced = src.try_io(Interest::READABLE, || {
+                splice(src, None, &pipe.write, None, want, SPLICE).map_err(io::Error::from)
+            });
+            Flow::settle(ends, taken, *spliced.as_ref().unwrap_or(&0));
+            match spliced {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.spliced = true;
                     self.queued = n;
-                    if n >= cap {
+                    if n >= cap && want == cap {
                         pipe.grow();
                     }
                 }

@@ -292,6 +292,151 @@ impl AsyncWrite for Joined {
     }
 }
 
+/// A stream whose bytes a limited sandbox's [`Meter`](crate::limits::Meter)
+/// holds to its limits: reads are the sandbox's ingress, writes its
+/// egress. What the byte movers that copy (HTTP, inspected TLS, a TLS
+/// door's stream) run over when the sandbox is limited; a spliced pair
+/// is metered in the relay itself.
+pub struct Metered<S> {
+    inner: S,
+    /// `None`: unlimited, every call passed through.
+    meter: Option<std::sync::Arc<crate::limits::Meter>>,
+    read_wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    write_wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Where a read smaller than the caller's room lands first.
+    scratch: Vec<u8>,
+}
+
+impl Metered<Box<dyn Io>> {
+    /// `stream`, metered when `meter` is given (else as it is: an
+    /// unlimited sandbox's TCP socket stays one, and is spliced).
+    pub fn wrap(stream: Stream, meter: Option<std::sync::Arc<crate::limits::Meter>>) -> Stream {
+        let Some(meter) = meter else {
+            return stream;
+        };
+        let inner: Box<dyn Io> = match stream {
+            Stream::Tcp(s) => Box::new(s),
+            Stream::Other(io) => io,
+        };
+        Stream::other(Metered::new(inner, Some(meter)))
+    }
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S, meter: Option<std::sync::Arc<crate::limits::Meter>>) -> Metered<S> {
+        Metered {
+            inner,
+            meter,
+            read_wait: None,
+            write_wait: None,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Asks `meter` for up to `want` bytes `way`, waiting on `wait` as it says.
+fn meter_allowance(
+    cx: &mut Context<'_>,
+    meter: &crate::limits::Meter,
+    wait: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    way: crate::limits::Way,
+    want: usize,
+) -> Poll<io::Result<(usize, crate::limits::Taken)>> {
+    use crate::limits::Grant;
+    loop {
+        if let Some(w) = wait {
+            std::task::ready!(w.as_mut().poll(cx));
+            *wait = None;
+        }
+        match meter.grant(way, want) {
+            (Grant::Move(n), taken) => return Poll::Ready(Ok((n, taken))),
+            (Grant::Wait(d), _) => *wait = Some(Box::pin(tokio::time::sleep(d))),
+            (Grant::Spent(_), _) => {
+                return Poll::Ready(Err(io::Error::other(super::relay::Spent)));
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use crate::limits::Way;
+        let this = self.get_mut();
+        let Some(meter) = &this.meter else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let (n, taken) = std::task::ready!(meter_allowance(
+            cx,
+            meter,
+            &mut this.read_wait,
+            Way::Ingress,
+            buf.remaining()
+        ))?;
+        let before = buf.filled().len();
+        let r = if n >= buf.remaining() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            this.scratch.resize(n, 0);
+            let mut small = ReadBuf::new(&mut this.scratch[..n]);
+            let r = Pin::new(&mut this.inner).poll_read(cx, &mut small);
+            let got = small.filled().len();
+            buf.put_slice(&this.scratch[..got]);
+            r
+        };
+        let moved = buf.filled().len() - before;
+        meter.moved(Way::Ingress, taken, moved);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        use crate::limits::Way;
+        let this = self.get_mut();
+        let Some(meter) = &this.meter else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        if buf.is_empty() {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let (n, taken) = std::task::ready!(meter_allowance(
+            cx,
+            meter,
+            &mut this.write_wait,
+            Way::Egress,
+            buf.len()
+        ))?;
+        let r = Pin::new(&mut this.inner).poll_write(cx, &buf[..n]);
+        let moved = match &r {
+            Poll::Ready(Ok(m)) => *m,
+            _ => 0,
+        };
+        meter.moved(Way::Egress, taken, moved);
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

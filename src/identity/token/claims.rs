@@ -120,6 +120,9 @@ pub struct Claims {
     /// `"enforce"` (the default) or `"report"`.
     #[serde(default, skip_serializing_if = "Enforce::is_enforce")]
     pub enforce: Enforce,
+    /// Per-sandbox limits; a missing key is no limit.
+    #[serde(default, skip_serializing_if = "crate::limits::Limits::is_empty")]
+    pub limits: crate::limits::Limits,
     #[serde(default)]
     pub use_egress_gateway: Flag,
 }

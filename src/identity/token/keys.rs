@@ -190,6 +190,11 @@ pub struct MintRequest {
     pub ttl: Duration,
     /// Claim `enforce`.
     pub enforce: super::Enforce,
+    /// Claim `limits`.
+    pub limits: crate::limits::Limits,
+    /// Claim `organization_uuid`: whose `[limits.organizations]` budget
+    /// the sandbox spends.
+    pub organization_uuid: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +286,14 @@ impl Signer {
         if req.ttl.is_zero() {
             return Err(MintError::BadRequest("ttl must be positive".into()));
         }
+        req.limits.validate().map_err(MintError::BadRequest)?;
+        if let Some(org) = &req.organization_uuid
+            && !is_safe_id(org)
+        {
+            return Err(MintError::BadRequest(
+                "organization_uuid must be 1-128 letters, digits, '_', '-' or '.'".into(),
+            ));
+        }
         if let Some(bad) = req.credentials.iter().find(|n| !is_credential_name(n)) {
             return Err(MintError::BadRequest(format!(
                 "{bad:?} is not a credential name (letters, digits, '_', '-')"
@@ -298,11 +311,12 @@ impl Signer {
             jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
             container_id: req.container_id.clone(),
             user_id: Some(req.user_id.clone()),
-            organization_uuid: None,
+            organization_uuid: req.organization_uuid.clone(),
             allowed_hosts: HostList(req.allowed_hosts.clone()),
             credentials: HostList(req.credentials.clone()),
             enforce_container_binding: Flag(true),
             enforce: req.enforce,
+            limits: req.limits,
             use_egress_gateway: Flag(true),
         };
         let token = self.sign(&claims)?;

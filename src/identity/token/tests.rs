@@ -26,6 +26,8 @@ fn fixture() -> Fixture {
 
 fn request(hosts: &[&str]) -> MintRequest {
     MintRequest {
+        limits: Default::default(),
+        organization_uuid: None,
         enforce: Default::default(),
         credentials: Vec::new(),
         container_id: "sandbox_1".into(),

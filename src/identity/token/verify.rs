@@ -17,7 +17,7 @@ pub struct Verifier {
     revoked: DashMap<String, u64>,
     /// `jti` → cancelled when that token is revoked: live connections
     /// holding it close.
-    watchers: DashMap<String, (u64, CancellationToken)>,
+    watchers: DashMap<String, (u64, Vec<CancellationToken>)>,
     /// The parent of every watcher: cancelled, it closes every connection
     /// (the gateway's hard stop).
     root: CancellationToken,
@@ -129,10 +129,29 @@ impl Verifier {
     pub fn revoke(&self, jti: &str, exp: u64) -> bool {
         let exp = exp.min(self.latest_exp(now_s()));
         let new = self.revoked.insert(jti.to_owned(), exp).is_none();
-        if let Some((_, (_, token))) = self.watchers.remove(jti) {
-            token.cancel();
+        if let Some((_, (_, tokens))) = self.watchers.remove(jti) {
+            tokens.iter().for_each(CancellationToken::cancel);
         }
         new
+    }
+
+    /// The connections watching `old_jti` watch `grant`'s token from now
+    /// on (a replacement keeps them): revoking the old one no longer
+    /// closes them, revoking (or the expiry of) the new one does.
+    pub fn rekey(&self, old_jti: &str, grant: &Grant) {
+        let Some((_, (_, moved))) = self.watchers.remove(old_jti) else {
+            return;
+        };
+        if self.is_revoked(&grant.claims.jti) {
+            moved.iter().for_each(CancellationToken::cancel);
+            return;
+        }
+        let mut entry = self
+            .watchers
+            .entry(grant.claims.jti.clone())
+            .or_insert_with(|| (grant.claims.exp, Vec::new()));
+        entry.0 = grant.claims.exp;
+        entry.1.extend(moved);
     }
 
     pub fn is_revoked(&self, jti: &str) -> bool {
@@ -166,14 +185,19 @@ impl Verifier {
         }
         // Every connection asks: the common case (the token is watched
         // already) takes a read lock and copies nothing.
-        if let Some(w) = self.watchers.get(jti.as_str()) {
-            return w.1.clone();
+        if let Some(w) = self.watchers.get(jti.as_str())
+            && let Some(t) = w.1.first()
+        {
+            return t.clone();
         }
-        self.watchers
+        let mut entry = self
+            .watchers
             .entry(jti.clone())
-            .or_insert_with(|| (grant.claims.exp, self.root.child_token()))
-            .1
-            .clone()
+            .or_insert_with(|| (grant.claims.exp, Vec::new()));
+        if entry.1.is_empty() {
+            entry.1.push(self.root.child_token());
+        }
+        entry.1[0].clone()
     }
 
     /// Forgets revocations of tokens that have expired anyway, and closes
@@ -188,10 +212,10 @@ impl Verifier {
             keep
         });
         // An expired token's live proxy connections close too.
-        self.watchers.retain(|_, (exp, token)| {
+        self.watchers.retain(|_, (exp, tokens)| {
             let live = exp.saturating_add(self.leeway) >= now;
             if !live {
-                token.cancel();
+                tokens.iter().for_each(CancellationToken::cancel);
             }
             live
         });
@@ -302,6 +326,7 @@ impl Verifier {
         if claims.exp > self.latest_exp(now_s()) {
             return Err(TokenError::TooLong(self.max_life));
         }
+        claims.limits.validate().map_err(TokenError::BadClaims)?;
         let allowlist = compile_hosts(&claims.allowed_hosts.0, &self.presets())?;
         Ok(Grant {
             container: Arc::from(claims.container_id.as_str()),
