@@ -350,6 +350,9 @@ impl Meter {
         if let Some((bucket, limit)) = self.bucket(way) {
             match bucket.take(n, Instant::now()) {
                 Ok(got) => {
+                    if got < n {
+                        limit.count_slowed();
+                    }
                     n = got;
                     took_rate = Some(bucket);
                 }
