@@ -6,6 +6,11 @@
 //! report it; a revocation made meanwhile reaches the other gateway once an
 //! empty Redis is back; and a gateway restarted later still refuses it.
 //!
+//! A token replaced on one gateway is re-checked on the other: the live
+//! connection the new token drops closes there within 1 s, the one it
+//! keeps carries on. An organisation's daily budget, leased in slices
+//! from Redis, stops its sandboxes on both gateways together.
+//!
 //! Without redis-server it skips with a reason (a failure with `CI=true`).
 
 #![allow(clippy::unwrap_used)]
@@ -163,6 +168,15 @@ struct Fleet<T> {
 
 impl Fleet<()> {
     async fn start() -> Fleet<impl FnOnce(&mut Config) + Clone> {
+        Fleet::start_with("127.0.0.1:9".parse().unwrap(), |_| {}).await
+    }
+
+    /// Two gateways whose transparent connections go to `orig`, with
+    /// `extra` applied to both configs.
+    async fn start_with(
+        orig: std::net::SocketAddr,
+        extra: impl Fn(&mut Config) + Clone,
+    ) -> Fleet<impl FnOnce(&mut Config) + Clone> {
         let port = free_port();
         let redis = Redis::start(port);
         let keys = tempfile::tempdir().unwrap();
@@ -172,9 +186,13 @@ impl Fleet<()> {
             .unwrap();
         std::fs::write(keys.path().join("inspect.key"), [42u8; 32]).unwrap();
         std::fs::write(keys.path().join("gh.secret"), FLEET_SECRET).unwrap();
-        let tweak = fleet(port, keys.path().to_owned());
-        let one = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
-        let two = start("127.0.0.1:9".parse().unwrap(), tweak.clone()).await;
+        let base = fleet(port, keys.path().to_owned());
+        let tweak = move |c: &mut Config| {
+            base(c);
+            extra(c);
+        };
+        let one = start(orig, tweak.clone()).await;
+        let two = start(orig, tweak.clone()).await;
         eventually(Duration::from_secs(5), "both connected", || {
             one.running.store_up() && two.running.store_up()
         })
@@ -466,4 +484,302 @@ async fn admin_text(gw: &Gw, path: &str) -> String {
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
+}
+
+/// An upstream for downloads: `GET /slow` sends a byte every 20 ms for
+/// up to 30 s; `GET /big?n=N` sends N bytes at once. Each connection on
+/// its own task.
+async fn download_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                if text.starts_with("GET /slow") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+                        .await;
+                    for _ in 0..1500 {
+                        if s.write_all(b".").await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    return;
+                }
+                let n: usize = text
+                    .split_once("n=")
+                    .and_then(|(_, r)| r.split(' ').next()?.parse().ok())
+                    .unwrap_or(0);
+                let _ = s
+                    .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes())
+                    .await;
+                let chunk = vec![b'x'; 16 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    if s.write_all(&chunk[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads until the connection ends (or 10 s pass): bytes read, and when
+/// it ended.
+async fn read_until_end(s: &mut tokio::net::TcpStream) -> (usize, Instant) {
+    use tokio::io::AsyncReadExt;
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (got, Instant::now()),
+            Ok(Ok(n)) => got += n,
+        }
+    }
+}
+
+/// Downloads `n` bytes through `gw`'s transparent door from `ip`: how
+/// many arrived (with the response head).
+async fn download(gw: &Gw, ip: &str, n: u64) -> u64 {
+    use tokio::io::AsyncWriteExt;
+    let mut s = gw.connect_from(ip).await;
+    s.write_all(format!("GET /big?n={n} HTTP/1.1\r\nHost: api.test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_until_end(&mut s).await.0 as u64
+}
+
+/// A token with `extra` claims' request fields, minted on `gw`.
+async fn mint_with(gw: &Gw, body: serde_json::Value) -> String {
+    let (status, minted) = gw.admin("POST", "/v1/tokens", Some(body)).await;
+    assert_eq!(status, 201, "{minted}");
+    minted["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_token_replaced_on_one_gateway_is_rechecked_on_the_other() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !have_tool(
+        "redis-server",
+        "--version",
+        "a_token_replaced_on_one_gateway_is_rechecked_on_the_other",
+    ) {
+        return;
+    }
+    let up = download_upstream().await;
+    let Fleet {
+        port: _,
+        redis: _redis,
+        keys: _keys,
+        tweak: _,
+        one,
+        two,
+    } = Fleet::start_with(up, |_| {}).await;
+    let old = mint_with(
+        &one,
+        json!({"container_id": "fl-1", "user_id": "u", "allowed_hosts": [format!("api.test:{}", up.port()), format!("other.test:{}", up.port())], "ttl_seconds": 600}),
+    )
+    .await;
+    for gw in [&one, &two] {
+        let (status, body) = gw
+            .admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"source_ip": "127.0.0.2", "token": old})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Two live downloads through the second gateway.
+    let mut dropped = two.connect_from("127.0.0.2").await;
+    dropped
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut kept = two.connect_from("127.0.0.2").await;
+    kept.write_all(b"GET /slow HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    for s in [&mut dropped, &mut kept] {
+        let n = s.read(&mut first).await.unwrap();
+        assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+    }
+
+    // A refused replacement changes nothing anywhere.
+    let other = mint_with(
+        &one,
+        json!({"container_id": "fl-2", "user_id": "u", "allowed_hosts": ["other.test"], "ttl_seconds": 600}),
+    )
+    .await;
+    let (status, body) = one
+        .admin(
+            "PUT",
+            "/v1/sandboxes/fl-1/token",
+            Some(json!({"token": other})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("container_mismatch"))
+    );
+
+    let new = mint_with(
+        &one,
+        json!({"container_id": "fl-1", "user_id": "u", "allowed_hosts": [format!("other.test:{}", up.port())], "ttl_seconds": 600}),
+    )
+    .await;
+    let at = Instant::now();
+    let (status, body) = one
+        .admin(
+            "PUT",
+            "/v1/sandboxes/fl-1/token",
+            Some(json!({"token": new})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, closed_at) = read_until_end(&mut dropped).await;
+    let took = closed_at.duration_since(at);
+    eprintln!("closed on the other gateway {took:?} after the replacement");
+    assert!(took < Duration::from_secs(1), "closed after {took:?}");
+    // The kept one still moves.
+    let mut more = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), kept.read(&mut more))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0, "the kept download stopped");
+    // The second gateway's registration holds the new token.
+    let (_, view) = two.admin("GET", "/v1/sandboxes/fl-1", None).await;
+    assert_eq!(
+        view["allowed_hosts"],
+        json!([format!("other.test:{}", up.port())]),
+        "{view}"
+    );
+    let page = two.metrics().await;
+    assert_eq!(
+        metric(&page, "sluice_policy_changes_total{outcome=\"closed\"}"),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "sluice_policy_changes_total{outcome=\"kept\"}"),
+        1.0,
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn an_organisation_budget_spent_through_two_gateways_stops_both() {
+    if !have_tool(
+        "redis-server",
+        "--version",
+        "an_organisation_budget_spent_through_two_gateways_stops_both",
+    ) {
+        return;
+    }
+    const BUDGET: u64 = 2 << 20;
+    let up = download_upstream().await;
+    let Fleet {
+        port: _,
+        redis,
+        keys: _keys,
+        tweak: _,
+        one,
+        two,
+    } = Fleet::start_with(up, |c: &mut Config| {
+        c.limits.organizations.insert(
+            "org-a".into(),
+            sluice::config::OrgLimitConfig {
+                bytes_per_day: BUDGET,
+            },
+        );
+    })
+    .await;
+    for (gw, id, ip) in [(&one, "o-1", "127.0.0.3"), (&two, "o-2", "127.0.0.4")] {
+        let token = mint_with(
+            gw,
+            json!({"container_id": id, "user_id": "u", "allowed_hosts": [format!("api.test:{}", up.port())], "ttl_seconds": 600, "organization_uuid": "org-a"}),
+        )
+        .await;
+        let (status, body) = gw
+            .admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"source_ip": ip, "token": token})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Half the budget through the first gateway: served whole.
+    let a = download(&one, "127.0.0.3", BUDGET / 2 - 4096).await;
+    assert!(a > BUDGET / 2 - 4096, "{a}");
+    // The whole budget through the second: cut at what is left (less
+    // what the first holds: under half a slice, and the next slice of
+    // 128 KiB it leased then).
+    let b = download(&two, "127.0.0.4", BUDGET).await;
+    assert!(b < BUDGET / 2 + 4096, "cut: {b}");
+    assert!(b + 2 * (128 << 10) > BUDGET / 2, "cut early: {b}");
+    // The first spends the rest of its slice, then is cut too.
+    let c = download(&one, "127.0.0.3", BUDGET).await;
+    assert!(c <= 192 << 10, "{c}");
+    let spent: u64 = redis
+        .cli(&["KEYS", "t:org:org-a:*"])
+        .lines()
+        .map(|k| {
+            redis
+                .cli(&["GET", k.trim()])
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(spent >= BUDGET, "the fleet's count: {spent}");
+    // Both gateways refuse the organisation now (429).
+    for (gw, ip) in [(&one, "127.0.0.3"), (&two, "127.0.0.4")] {
+        let mut refused = String::new();
+        for _ in 0..50 {
+            refused = gw
+                .request_from(ip, b"GET /big?n=10 HTTP/1.1\r\nHost: api.test\r\n\r\n")
+                .await;
+            if refused.starts_with("HTTP/1.1 429") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        assert!(refused.contains("quota_exceeded"), "{refused}");
+    }
+    let moved = a + b + c;
+    eprintln!("the organisation moved {moved} of {BUDGET} bytes; Redis counted {spent}");
+    assert!(moved <= BUDGET, "over the budget: {moved}");
+    let (_, view) = one.admin("GET", "/v1/sandboxes/o-1", None).await;
+    assert_eq!(
+        view["usage"]["organization_bytes_per_day"], BUDGET,
+        "{view}"
+    );
+    let page = two.metrics().await;
+    assert!(
+        metric(
+            &page,
+            "sluice_limited_total{limit=\"organization_bytes_per_day\"}"
+        ) >= 1.0,
+        "{page}"
+    );
 }
