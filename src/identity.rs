@@ -540,6 +540,57 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_token_forgets_the_answers_it_no_longer_admits() {
+        let grant = |hosts: &[&str]| {
+            let claims = token::Claims {
+                iss: "i".into(),
+                aud: serde_json::json!("a"),
+                iat: 0,
+                nbf: None,
+                exp: u64::MAX,
+                jti: format!("j-{}", hosts.len()),
+                container_id: "c1".into(),
+                user_id: None,
+                organization_uuid: None,
+                allowed_hosts: token::HostList(hosts.iter().map(|h| h.to_string()).collect()),
+                credentials: Default::default(),
+                enforce_container_binding: token::Flag(false),
+                enforce: Default::default(),
+                limits: Default::default(),
+                use_egress_gateway: token::Flag(true),
+            };
+            Arc::new(token::Grant {
+                allowlist: token::compile_hosts(
+                    &claims.allowed_hosts.0,
+                    &crate::presets::Presets::default(),
+                )
+                .unwrap(),
+                container: Arc::from("c1"),
+                claims,
+            })
+        };
+        let s = Sandbox::new(
+            "10.0.0.2".parse().unwrap(),
+            "old".into(),
+            grant(&["a.test", "*.b.test"]),
+            Origin::Registered,
+        );
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        let other: IpAddr = "198.18.1.11".parse().unwrap();
+        for name in ["a.test", "x.b.test"] {
+            s.remember(ip, &HostName::parse(name).unwrap(), later);
+        }
+        s.remember(other, &HostName::parse("y.b.test").unwrap(), later);
+        s.replace("new", grant(&["a.test"]), 0);
+        assert_eq!(&*s.token(), "new");
+        assert_eq!(s.grant().claims.jti, "j-1");
+        assert_eq!(s.names_for(ip), vec![HostName::parse("a.test").unwrap()]);
+        assert!(s.names_for(other).is_empty());
+        assert_eq!(s.answered_len(), (1, 1));
+    }
+
+    #[test]
     fn mac_addresses_parse_unicast_only() {
         let m: MacAddr = "02:53:4C:00:00:0a".parse().unwrap();
         assert_eq!(m.to_string(), "02:53:4c:00:00:0a");

@@ -403,3 +403,136 @@ impl Tenants {
         self.map.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::token::{Jwks, KeyPair, MintRequest, Signer};
+
+    struct Fixture {
+        signer: Signer,
+        verifier: Verifier,
+    }
+
+    fn fixture() -> Fixture {
+        let pair = KeyPair::generate("k1").unwrap();
+        Fixture {
+            signer: Signer::from_pem(pair.private_pem.as_bytes(), "k1", "i", "a").unwrap(),
+            verifier: Verifier::new(Jwks::parse(&pair.jwks().to_string()).unwrap(), "i", "a", 0),
+        }
+    }
+
+    fn grant(f: &Fixture, hosts: &[&str], limits: Limits) -> Arc<Grant> {
+        let minted = f
+            .signer
+            .mint(&MintRequest {
+                container_id: "c1".into(),
+                user_id: "u".into(),
+                allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                credentials: Vec::new(),
+                ttl: std::time::Duration::from_secs(600),
+                enforce: Default::default(),
+                limits,
+                organization_uuid: None,
+            })
+            .unwrap();
+        f.verifier.verify(&minted.token).unwrap()
+    }
+
+    fn to(host: &str) -> (Host, u16) {
+        (Host::parse(host).unwrap(), 443)
+    }
+
+    #[test]
+    fn a_replacement_keeps_what_the_new_grant_allows_and_closes_the_rest() {
+        let f = fixture();
+        let tenants = Tenants::default();
+        let old = grant(&f, &["a.test", "b.test"], Limits::default());
+        let a = tenants.admit(&old, to("a.test"), &f.verifier).unwrap();
+        let b = tenants.admit(&old, to("b.test"), &f.verifier).unwrap();
+        let new = grant(&f, &["b.test"], Limits::default());
+        let (kept, closed) = tenants.replace(
+            &old.claims.jti,
+            old.claims.exp,
+            &new,
+            &f.verifier,
+            |c, g| g.allowlist.admits_name(&c.target().0),
+        );
+        assert_eq!((kept, closed), (1, 1));
+        assert_eq!(a.conn.reason(), Some(Deny::PolicyChanged));
+        assert!(a.conn.closed.is_cancelled());
+        assert!(
+            !b.conn.closed.is_cancelled(),
+            "kept through the old token's revocation"
+        );
+        assert_eq!(b.conn.grant().claims.jti, new.claims.jti);
+        // The old token admits nothing more; the new one does.
+        assert_eq!(
+            tenants.admit(&old, to("b.test"), &f.verifier).unwrap_err(),
+            Deny::TokenRevoked
+        );
+        assert!(tenants.admit(&new, to("b.test"), &f.verifier).is_ok());
+        f.verifier.revoke(&new.claims.jti, new.claims.exp);
+        assert!(b.conn.closed.is_cancelled());
+        drop((a, b));
+        assert_eq!(tenants.usage("c1").connections, 0);
+    }
+
+    #[test]
+    fn counts_rates_and_a_spent_budget_refuse_new_connections() {
+        let f = fixture();
+        let tenants = Tenants::default();
+        let limits = Limits {
+            max_connections: Some(2),
+            new_connections_per_s: Some(3),
+            bytes_per_day: Some(1000),
+            ..Limits::default()
+        };
+        let g = grant(&f, &["a.test"], limits);
+        let one = tenants.admit(&g, to("a.test"), &f.verifier).unwrap();
+        let two = tenants.admit(&g, to("a.test"), &f.verifier).unwrap();
+        assert_eq!(
+            tenants.admit(&g, to("a.test"), &f.verifier).unwrap_err(),
+            Deny::QuotaExceeded,
+            "max_connections"
+        );
+        drop(two);
+        let three = tenants.admit(&g, to("a.test"), &f.verifier).unwrap();
+        drop(three);
+        assert_eq!(
+            tenants.admit(&g, to("a.test"), &f.verifier).unwrap_err(),
+            Deny::QuotaExceeded,
+            "new_connections_per_s"
+        );
+        // The budget, spent through one connection, refuses the next and
+        // closes the others when asked.
+        let meter = one.meter().unwrap();
+        let (crate::limits::Grant::Move(n), taken) = meter.grant(crate::limits::Way::Ingress, 5000)
+        else {
+            panic!("no grant");
+        };
+        meter.moved(crate::limits::Way::Ingress, taken, n);
+        assert_eq!(meter.spent(), Some(Limit::BytesPerDay));
+        one.close_all(Deny::QuotaExceeded);
+        assert_eq!(one.conn.reason(), Some(Deny::QuotaExceeded));
+        assert_eq!(
+            tenants.admit(&g, to("a.test"), &f.verifier).unwrap_err(),
+            Deny::QuotaExceeded
+        );
+        let usage = tenants.usage("c1");
+        assert_eq!(usage.bytes_today, Some(1000));
+        // A replacement with a higher budget keeps what was used today.
+        drop(one);
+        let more = grant(
+            &f,
+            &["a.test"],
+            Limits {
+                bytes_per_day: Some(3000),
+                ..Limits::default()
+            },
+        );
+        tenants.replace(&g.claims.jti, g.claims.exp, &more, &f.verifier, |_, _| true);
+        assert_eq!(tenants.usage("c1").bytes_today, Some(1000));
+        assert!(tenants.admit(&more, to("a.test"), &f.verifier).is_ok());
+    }
+}

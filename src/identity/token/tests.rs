@@ -428,3 +428,30 @@ fn revoked_tokens_are_refused_and_their_watchers_cancelled() {
     );
     assert!(f.verifier.revoked().is_empty());
 }
+
+#[test]
+fn a_replacement_of_the_same_container_takes_over_the_watch_and_no_other_does() {
+    let f = fixture();
+    let old = f.signer.mint(&request(&["a.test"])).unwrap();
+    let old_grant = f.verifier.verify(&old.token).unwrap();
+    let watch = f.verifier.watch(&old_grant);
+    let new = f.signer.mint(&request(&["b.test"])).unwrap();
+    let new_grant = f.verifier.verify(&new.token).unwrap();
+    f.verifier.rekey(&old.claims.jti, &new_grant);
+    f.verifier.revoke(&old.claims.jti, old.claims.exp);
+    assert!(!watch.is_cancelled(), "the old token's revocation kept it");
+    f.verifier.revoke(&new.claims.jti, new.claims.exp);
+    assert!(watch.is_cancelled(), "the new token's revocation closes it");
+
+    // Another container's token (a hostile peer's replacement naming this
+    // jti) takes over nothing: the watchers close.
+    let victim = f.signer.mint(&request(&["a.test"])).unwrap();
+    let victim_grant = f.verifier.verify(&victim.token).unwrap();
+    let watch = f.verifier.watch(&victim_grant);
+    let mut other = request(&["a.test"]);
+    other.container_id = "sandbox_2".into();
+    let other = f.signer.mint(&other).unwrap();
+    let other_grant = f.verifier.verify(&other.token).unwrap();
+    f.verifier.rekey(&victim.claims.jti, &other_grant);
+    assert!(watch.is_cancelled());
+}

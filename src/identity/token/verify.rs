@@ -17,7 +17,7 @@ pub struct Verifier {
     revoked: DashMap<String, u64>,
     /// `jti` → cancelled when that token is revoked: live connections
     /// holding it close.
-    watchers: DashMap<String, (u64, Vec<CancellationToken>)>,
+    watchers: DashMap<String, Watched>,
     /// The parent of every watcher: cancelled, it closes every connection
     /// (the gateway's hard stop).
     root: CancellationToken,
@@ -54,6 +54,25 @@ impl moka::Expiry<[u8; 32], Arc<Grant>> for UntilExpiry {
 
 pub fn token_key(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// The connections watching one token: cancelled when it is revoked or
+/// expires; a replacement of the same container's token takes them over.
+#[derive(Debug)]
+struct Watched {
+    exp: u64,
+    container: Arc<str>,
+    tokens: Vec<CancellationToken>,
+}
+
+impl Watched {
+    fn new(grant: &Grant) -> Watched {
+        Watched {
+            exp: grant.claims.exp,
+            container: Arc::clone(&grant.container),
+            tokens: Vec::new(),
+        }
+    }
 }
 
 impl Verifier {
@@ -129,8 +148,8 @@ impl Verifier {
     pub fn revoke(&self, jti: &str, exp: u64) -> bool {
         let exp = exp.min(self.latest_exp(now_s()));
         let new = self.revoked.insert(jti.to_owned(), exp).is_none();
-        if let Some((_, (_, tokens))) = self.watchers.remove(jti) {
-            tokens.iter().for_each(CancellationToken::cancel);
+        if let Some((_, w)) = self.watchers.remove(jti) {
+            w.tokens.iter().for_each(CancellationToken::cancel);
         }
         new
     }
@@ -139,19 +158,21 @@ impl Verifier {
     /// on (a replacement keeps them): revoking the old one no longer
     /// closes them, revoking (or the expiry of) the new one does.
     pub fn rekey(&self, old_jti: &str, grant: &Grant) {
-        let Some((_, (_, moved))) = self.watchers.remove(old_jti) else {
+        let Some((_, moved)) = self.watchers.remove(old_jti) else {
             return;
         };
-        if self.is_revoked(&grant.claims.jti) {
-            moved.iter().for_each(CancellationToken::cancel);
+        // Only a token of the same container takes them over (a peer
+        // naming another container's jti moves nothing: those close).
+        if moved.container != grant.container || self.is_revoked(&grant.claims.jti) {
+            moved.tokens.iter().for_each(CancellationToken::cancel);
             return;
         }
         let mut entry = self
             .watchers
             .entry(grant.claims.jti.clone())
-            .or_insert_with(|| (grant.claims.exp, Vec::new()));
-        entry.0 = grant.claims.exp;
-        entry.1.extend(moved);
+            .or_insert_with(|| Watched::new(grant));
+        entry.exp = grant.claims.exp;
+        entry.tokens.extend(moved.tokens);
     }
 
     pub fn is_revoked(&self, jti: &str) -> bool {
@@ -186,18 +207,18 @@ impl Verifier {
         // Every connection asks: the common case (the token is watched
         // already) takes a read lock and copies nothing.
         if let Some(w) = self.watchers.get(jti.as_str())
-            && let Some(t) = w.1.first()
+            && let Some(t) = w.tokens.first()
         {
             return t.clone();
         }
         let mut entry = self
             .watchers
             .entry(jti.clone())
-            .or_insert_with(|| (grant.claims.exp, Vec::new()));
-        if entry.1.is_empty() {
-            entry.1.push(self.root.child_token());
+            .or_insert_with(|| Watched::new(grant));
+        if entry.tokens.is_empty() {
+            entry.tokens.push(self.root.child_token());
         }
-        entry.1[0].clone()
+        entry.tokens[0].clone()
     }
 
     /// Forgets revocations of tokens that have expired anyway, and closes
@@ -212,10 +233,10 @@ impl Verifier {
             keep
         });
         // An expired token's live proxy connections close too.
-        self.watchers.retain(|_, (exp, tokens)| {
-            let live = exp.saturating_add(self.leeway) >= now;
+        self.watchers.retain(|_, w| {
+            let live = w.exp.saturating_add(self.leeway) >= now;
             if !live {
-                tokens.iter().for_each(CancellationToken::cancel);
+                w.tokens.iter().for_each(CancellationToken::cancel);
             }
             live
         });
