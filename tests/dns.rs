@@ -452,3 +452,87 @@ async fn a_placeholder_in_a_query_name_is_refused() {
         "{page}"
     );
 }
+
+/// A token's `dns_queries_per_s` takes the place of the gateway's rate
+/// for its sandbox, both ways, as dig sees it: a sandbox allowed 100 a
+/// second is answered 20 times in a row on a gateway whose own rate is
+/// 2; one allowed 1 a second is refused (`quota_exceeded`, counted).
+#[tokio::test]
+async fn a_tokens_dns_rate_replaces_the_gateways() {
+    if !have_tool("dig", "-v", "a_tokens_dns_rate_replaces_the_gateways") {
+        return;
+    }
+    let gw = start("127.0.0.1:1".parse().unwrap(), |c| {
+        c.dns.queries_per_second = 2;
+        c.dns.burst = 2;
+    })
+    .await;
+    for (id, ip, rate) in [("dns-fast", "127.0.0.3", 100), ("dns-slow", "127.0.0.4", 1)] {
+        let (status, minted) = gw
+            .admin(
+                "POST",
+                "/v1/tokens",
+                Some(serde_json::json!({"container_id": id, "user_id": "u", "allowed_hosts": ["api.test"],
+                    "ttl_seconds": 600, "limits": {"dns_queries_per_s": rate}})),
+            )
+            .await;
+        assert_eq!(status, 201, "{minted}");
+        let (status, body) = gw
+            .admin(
+                "POST",
+                "/v1/sandboxes",
+                Some(serde_json::json!({"source_ip": ip, "token": minted["token"]})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let port = gw.running.dns_addr.port().to_string();
+    let dig = |source: &'static str, n: usize| {
+        let port = port.clone();
+        tokio::task::spawn_blocking(move || {
+            (0..n)
+                .map(|_| {
+                    let out = std::process::Command::new("dig")
+                        .args(["-b", source, "@127.0.0.1", "-p", &port])
+                        .args([
+                            "api.test",
+                            "A",
+                            "+tries=1",
+                            "+time=2",
+                            "+noall",
+                            "+comments",
+                        ])
+                        .output()
+                        .unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    text.split("status: ")
+                        .nth(1)
+                        .and_then(|s| s.split(',').next())
+                        .unwrap_or("none")
+                        .to_owned()
+                })
+                .collect::<Vec<String>>()
+        })
+    };
+    let fast = dig("127.0.0.3", 20).await.unwrap();
+    assert!(fast.iter().all(|s| s == "NOERROR"), "{fast:?}");
+    let slow = dig("127.0.0.4", 5).await.unwrap();
+    assert_eq!(slow[0], "NOERROR", "{slow:?}");
+    assert!(
+        slow.iter().filter(|s| *s == "REFUSED").count() >= 3,
+        "{slow:?}"
+    );
+    let page = gw.metrics().await;
+    assert!(
+        metric(
+            &page,
+            "sluice_dns_queries_total{qtype=\"a\",decision=\"deny\",reason=\"quota_exceeded\"}"
+        ) >= 3.0
+            || page.contains("reason=\"quota_exceeded\""),
+        "{page}"
+    );
+    assert!(
+        metric(&page, "sluice_limited_total{limit=\"dns_queries_per_s\"}") >= 3.0,
+        "{page}"
+    );
+}
