@@ -387,6 +387,13 @@ impl ControlPlane {
                 (0, 0)
             }
         };
+        // A launched sandbox's link follows the new rates (the second
+        // layer; the gateway's own limits already apply).
+        if let Some(record) = self.launch_record(id)
+            && let Err(e) = self.launcher.shape(&record, &grant.claims.limits).await
+        {
+            tracing::warn!(container_id = id, error = %crate::error_chain(&e), "cannot shape the sandbox's link to its new limits");
+        }
         tracing::info!(container_id = id, kept, closed, "token replaced");
         Ok(Replaced {
             sandbox,
@@ -508,6 +515,7 @@ impl ControlPlane {
             cpu_millis,
             pids_limit,
             trust,
+            limits: req.limits,
         };
         // Registered and on disk before it starts: a crash from here on
         // leaves a record that reconciliation cleans up.

@@ -15,7 +15,7 @@ mod runsc;
 
 pub use bundle::bundle_config;
 pub use netns::sandbox_mac;
-pub(crate) use netns::{host_veth_name, netns_name};
+pub use netns::{host_veth_name, netns_name};
 pub use runsc::Runsc;
 
 use std::future::Future;
@@ -173,6 +173,9 @@ pub struct LaunchSpec {
     /// The sandbox's inspection CA (PEM), put beside the system's roots in
     /// its CA bundle; `None`: the image's own bundle is left alone.
     pub trust: Option<String>,
+    /// Its token's limits: the byte rates also shape its link (a second
+    /// layer under the gateway's own).
+    pub limits: crate::limits::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +205,16 @@ pub trait Launcher: Send + Sync {
     /// half-way (each piece is removed on its own, errors are logged).
     fn stop<'a>(&'a self, id: &'a str, record: &'a LaunchRecord) -> BoxFuture<'a, ()>;
     fn is_running<'a>(&'a self, id: &'a str, record: &'a LaunchRecord) -> BoxFuture<'a, bool>;
+    /// Shapes the sandbox's link to `limits`' byte rates (a second layer
+    /// under the gateway's), or removes the shaping when they set none.
+    /// A launcher without such a layer does nothing.
+    fn shape<'a>(
+        &'a self,
+        _record: &'a LaunchRecord,
+        _limits: &'a crate::limits::Limits,
+    ) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Checks a launch request against `[sandbox]` and `[auth]`: the TTL,

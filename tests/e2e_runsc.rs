@@ -142,6 +142,25 @@ fn launch(lab: &Lab, hosts: &[&str]) -> Value {
     v
 }
 
+/// The rate (bytes a second) of a `tbf` at the root of `dev` (in `netns`,
+/// else in the gateway's namespace, where the launcher's veth ends are).
+fn tbf_rate(netns: Option<&str>, dev: &str) -> Option<u64> {
+    let mut cmd = std::process::Command::new("tc");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let out = cmd
+        .args(["-j", "qdisc", "show", "dev", dev])
+        .output()
+        .unwrap();
+    let qdiscs: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    qdiscs
+        .as_array()?
+        .iter()
+        .find(|q| q["kind"] == "tbf" && q["root"] == true)
+        .and_then(|q| q["options"]["rate"].as_u64())
+}
+
 fn ns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
 }
@@ -469,11 +488,34 @@ env = "GH_TOKEN"
         "/v1/sandboxes/launch",
         &json!({"user_id": "alice", "allowed_hosts": ["secure.test"], "command": ["sleep", "600"],
                 "ttl_seconds": 600, "memory_bytes": 256u64 << 20, "cpu_millis": 500, "pids_limit": 64,
-                "credentials": ["gh"]}),
+                "credentials": ["gh"], "limits": {"egress_bytes_per_s": 1048576}}),
     );
     assert_eq!(status, 201, "{b}\n{}", lab.sluice_log());
     assert_eq!(b["source_ip"], "198.18.8.2");
     let id_b = b["container_id"].as_str().unwrap().to_owned();
+    // Its link is shaped a quarter above its token's rate (the second
+    // layer under the gateway's), and follows a replacement token's.
+    let (ns_b, veth_b) = (
+        sluice::sandbox::netns_name(&id_b),
+        sluice::sandbox::host_veth_name(&id_b),
+    );
+    assert_eq!(tbf_rate(Some(&ns_b), "eth0"), Some(1_310_720));
+    assert_eq!(tbf_rate(Some(&lab.gw), &veth_b), None);
+    let swapped = lab.admin(
+        "POST",
+        "/v1/tokens",
+        &json!({"container_id": id_b, "user_id": "alice", "allowed_hosts": ["secure.test"],
+                "credentials": ["gh"], "ttl_seconds": 600, "limits": {"ingress_bytes_per_s": 2097152}}),
+    );
+    let (status, v) = lab.admin_status(
+        "PUT",
+        &format!("/v1/sandboxes/{id_b}/token"),
+        &json!({"token": swapped["token"]}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["credentials"]["gh"], b["credentials"]["gh"], "{v}");
+    assert_eq!(tbf_rate(Some(&ns_b), "eth0"), None);
+    assert_eq!(tbf_rate(Some(&lab.gw), &veth_b), Some(2_621_440));
     let placeholder = b["credentials"]["gh"].as_str().unwrap().to_owned();
     assert!(placeholder.starts_with("sluice-sealed-gh-"), "{b}");
     let r = exec(

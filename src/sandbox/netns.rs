@@ -12,7 +12,7 @@ fn short_id(id: &str) -> &str {
     &hex[..hex.len().min(10)]
 }
 
-pub(crate) fn netns_name(id: &str) -> String {
+pub fn netns_name(id: &str) -> String {
     format!("sl-{}", short_id(id))
 }
 
@@ -25,7 +25,7 @@ pub fn sandbox_mac(ip: Ipv4Addr) -> MacAddr {
     MacAddr([0x02, 0x53, a, b, c, d])
 }
 
-pub(crate) fn host_veth_name(id: &str) -> String {
+pub fn host_veth_name(id: &str) -> String {
     format!("slv{}", short_id(id))
 }
 

@@ -188,6 +188,7 @@ impl Runsc {
             .await
             .map_err(LaunchError::Task)?
             .map_err(LaunchError::Rules)?;
+        shape_link(record, &spec.limits).await?;
 
         std::fs::create_dir_all(&record.bundle)
             .map_err(|e| LaunchError::io(record.bundle.display(), e))?;
@@ -263,7 +264,97 @@ impl Runsc {
     }
 }
 
+/// The second layer's rate over the token's: a quarter more, so the
+/// gateway's meter (exact, per byte relayed) is what binds, and this one
+/// (on packets, headers included) only holds a sandbox that gets past it.
+fn link_rate_bits(bytes_per_s: u64) -> u64 {
+    bytes_per_s.saturating_mul(10)
+}
+
+/// `tc` commands that shape a launched sandbox's veth pair to `limits`:
+/// a token bucket filter on its own end (what it sends) and on the
+/// gateway's end (what it receives), or none (`qdisc del`, whose "nothing
+/// to delete" is not an error) when the token sets no rate.
+///
+/// This runsc (Debian's `0.0~20221219.0`) has no rate limit of its own:
+/// its `--qdisc` takes `none` or `fifo` (gVisor's rate-limiting qdisc,
+/// google/gvisor#13104, is later), and with `--network=host` its
+/// packets go through the kernel of the sandbox's namespace anyway. So
+/// the second layer is the kernel's `tbf` on the sandbox's link.
+pub fn shaping(record: &LaunchRecord, limits: &crate::limits::Limits) -> Vec<(Vec<String>, bool)> {
+    let tbf = |rate: u64| {
+        let bits = link_rate_bits(rate);
+        let burst = (rate / 4).max(32 * 1024);
+        vec![
+            "root".to_owned(),
+            "tbf".to_owned(),
+            "rate".to_owned(),
+            format!("{bits}bit"),
+            "burst".to_owned(),
+            burst.to_string(),
+            "latency".to_owned(),
+            "200ms".to_owned(),
+        ]
+    };
+    let mut out = Vec::new();
+    for (netns, dev, rate) in [
+        (
+            Some(record.netns.as_str()),
+            "eth0",
+            limits.egress_bytes_per_s,
+        ),
+        (None, record.host_veth.as_str(), limits.ingress_bytes_per_s),
+    ] {
+        let mut cmd = vec!["tc".to_owned()];
+        if let Some(ns) = netns {
+            cmd.extend(["-n".to_owned(), ns.to_owned()]);
+        }
+        cmd.extend(["qdisc".to_owned()]);
+        match rate {
+            Some(rate) => {
+                cmd.extend(["replace".to_owned(), "dev".to_owned(), dev.to_owned()]);
+                cmd.extend(tbf(rate));
+                out.push((cmd, true));
+            }
+            None => {
+                cmd.extend([
+                    "del".to_owned(),
+                    "dev".to_owned(),
+                    dev.to_owned(),
+                    "root".to_owned(),
+                ]);
+                out.push((cmd, false));
+            }
+        }
+    }
+    out
+}
+
+/// Applies [`shaping`]: a failure to shape is an error; a failure to
+/// remove shaping that is not there is not.
+async fn shape_link(
+    record: &LaunchRecord,
+    limits: &crate::limits::Limits,
+) -> Result<(), LaunchError> {
+    for (cmd, must) in shaping(record, limits) {
+        match run(&cmd).await {
+            Ok(()) => {}
+            Err(e) if must => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 impl Launcher for Runsc {
+    fn shape<'a>(
+        &'a self,
+        record: &'a LaunchRecord,
+        limits: &'a crate::limits::Limits,
+    ) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(shape_link(record, limits))
+    }
+
     fn start<'a>(
         &'a self,
         spec: &'a LaunchSpec,

@@ -25,7 +25,36 @@ fn spec() -> LaunchSpec {
         cpu_millis: 500,
         pids_limit: 64,
         trust: None,
+        limits: Default::default(),
     }
+}
+
+#[test]
+fn a_limited_sandbox_link_is_shaped_a_quarter_above_its_rates() {
+    let record = crate::identity::LaunchRecord {
+        netns: "sl-0011223344".into(),
+        host_veth: "slh0011223344".into(),
+        bundle: "/tmp/b".into(),
+        gateway_ip: Ipv4Addr::new(198, 18, 8, 1),
+    };
+    let limits = crate::limits::Limits {
+        egress_bytes_per_s: Some(1 << 20),
+        ..Default::default()
+    };
+    let lines: Vec<(String, bool)> = runsc::shaping(&record, &limits)
+        .into_iter()
+        .map(|(c, must)| (c.join(" "), must))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            (
+                "tc -n sl-0011223344 qdisc replace dev eth0 root tbf rate 10485760bit burst 262144 latency 200ms".to_owned(),
+                true
+            ),
+            ("tc qdisc del dev slh0011223344 root".to_owned(), false),
+        ]
+    );
 }
 
 #[test]
