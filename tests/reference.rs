@@ -62,7 +62,10 @@ fn keys(prefix: &str, v: &serde_json::Value, out: &mut BTreeSet<String>) {
     match v {
         // Maps of the operator's own names are one key each.
         serde_json::Value::Object(m)
-            if prefix != "presets" && prefix != "gateway.resolve" && prefix != "credentials" =>
+            if prefix != "presets"
+                && prefix != "gateway.resolve"
+                && prefix != "credentials"
+                && prefix != "limits.organizations" =>
         {
             for (k, x) in m {
                 let key = if prefix.is_empty() {
