@@ -481,26 +481,26 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for CountGuard<K> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn answered_names_stay_bounded_per_address_and_per_sandbox() {
+    /// A verified-looking grant of container `c1` for `hosts`.
+    fn grant(jti: &str, hosts: &[&str]) -> Arc<token::Grant> {
         let claims = token::Claims {
             iss: "i".into(),
             aud: serde_json::json!("a"),
             iat: 0,
             nbf: None,
             exp: u64::MAX,
-            jti: "j1".into(),
+            jti: jti.into(),
             container_id: "c1".into(),
             user_id: None,
             organization_uuid: None,
-            allowed_hosts: token::HostList(vec!["*.cdn.test".into()]),
+            allowed_hosts: token::HostList(hosts.iter().map(|h| h.to_string()).collect()),
             credentials: Default::default(),
             enforce_container_binding: token::Flag(false),
             enforce: Default::default(),
             limits: Default::default(),
             use_egress_gateway: token::Flag(true),
         };
-        let grant = Arc::new(token::Grant {
+        Arc::new(token::Grant {
             allowlist: token::compile_hosts(
                 &claims.allowed_hosts.0,
                 &crate::presets::Presets::default(),
@@ -508,7 +508,12 @@ mod tests {
             .unwrap(),
             container: Arc::from("c1"),
             claims,
-        });
+        })
+    }
+
+    #[test]
+    fn answered_names_stay_bounded_per_address_and_per_sandbox() {
+        let grant = grant("j1", &["*.cdn.test"]);
         let s = Sandbox::new(
             "10.0.0.2".parse().unwrap(),
             String::new(),
@@ -541,38 +546,10 @@ mod tests {
 
     #[test]
     fn a_replaced_token_forgets_the_answers_it_no_longer_admits() {
-        let grant = |hosts: &[&str]| {
-            let claims = token::Claims {
-                iss: "i".into(),
-                aud: serde_json::json!("a"),
-                iat: 0,
-                nbf: None,
-                exp: u64::MAX,
-                jti: format!("j-{}", hosts.len()),
-                container_id: "c1".into(),
-                user_id: None,
-                organization_uuid: None,
-                allowed_hosts: token::HostList(hosts.iter().map(|h| h.to_string()).collect()),
-                credentials: Default::default(),
-                enforce_container_binding: token::Flag(false),
-                enforce: Default::default(),
-                limits: Default::default(),
-                use_egress_gateway: token::Flag(true),
-            };
-            Arc::new(token::Grant {
-                allowlist: token::compile_hosts(
-                    &claims.allowed_hosts.0,
-                    &crate::presets::Presets::default(),
-                )
-                .unwrap(),
-                container: Arc::from("c1"),
-                claims,
-            })
-        };
         let s = Sandbox::new(
             "10.0.0.2".parse().unwrap(),
             "old".into(),
-            grant(&["a.test", "*.b.test"]),
+            grant("j-2", &["a.test", "*.b.test"]),
             Origin::Registered,
         );
         let later = Instant::now() + std::time::Duration::from_secs(60);
@@ -582,7 +559,7 @@ mod tests {
             s.remember(ip, &HostName::parse(name).unwrap(), later);
         }
         s.remember(other, &HostName::parse("y.b.test").unwrap(), later);
-        s.replace("new", grant(&["a.test"]), 0);
+        s.replace("new", grant("j-1", &["a.test"]), 0);
         assert_eq!(&*s.token(), "new");
         assert_eq!(s.grant().claims.jti, "j-1");
         assert_eq!(s.names_for(ip), vec![HostName::parse("a.test").unwrap()]);

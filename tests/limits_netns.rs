@@ -343,41 +343,30 @@ fn a_replaced_token_closes_what_it_no_longer_allows_within_a_second() {
     let view = lab.admin("GET", "/v1/sandboxes/swap-1", &serde_json::Value::Null);
     assert_ne!(view["jti"], old_jti);
     assert_eq!(view["allowed_hosts"], serde_json::json!(["keep.test"]));
-    let r = lab.curl(&[
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--resolve",
-        &resolve,
-        "http://files.test/big?n=10",
-    ]);
-    assert_eq!(r.stdout, "403", "{r:?}");
-    let r = lab.curl(&[
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-x",
-        "http://198.18.0.1:8443",
-        "-U",
-        &proxy_user,
-        "http://keep.test/big?n=10",
-    ]);
-    assert_eq!(r.stdout, "407", "{r:?}");
-    let r = lab.curl(&[
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--resolve",
-        &keep_resolve,
-        "http://keep.test/big?n=10",
-    ]);
-    assert_eq!(r.stdout, "200", "{r:?}");
+    assert_eq!(
+        code_of(&lab, &["--resolve", &resolve, "http://files.test/big?n=10"]),
+        "403"
+    );
+    assert_eq!(
+        code_of(
+            &lab,
+            &[
+                "-x",
+                "http://198.18.0.1:8443",
+                "-U",
+                &proxy_user,
+                "http://keep.test/big?n=10"
+            ]
+        ),
+        "407"
+    );
+    assert_eq!(
+        code_of(
+            &lab,
+            &["--resolve", &keep_resolve, "http://keep.test/big?n=10"]
+        ),
+        "200"
+    );
     let log = lab.sluice_log();
     assert_eq!(log.matches("end=policy_changed").count(), 3, "{log}");
     assert!(log.contains("token replaced"), "{log}");
@@ -390,6 +379,13 @@ fn a_replaced_token_closes_what_it_no_longer_allows_within_a_second() {
         metrics.contains("sluice_policy_changes_total{outcome=\"closed\"} 3"),
         "{metrics}"
     );
+}
+
+/// The status curl in the sandbox gets for a request with `args`.
+fn code_of(lab: &Lab, args: &[&str]) -> String {
+    let mut full = vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}"];
+    full.extend_from_slice(args);
+    lab.curl(&full).stdout
 }
 
 /// Measured by curl: bytes per second of a download of `len` bytes.
@@ -568,19 +564,16 @@ fn limits_hold_a_sandbox_to_its_rate_budget_and_counts() {
     let user = format!("container_rate-1:jwt_{rated}");
     let codes: Vec<String> = (0..4)
         .map(|_| {
-            lab.curl(&[
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-x",
-                "http://198.18.0.1:8443",
-                "-U",
-                &user,
-                "http://files.test/big?n=10",
-            ])
-            .stdout
+            code_of(
+                &lab,
+                &[
+                    "-x",
+                    "http://198.18.0.1:8443",
+                    "-U",
+                    &user,
+                    "http://files.test/big?n=10",
+                ],
+            )
         })
         .collect();
     assert_eq!(&codes[..2], ["200", "200"], "{codes:?}");
