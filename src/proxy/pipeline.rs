@@ -267,18 +267,8 @@ pub async fn drive(
             let end = match (conn.client.tcp(), upstream) {
                 (Some(client), Stream::Tcp(upstream)) => {
                     let (head, closed) = (ready.buf, &permit.revoked);
-                    match permit.live.meter().map(|m| &**m) {
-                        // Unlimited: the loop as it always was.
-                        None => {
-                            relay::raw_pair(client, &upstream, head, &traffic, idle, closed).await
-                        }
-                        Some(m) => {
-                            let metered = relay::raw_pair_metered(
-                                client, &upstream, head, &traffic, idle, closed, m,
-                            );
-                            Box::pin(metered).await
-                        }
-                    }
+                    let meter = permit.live.meter().map(|m| &**m);
+                    relay::raw_pair(client, &upstream, head, &traffic, idle, closed, meter).await
                 }
                 (_, upstream) => {
                     let (head, closed) = (ready.buf, &permit.revoked);

@@ -416,37 +416,13 @@ pub async fn copy_pair(
 /// this future's state (no pipe). The directions take turns at who is
 /// polled first, and tokio's cooperative budget makes a saturated one
 /// yield, so neither starves the other.
-pub fn raw_pair<'a>(
-    client: &'a TcpStream,
-    upstream: &'a TcpStream,
-    head: Vec<u8>,
-    traffic: &'a Traffic,
-    idle: Duration,
-    closed: &'a CancellationToken,
-) -> impl Future<Output = RelayEnd> + 'a {
-    // Not a future of its own around the one it returns: the relay's
-    // state is a connection's largest part, held once.
-    raw_pair_with(client, upstream, head, traffic, idle, closed, None)
-}
-
-/// [`raw_pair`] for a limited sandbox: each splice (and each write of the
-/// first bytes) moves at most what `meter` grants that way, and waits
-/// when it grants nothing yet; a spent daily budget ends the connection
+///
+/// With a `meter` (a limited sandbox), each splice (and each write of the
+/// first bytes) moves at most what it grants that way, and waits when it
+/// grants nothing yet; a spent daily budget ends the connection
 /// ([`RelayEnd::Quota`]). Still zero-copy: the meter only caps how much
-/// each `splice(2)` moves.
-pub fn raw_pair_metered<'a>(
-    client: &'a TcpStream,
-    upstream: &'a TcpStream,
-    head: Vec<u8>,
-    traffic: &'a Traffic,
-    idle: Duration,
-    closed: &'a CancellationToken,
-    meter: &'a Meter,
-) -> impl Future<Output = RelayEnd> + 'a {
-    raw_pair_with(client, upstream, head, traffic, idle, closed, Some(meter))
-}
-
-async fn raw_pair_with(
+/// each `splice(2)` moves. Without one, nothing is asked.
+pub async fn raw_pair(
     client: &TcpStream,
     upstream: &TcpStream,
     head: Vec<u8>,
