@@ -283,6 +283,10 @@ impl Running {
         {
             tracing::warn!(path = %path.display(), error = %e, "destinations not saved");
         }
+        let counts = path.with_file_name(crate::live::COUNTS_FILE);
+        if let Err(e) = self.registry.tenants().save_counts(&counts) {
+            tracing::warn!(path = %counts.display(), error = %e, "daily counts not saved");
+        }
         cut
     }
 }
@@ -478,6 +482,9 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     // Events: what each registered sandbox reached, kept across a
     // restart (saved every few seconds and at the end), and the export.
     let destinations_file = config.state_dir.join(crate::events::DESTINATIONS_FILE);
+    registry
+        .tenants()
+        .load_counts(&config.state_dir.join(crate::live::COUNTS_FILE));
     {
         let r = Arc::clone(&registry);
         gateway
@@ -973,6 +980,13 @@ async fn save_destinations(
             tokio::task::spawn_blocking(move || e.save(&p, |c| r.get_by_id(c).is_some())).await;
         if let Ok(Err(err)) = saved {
             tracing::warn!(path = %path.display(), error = %err, "destinations not saved");
+        }
+        // And today's daily counts, so a restart gives no budget back.
+        let counts = path.with_file_name(crate::live::COUNTS_FILE);
+        let (r, c) = (Arc::clone(&registry), counts.clone());
+        let saved = tokio::task::spawn_blocking(move || r.tenants().save_counts(&c)).await;
+        if let Ok(Err(err)) = saved {
+            tracing::warn!(path = %counts.display(), error = %err, "daily counts not saved");
         }
         if last {
             return;

@@ -233,6 +233,15 @@ impl DayBudget {
         }
     }
 
+    /// A budget whose `day` already counts `used` bytes (as saved before
+    /// a restart).
+    pub fn resumed(limit: u64, day: u64, used: u64) -> DayBudget {
+        DayBudget {
+            limit: limit.into(),
+            state: Mutex::new((day, used)),
+        }
+    }
+
     pub fn limit(&self) -> u64 {
         self.limit.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -111,6 +111,9 @@ struct Inner {
     /// The latest expiry of a token it was admitted under: past it (and
     /// with nothing live), the state is dropped.
     exp: u64,
+    /// Today's count saved before a restart: where its daily budget
+    /// starts when one is first made.
+    resumed: Option<(u64, u64)>,
 }
 
 impl Inner {
@@ -138,7 +141,10 @@ impl Inner {
                 d.set_limit(l);
                 Some(d)
             }
-            (Some(l), None) => Some(Arc::new(DayBudget::new(l))),
+            (Some(l), None) => Some(Arc::new(match self.resumed.take() {
+                Some((day, used)) => DayBudget::resumed(l, day, used),
+                None => DayBudget::new(l),
+            })),
             (None, _) => None,
         };
         self.meter = Meter::new(&limits, self.org.clone()).map(|mut m| {
@@ -217,6 +223,19 @@ pub struct Usage {
 pub struct Tenants {
     map: DashMap<Arc<str>, Arc<Tenant>>,
     orgs: RwLock<Arc<OrgBudgets>>,
+    /// Today's counts read at start, for containers not seen yet.
+    resumed: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+/// Where today's daily counts are kept across a restart, in `state_dir`.
+pub const COUNTS_FILE: &str = "limits.json";
+
+/// What [`COUNTS_FILE`] holds: the UTC day and each container's bytes in it.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedCounts {
+    day: u64,
+    bytes_today: std::collections::BTreeMap<String, u64>,
 }
 
 impl Tenants {
@@ -247,6 +266,11 @@ impl Tenants {
                     live: HashMap::new(),
                     next: 0,
                     exp: 0,
+                    resumed: self
+                        .resumed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&**container),
                 }),
             })
         }))
@@ -395,6 +419,69 @@ impl Tenants {
         });
     }
 
+    /// Saves today's daily counts to `path` (atomically: a temporary file
+    /// renamed), so a restart does not give a sandbox its budget again.
+    pub fn save_counts(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let day = day_of(crate::identity::token::now_s());
+        let mut saved = SavedCounts {
+            day,
+            bytes_today: Default::default(),
+        };
+        for t in self.map.iter() {
+            let inner = t.lock();
+            let used = inner.day.as_ref().map_or(0, |d| d.used(day));
+            if used > 0 {
+                saved.bytes_today.insert(t.container.to_string(), used);
+            }
+        }
+        for (c, (d, used)) in self
+            .resumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if *d == day {
+                saved.bytes_today.entry(c.clone()).or_insert(*used);
+            }
+        }
+        if saved.bytes_today.is_empty() && !path.exists() {
+            return Ok(());
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let body = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads the counts saved at `path`: today's are where each
+    /// container's daily budget starts. A missing file, or one of another
+    /// day, is a fresh start; a damaged one is logged and ignored.
+    pub fn load_counts(&self, path: &std::path::Path) {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "daily counts not read");
+                return;
+            }
+        };
+        let saved: SavedCounts = match serde_json::from_str(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "daily counts file damaged; counting from zero");
+                return;
+            }
+        };
+        if saved.day != day_of(crate::identity::token::now_s()) {
+            return;
+        }
+        let mut resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+        for (c, used) in saved.bytes_today {
+            resumed.insert(c, (saved.day, used));
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -534,5 +621,16 @@ mod tests {
         tenants.replace(&g.claims.jti, g.claims.exp, &more, &f.verifier, |_, _| true);
         assert_eq!(tenants.usage("c1").bytes_today, Some(1000));
         assert!(tenants.admit(&more, to("a.test"), &f.verifier).is_ok());
+
+        // Saved and read by a gateway started again: today's count holds.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(COUNTS_FILE);
+        tenants.save_counts(&path).unwrap();
+        let again = Tenants::default();
+        again.load_counts(&path);
+        assert!(again.admit(&more, to("a.test"), &f.verifier).is_ok());
+        assert_eq!(again.usage("c1").bytes_today, Some(1000));
+        std::fs::write(&path, "{not json").unwrap();
+        Tenants::default().load_counts(&path);
     }
 }

@@ -595,4 +595,23 @@ fn limits_hold_a_sandbox_to_its_rate_budget_and_counts() {
     let log = lab.sluice_log();
     assert!(log.contains("reason=\"quota_exceeded\""), "{log}");
     assert!(log.contains("end=quota_exceeded"), "{log}");
+
+    // Saved (every 5 s): a gateway killed and started again gives no
+    // budget back.
+    std::thread::sleep(Duration::from_millis(5500));
+    lab.kill_sluice();
+    lab.restart_sluice();
+    assert_eq!(
+        code_of(
+            &lab,
+            &[
+                "--interface",
+                "198.18.0.4",
+                "--resolve",
+                &resolve,
+                "http://files.test/big?n=10"
+            ]
+        ),
+        "429"
+    );
 }
