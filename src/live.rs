@@ -236,6 +236,9 @@ pub const COUNTS_FILE: &str = "limits.json";
 struct SavedCounts {
     day: u64,
     bytes_today: std::collections::BTreeMap<String, u64>,
+    /// Organisation budgets counted on this gateway alone.
+    #[serde(default)]
+    organizations_today: std::collections::BTreeMap<String, u64>,
 }
 
 impl Tenants {
@@ -426,6 +429,12 @@ impl Tenants {
         let mut saved = SavedCounts {
             day,
             bytes_today: Default::default(),
+            organizations_today: self
+                .orgs()
+                .all()
+                .filter(|o| o.is_local() && o.used(day) > 0)
+                .map(|o| (o.uuid.clone(), o.used(day)))
+                .collect(),
         };
         for t in self.map.iter() {
             let inner = t.lock();
@@ -444,7 +453,7 @@ impl Tenants {
                 saved.bytes_today.entry(c.clone()).or_insert(*used);
             }
         }
-        if saved.bytes_today.is_empty() && !path.exists() {
+        if saved.bytes_today.is_empty() && saved.organizations_today.is_empty() && !path.exists() {
             return Ok(());
         }
         let mut tmp = path.as_os_str().to_owned();
@@ -475,6 +484,12 @@ impl Tenants {
         };
         if saved.day != day_of(crate::identity::token::now_s()) {
             return;
+        }
+        let orgs = self.orgs();
+        for (uuid, used) in &saved.organizations_today {
+            if let Some(o) = orgs.get(uuid) {
+                o.resume(saved.day, *used);
+            }
         }
         let mut resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
         for (c, used) in saved.bytes_today {

@@ -116,6 +116,21 @@ impl OrgBudget {
         self.state(day).used
     }
 
+    /// Counted here (not leased from a fleet): what a restart must keep.
+    pub fn is_local(&self) -> bool {
+        !self.leased
+    }
+
+    /// `day` already counts `used` bytes here (saved before a restart);
+    /// only for a budget counted here: a fleet's count is in Redis.
+    pub fn resume(&self, day: u64, used: u64) {
+        if self.leased {
+            return;
+        }
+        let mut s = self.state(day);
+        s.used = s.used.max(used);
+    }
+
     /// Does this gateway want another slice for `day`?
     pub fn wants_slice(&self, day: u64) -> bool {
         let s = self.state(day);
@@ -200,6 +215,15 @@ mod tests {
         assert!(o.spent(7));
         assert!(!o.wants_slice(7));
         assert_eq!(o.take(1, 8), Take::Got(1));
+        // Started again: the day's count saved before goes on.
+        let again = budgets(1000, false);
+        let o = again.get("org-1").unwrap();
+        o.resume(8, 900);
+        assert_eq!(o.take(600, 8), Take::Got(100));
+        // A fleet's count is Redis's: nothing resumed here.
+        let fleet = budgets(1000, true);
+        fleet.get("org-1").unwrap().resume(8, 900);
+        assert_eq!(fleet.get("org-1").unwrap().used(8), 0);
     }
 
     #[test]
