@@ -64,6 +64,8 @@ try:
     d.find_element(By.CSS_SELECTOR, "button[data-id='" + cid + "']").click()
     w.until(lambda _: "other.test" in d.find_element(By.ID, "destinations").text)
     assert "api.test" in d.find_element(By.ID, "destinations").text
+    limits = d.find_element(By.ID, "limits").text
+    assert "at most 64 live connections" in limits and "of 10485760 bytes today" in limits, limits
     d.find_element(By.ID, "suggest").click()
     w.until(lambda _: "allowed_hosts:" in d.find_element(By.ID, "suggestion").text)
     suggestion = d.find_element(By.ID, "suggestion").text
@@ -112,8 +114,26 @@ async fn the_operator_page_shows_sandboxes_denials_destinations_and_explain() {
     let up = http_upstream().await;
     let p = up.addr.port();
     let gw = start(up.addr, |_| {}).await;
-    gw.register("ui-sb-1", "127.0.0.1", &[&format!("api.test:{p}")], 600)
+    let (status, minted) = gw
+        .admin(
+            "POST",
+            "/v1/tokens",
+            Some(
+                serde_json::json!({"container_id": "ui-sb-1", "user_id": "u",
+                "allowed_hosts": [format!("api.test:{p}")], "ttl_seconds": 600,
+                "limits": {"max_connections": 64, "bytes_per_day": 10_485_760}}),
+            ),
+        )
         .await;
+    assert_eq!(status, 201, "{minted}");
+    let (status, body) = gw
+        .admin(
+            "POST",
+            "/v1/sandboxes",
+            Some(serde_json::json!({"source_ip": "127.0.0.1", "token": minted["token"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
     // Something reached before the page opens.
     let mut s = gw.connect_from("127.0.0.1").await;
     s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
