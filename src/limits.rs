@@ -310,13 +310,21 @@ pub enum Grant {
 }
 
 /// A limited sandbox's byte meters, shared by all its connections: the
-/// rate buckets each way, its daily budget, and its organisation's.
-#[derive(Debug)]
+/// rate buckets each way, its daily budget, and its organisation's. A
+/// replacement token's limits are set in place ([`Meter::set`]), so the
+/// connections it keeps are held to them from their next splice on.
+#[derive(Debug, Default)]
 pub struct Meter {
-    pub egress: Option<Bucket>,
-    pub ingress: Option<Bucket>,
-    pub day: Option<std::sync::Arc<DayBudget>>,
-    pub org: Option<std::sync::Arc<org::OrgBudget>>,
+    rules: std::sync::RwLock<Rules>,
+}
+
+/// What a meter holds the bytes to now.
+#[derive(Debug, Default)]
+struct Rules {
+    egress: Option<Bucket>,
+    ingress: Option<Bucket>,
+    day: Option<std::sync::Arc<DayBudget>>,
+    org: Option<std::sync::Arc<org::OrgBudget>>,
 }
 
 /// What one grant took from each meter, to give back what was not moved.
@@ -327,22 +335,67 @@ pub struct Taken {
 }
 
 impl Meter {
-    /// A meter for `limits`' byte keys and the organisation's budget;
-    /// `None` when neither limits anything (the relay stays unmetered).
-    pub fn new(limits: &Limits, org: Option<std::sync::Arc<org::OrgBudget>>) -> Option<Meter> {
+    /// A meter for `limits`' byte keys, the sandbox's daily budget `day`
+    /// (kept by its owner across replacements) and the organisation's
+    /// budget; `None` when none limits anything (the relay stays
+    /// unmetered).
+    pub fn new(
+        limits: &Limits,
+        day: Option<std::sync::Arc<DayBudget>>,
+        org: Option<std::sync::Arc<org::OrgBudget>>,
+    ) -> Option<Meter> {
         if !limits.meters_bytes() && org.is_none() {
             return None;
         }
-        Some(Meter {
-            egress: limits.egress_bytes_per_s.map(Bucket::bytes),
-            ingress: limits.ingress_bytes_per_s.map(Bucket::bytes),
-            day: limits
-                .bytes_per_day
-                .map(|l| std::sync::Arc::new(DayBudget::new(l))),
-            org,
-        })
+        let meter = Meter::default();
+        meter.set(limits, day, org);
+        Some(meter)
     }
 
+    /// Holds the bytes to these from now on: a rate that did not change
+    /// keeps its bucket (and what it holds), one that did starts full.
+    pub fn set(
+        &self,
+        limits: &Limits,
+        day: Option<std::sync::Arc<DayBudget>>,
+        org: Option<std::sync::Arc<org::OrgBudget>>,
+    ) {
+        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
+        let keep = |old: Option<Bucket>, rate: Option<u64>| match (old, rate) {
+            (Some(b), Some(r)) if b.rate() == r => Some(b),
+            (_, r) => r.map(Bucket::bytes),
+        };
+        let old = std::mem::take(&mut *rules);
+        *rules = Rules {
+            egress: keep(old.egress, limits.egress_bytes_per_s),
+            ingress: keep(old.ingress, limits.ingress_bytes_per_s),
+            day: limits.bytes_per_day.and(day),
+            org,
+        };
+    }
+
+    fn rules(&self) -> std::sync::RwLockReadGuard<'_, Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks to move up to `want` bytes `way` now.
+    pub fn grant(&self, way: Way, want: usize) -> (Grant, Taken) {
+        self.rules().grant(way, want)
+    }
+
+    /// After a [`Grant::Move`]: `moved` of the `taken` bytes moved; the
+    /// rest goes back.
+    pub fn moved(&self, way: Way, taken: Taken, moved: usize) {
+        self.rules().moved(way, taken, moved);
+    }
+
+    /// Is a daily budget (the sandbox's or its organisation's) spent now?
+    pub fn spent(&self) -> Option<Limit> {
+        self.rules().spent()
+    }
+}
+
+impl Rules {
     fn bucket(&self, way: Way) -> Option<(&Bucket, Limit)> {
         match way {
             Way::Egress => self.egress.as_ref().map(|b| (b, Limit::EgressBytesPerS)),
@@ -350,8 +403,7 @@ impl Meter {
         }
     }
 
-    /// Asks to move up to `want` bytes `way` now.
-    pub fn grant(&self, way: Way, want: usize) -> (Grant, Taken) {
+    fn grant(&self, way: Way, want: usize) -> (Grant, Taken) {
         let now_s = crate::identity::token::now_s();
         let day = day_of(now_s);
         let mut n = want.max(1);
@@ -419,9 +471,7 @@ impl Meter {
         (Grant::Move(n), Taken { n, day })
     }
 
-    /// After a [`Grant::Move`]: `moved` of the `taken` bytes moved; the
-    /// rest goes back.
-    pub fn moved(&self, way: Way, taken: Taken, moved: usize) {
+    fn moved(&self, way: Way, taken: Taken, moved: usize) {
         let unused = taken.n.saturating_sub(moved);
         if unused == 0 {
             return;
@@ -437,8 +487,7 @@ impl Meter {
         }
     }
 
-    /// Is a daily budget (the sandbox's or its organisation's) spent now?
-    pub fn spent(&self) -> Option<Limit> {
+    fn spent(&self) -> Option<Limit> {
         let day = day_of(crate::identity::token::now_s());
         if self.day.as_ref().is_some_and(|b| b.spent(day)) {
             return Some(Limit::BytesPerDay);
@@ -536,13 +585,14 @@ mod tests {
             bytes_per_day: Some(200_000),
             ..Limits::default()
         };
-        let m = Meter::new(&limits, None).unwrap();
+        let day_budget = std::sync::Arc::new(DayBudget::new(200_000));
+        let m = Meter::new(&limits, Some(std::sync::Arc::clone(&day_budget)), None).unwrap();
         let (g, t) = m.grant(Way::Egress, 1 << 20);
         // The burst: an eighth of a second's worth.
         assert_eq!(g, Grant::Move(128 * 1024));
         m.moved(Way::Egress, t, 1000);
         let day = t.day;
-        assert_eq!(m.day.as_ref().unwrap().used(day), 1000);
+        assert_eq!(day_budget.used(day), 1000);
         // Ingress is not rate-limited; the day budget still counts it.
         let (g, t) = m.grant(Way::Ingress, 1 << 20);
         assert_eq!(g, Grant::Move(199_000));
@@ -552,11 +602,23 @@ mod tests {
             Grant::Spent(Limit::BytesPerDay)
         );
         assert_eq!(m.spent(), Some(Limit::BytesPerDay));
-        assert!(Meter::new(&Limits::default(), None).is_none());
+        assert!(Meter::new(&Limits::default(), None, None).is_none());
         let only_conns = Limits {
             max_connections: Some(3),
             ..Limits::default()
         };
-        assert!(Meter::new(&only_conns, None).is_none());
+        assert!(Meter::new(&only_conns, None, None).is_none());
+        // Set in place: the budget gone, a slower rate from the next grant.
+        m.set(
+            &Limits {
+                egress_bytes_per_s: Some(64 * 1024),
+                ..Limits::default()
+            },
+            None,
+            None,
+        );
+        assert_eq!(m.spent(), None);
+        assert_eq!(m.grant(Way::Ingress, 1 << 20).0, Grant::Move(1 << 20));
+        assert_eq!(m.grant(Way::Egress, 1 << 20).0, Grant::Move(16 * 1024));
     }
 }

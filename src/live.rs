@@ -147,10 +147,16 @@ impl Inner {
             })),
             (None, _) => None,
         };
-        self.meter = Meter::new(&limits, self.org.clone()).map(|mut m| {
-            m.day = self.day.clone();
-            Arc::new(m)
-        });
+        // The connections that hold the meter follow the new limits; new
+        // connections get none when nothing is limited any more.
+        if let Some(m) = &self.meter {
+            m.set(&limits, self.day.clone(), self.org.clone());
+        }
+        if !limits.meters_bytes() && self.org.is_none() {
+            self.meter = None;
+        } else if self.meter.is_none() {
+            self.meter = Meter::new(&limits, self.day.clone(), self.org.clone()).map(Arc::new);
+        }
         if old.new_connections_per_s != limits.new_connections_per_s {
             self.conn_rate = limits.new_connections_per_s.map(Bucket::events);
         }
@@ -371,7 +377,10 @@ impl Tenants {
             if c.grant().claims.jti != old_jti {
                 continue;
             }
-            if still(c, grant) {
+            // A connection relayed unmetered cannot be metered mid-flight:
+            // newly limited, it closes.
+            let meterable = c.meter.is_some() || inner.meter.is_none();
+            if meterable && still(c, grant) {
                 *c.grant.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(grant);
                 kept += 1;
             } else {
@@ -578,6 +587,41 @@ mod tests {
         assert!(b.conn.closed.is_cancelled());
         drop((a, b));
         assert_eq!(tenants.usage("c1").connections, 0);
+    }
+
+    #[test]
+    fn a_replacement_s_limits_hold_the_connections_it_keeps() {
+        let f = fixture();
+        let tenants = Tenants::default();
+        let rate = |r| Limits {
+            egress_bytes_per_s: Some(r),
+            ..Limits::default()
+        };
+        let fast = grant(&f, &["a.test"], rate(1 << 20));
+        let metered = tenants.admit(&fast, to("a.test"), &f.verifier).unwrap();
+        let slow = grant(&f, &["a.test"], rate(64 * 1024));
+        let all = |_: &LiveConn, _: &Grant| true;
+        let (kept, closed) =
+            tenants.replace(&fast.claims.jti, fast.claims.exp, &slow, &f.verifier, all);
+        assert_eq!((kept, closed), (1, 0));
+        let meter = metered.meter().unwrap();
+        let (g, _) = meter.grant(crate::limits::Way::Egress, 1 << 20);
+        assert_eq!(
+            g,
+            crate::limits::Grant::Move(16 * 1024),
+            "the new rate's burst"
+        );
+
+        // An unlimited sandbox's connection is relayed unmetered: newly
+        // limited, it cannot be held to it, so it closes.
+        let tenants = Tenants::default();
+        let free = grant(&f, &["a.test"], Limits::default());
+        let unmetered = tenants.admit(&free, to("a.test"), &f.verifier).unwrap();
+        assert!(unmetered.meter().is_none());
+        let (kept, closed) =
+            tenants.replace(&free.claims.jti, free.claims.exp, &slow, &f.verifier, all);
+        assert_eq!((kept, closed), (0, 1));
+        assert_eq!(unmetered.conn.reason(), Some(Deny::PolicyChanged));
     }
 
     #[test]
