@@ -361,6 +361,13 @@ impl Session {
                     deny.http_status().0
                 };
                 self.audit(&method, &path, (Err(deny), None), &[], status, started);
+                if !hostile {
+                    // Read (and drop) what the client still sends of the
+                    // refused request, as the plain door does: an HTTP/2
+                    // client still uploading when its stream is answered
+                    // and reset may report an error instead of the answer.
+                    discard_body(req.body_mut()).await;
+                }
                 if is_grpc(&req) {
                     return grpc_refusal(deny);
                 }
@@ -551,6 +558,29 @@ impl Session {
 }
 
 /// A gRPC call (its answer is a trailers-only status, not an HTTP one).
+/// Reads and drops a refused request's body: at most 1 MiB, for at most
+/// a second (what is left after that is the client's to lose).
+async fn discard_body(body: &mut Incoming) {
+    use http_body_util::BodyExt;
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return;
+    }
+    let drain = async {
+        let mut read = 0usize;
+        while read < DISCARD_MAX {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// The most of a refused request's body that is read and dropped.
+const DISCARD_MAX: usize = 1 << 20;
+
 fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(hyper::header::CONTENT_TYPE)
