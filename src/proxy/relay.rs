@@ -175,8 +175,9 @@ where
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
-    /// Its capacity: the most one splice into it moves.
-    cap: usize,
+    /// Its capacity: the most one splice into it moves (at most
+    /// [`MAX_PIPE`]; 32 bits keep a connection's state small).
+    cap: u32,
     /// Whether asking for more room may still be granted.
     can_grow: bool,
 }
@@ -191,12 +192,12 @@ impl Pipe {
         let (read, write) =
             nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let cap = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
-            .map_or(64 * 1024, |n| n as usize);
+            .map_or(64 * 1024, |n| n as u32);
         Ok(Pipe {
             read,
             write,
             cap,
-            can_grow: cap < MAX_PIPE,
+            can_grow: (cap as usize) < MAX_PIPE,
         })
     }
 
@@ -208,12 +209,17 @@ impl Pipe {
         if !self.can_grow {
             return;
         }
-        let want = (self.cap * 4).min(MAX_PIPE);
+        let want = (self.cap() * 4).min(MAX_PIPE);
         match nix::fcntl::fcntl(&self.write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(want as i32)) {
-            Ok(n) => self.cap = n as usize,
+            Ok(n) => self.cap = n as u32,
             Err(_) => self.can_grow = false,
         }
-        self.can_grow &= self.cap < MAX_PIPE;
+        self.can_grow &= self.cap() < MAX_PIPE;
+    }
+
+    /// Its capacity, in bytes.
+    fn cap(&self) -> usize {
+        self.cap as usize
     }
 }
 
@@ -333,8 +339,10 @@ async fn splice_bytes(
             },
         };
         let want = match limit {
-            Some(l) => usize::try_from(l - moved).unwrap_or(pipe.cap).min(pipe.cap),
-            None => pipe.cap,
+            Some(l) => usize::try_from(l - moved)
+                .unwrap_or(pipe.cap())
+                .min(pipe.cap()),
+            None => pipe.cap(),
         };
         let n = match src.try_io(Interest::READABLE, || {
             splice(src, None, &pipe.write, None, want, flags).map_err(io::Error::from)
@@ -354,7 +362,7 @@ async fn splice_bytes(
             Err(e) => return Err(e),
         };
         first = false;
-        if n >= pipe.cap {
+        if n >= pipe.cap() {
             pipe.grow();
         }
         let mut left = n;
@@ -450,6 +458,7 @@ pub async fn raw_pair(
                     counter: &traffic.to_upstream,
                     traffic,
                     meter: meter.map(|m| (m, Way::Egress)),
+                    fin_follows: !down.done,
                 };
                 step(cx, &mut up, down.done, &ends)
             } else {
@@ -459,6 +468,7 @@ pub async fn raw_pair(
                     counter: &traffic.to_client,
                     traffic,
                     meter: meter.map(|m| (m, Way::Ingress)),
+                    fin_follows: !up.done,
                 };
                 step(cx, &mut down, up.done, &ends)
             };
@@ -513,6 +523,10 @@ struct Ends<'a> {
     counter: &'a AtomicU64,
     traffic: &'a Traffic,
     meter: Option<(&'a Meter, Way)>,
+    /// The other direction still runs, so this one's end is followed at
+    /// once by a `shutdown` of `dst` (a FIN that can ride on the last
+    /// bytes).
+    fin_follows: bool,
 }
 
 /// The error a byte mover ends with when a daily budget is spent.
@@ -579,6 +593,11 @@ struct Flow {
     done: bool,
     /// A limited sandbox's meter made it wait until then.
     wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Still copying through the worker's scratch buffer: a direction
+    /// starts so, and splices once it moves bulk.
+    short: bool,
+    /// Bytes copied so (at most [`SHORT_MAX`]).
+    copied: u32,
 }
 
 const SPLICE: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
@@ -599,6 +618,8 @@ impl Flow {
             eof: false,
             done: false,
             wait: None,
+            short: true,
+            copied: 0,
         }
     }
 
@@ -672,6 +693,10 @@ impl Flow {
             }
             // Take what the source has.
             ready!(src.poll_read_ready(cx))?;
+            if self.short && self.copy.is_none() && ends.meter.is_none() {
+                self.copy_short(ends)?;
+                continue;
+            }
             if self.copy.is_some() {
                 let (allowed, taken) = ready!(self.allowance(cx, ends, COPY_BUF))?;
                 let Some(buf) = &mut self.copy else { continue };
@@ -695,7 +720,7 @@ impl Flow {
                     }
                 }
             }
-            let cap = self.pipe.as_ref().map_or(0, |p| p.cap);
+            let cap = self.pipe.as_ref().map_or(0, Pipe::cap);
             let (want, taken) = match ends.meter {
                 None => (cap, None),
                 Some(_) => ready!(self.allowance(cx, ends, cap))?,
@@ -728,6 +753,76 @@ impl Flow {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+/// The scratch buffer a short exchange is copied through: one per worker
+/// thread, held only within one poll, so a connection holds none.
+const SCRATCH: usize = 16 * 1024;
+
+/// A direction moves this much by copying at most before it splices.
+const SHORT_MAX: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+impl Flow {
+    /// The first bytes of a direction, and short exchanges: read into the
+    /// worker's scratch buffer until the source is dry (or at EOF) and
+    /// written on at once, what the destination does not take kept to be
+    /// written first (as the head is). For a few hundred bytes a `read`
+    /// and a `write` cost less than two splices and a pipe, which pay only
+    /// for bulk (HAProxy's `splice-auto`); a direction that fills the
+    /// buffer, or has copied [`SHORT_MAX`], splices from then on. When the
+    /// source's EOF came with its last bytes and a `shutdown` follows, they
+    /// are sent with `MSG_MORE` so the FIN rides on their segment.
+    /// Unmetered directions only: a meter's grants are taken per splice.
+    fn copy_short(&mut self, ends: &Ends<'_>) -> io::Result<()> {
+        SCRATCH_BUF.with_borrow_mut(|buf| {
+            let mut got = 0;
+            while got < buf.len() {
+                match ends.src.try_read(&mut buf[got..]) {
+                    Ok(0) => {
+                        self.eof = true;
+                        break;
+                    }
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.copied = self.copied.saturating_add(got as u32);
+            if got == buf.len() || self.copied as usize >= SHORT_MAX {
+                self.short = false;
+            }
+            if got == 0 {
+                return Ok(());
+            }
+            let flags = if self.eof && ends.fin_follows {
+                libc::MSG_MORE
+            } else {
+                0
+            };
+            let dst = socket2::SockRef::from(ends.dst);
+            let wrote = match ends.dst.try_io(Interest::WRITABLE, || {
+                dst.send_with_flags(&buf[..got], flags)
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            if wrote > 0 {
+                ends.counter.fetch_add(wrote as u64, Ordering::Relaxed);
+                ends.traffic.touch();
+            }
+            if wrote < got {
+                self.head = buf[wrote..got].to_vec();
+                self.head_sent = 0;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -799,19 +894,99 @@ mod tests {
     #[test]
     fn a_pipe_grows_to_a_mebibyte_and_no_further() {
         let mut p = Pipe::new().unwrap();
-        let start = p.cap;
+        let start = p.cap();
         assert!(start < MAX_PIPE, "a new pipe is {start} B");
         let mut sizes = vec![start];
         while p.can_grow {
             p.grow();
-            sizes.push(p.cap);
+            sizes.push(p.cap());
         }
-        assert_eq!(p.cap, MAX_PIPE, "grew {sizes:?}");
+        assert_eq!(p.cap(), MAX_PIPE, "grew {sizes:?}");
         assert!(sizes.windows(2).all(|w| w[1] > w[0]), "grew {sizes:?}");
         let real = nix::fcntl::fcntl(&p.write, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
         assert_eq!(real as usize, MAX_PIPE);
         p.grow();
-        assert_eq!(p.cap, MAX_PIPE);
+        assert_eq!(p.cap(), MAX_PIPE);
+    }
+
+    /// Two connected sockets on loopback: (ours, theirs).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Every byte arrives in order, whichever way it moves: short writes
+    /// copied (some while the client is not reading, so what its socket
+    /// does not take waits in the direction), then bulk that fills the
+    /// scratch buffer and is spliced; EOF follows each way. The counters
+    /// match.
+    #[tokio::test]
+    async fn short_then_bulk_bytes_arrive_in_order_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, upstream) = pair().await;
+        // A small send buffer, so the copy meets a full socket.
+        socket2::SockRef::from(&client_side)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let traffic = Arc::new(Traffic::default());
+        let token = CancellationToken::new();
+        let relay = {
+            let traffic = Arc::clone(&traffic);
+            tokio::spawn(async move {
+                let end = raw_pair(
+                    &client_side,
+                    &upstream_side,
+                    b"hello ".to_vec(),
+                    &traffic,
+                    Duration::from_secs(30),
+                    &token,
+                    None,
+                )
+                .await;
+                // The last FIN is the close's.
+                drop((client_side, upstream_side));
+                end
+            })
+        };
+        // Down: many short writes while the client reads nothing, then
+        // 2 MiB in big writes.
+        let down: Vec<u8> = (0..2_400_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let writer = {
+            let down = down.clone();
+            tokio::spawn(async move {
+                let mut upstream = upstream;
+                for chunk in down[..300_000].chunks(700) {
+                    upstream.write_all(chunk).await.unwrap();
+                }
+                upstream.write_all(&down[300_000..]).await.unwrap();
+                upstream.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                upstream.read_to_end(&mut got).await.unwrap();
+                got
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), down.len());
+        assert!(got == down, "the bytes changed on the way down");
+        // Up: a short write, then EOF.
+        client.write_all(b"world").await.unwrap();
+        client.shutdown().await.unwrap();
+        let up = tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(up, b"hello world");
+        let end = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(end, RelayEnd::Closed), "{end:?}");
+        assert_eq!(traffic.totals(), (11, down.len() as u64));
     }
 
     /// A connection whose relay future is dropped (its task cancelled)
