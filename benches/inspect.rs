@@ -3,7 +3,11 @@
 //! proxy's CONNECT, TLS opened by the proxy (a leaf from its CA), the
 //! credential header set by the proxy, to the same nginx upstream over
 //! loopback. Two loads: keep-alive (one tunnel, many requests) and new
-//! connections (a tunnel and a TLS handshake per request).
+//! connections (a tunnel and a TLS handshake per request), each with
+//! HTTP/1.1 and with a client that offers HTTP/2 (Squid 5 does not speak
+//! it, so its client falls back to HTTP/1.1, and the table says so). Then
+//! the memory an open inspected connection costs each proxy: RSS before
+//! and after 256 idle keep-alive tunnels, each past one request.
 //!
 //! ```text
 //! cargo bench --bench inspect -- --seconds 5 --rounds 3 --workers 16
@@ -158,7 +162,7 @@ http {{
   uwsgi_temp_path {d}/nu; scgi_temp_path {d}/ns;
   keepalive_requests 1000000;
   server {{
-    listen 127.0.0.1:{port} ssl;
+    listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {d}/up.pem; ssl_certificate_key {d}/up.key;
     location / {{ if ($http_authorization != 'Bearer {SECRET}') {{ return 401; }} return 200 'ok'; }}
   }}
@@ -221,7 +225,11 @@ format = "Bearer {{secret}}"
 "#
         ),
     )?;
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_sluice"));
+    // SLUICE_BENCH_BIN runs another build (an earlier commit's) in the
+    // same harness, for a side-by-side run.
+    let exe = std::env::var_os("SLUICE_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")));
     let log = std::fs::File::create(dir.join("sluice.log"))?;
     procs.0.push(
         Command::new(exe)
@@ -283,7 +291,8 @@ format = "Bearer {{secret}}"
     ))
 }
 
-fn squid(dir: &Path, procs: &mut Procs) -> Result<SocketAddr> {
+/// Squid with `ssl_bump`; its address and its process's id.
+fn squid(dir: &Path, procs: &mut Procs) -> Result<(SocketAddr, u32)> {
     let port = free_port();
     let d = dir.display();
     let db = dir.join("ssl_db");
@@ -339,8 +348,9 @@ shutdown_lifetime 1 seconds
             .stderr(Stdio::null())
             .spawn()?,
     );
+    let pid = procs.0.last().map(Child::id).context("no squid")?;
     wait_port(([127, 0, 0, 1], port).into())?;
-    Ok(([127, 0, 0, 1], port).into())
+    Ok((([127, 0, 0, 1], port).into(), pid))
 }
 
 /// One proxy under load: where it listens, what the CONNECT carries, the
@@ -354,9 +364,17 @@ struct Proxy {
     proxy_auth: Option<String>,
     authorization: String,
     tls: Arc<rustls::ClientConfig>,
+    /// The same roots, offering `h2` before `http/1.1`.
+    tls_h2: Arc<rustls::ClientConfig>,
+    /// The proxy's process, for its RSS.
+    pid: u32,
 }
 
-async fn tunnel(p: &Proxy, up: u16) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+async fn tunnel(
+    p: &Proxy,
+    up: u16,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut s = TcpStream::connect(p.addr).await?;
     s.set_nodelay(true)?;
     let auth = p
@@ -379,9 +397,52 @@ async fn tunnel(p: &Proxy, up: u16) -> Result<tokio_rustls::client::TlsStream<Tc
         bail!("{}: CONNECT: {}", p.name, String::from_utf8_lossy(&head));
     }
     let name = ServerName::try_from(HOST)?;
-    Ok(tokio_rustls::TlsConnector::from(Arc::clone(&p.tls))
+    Ok(tokio_rustls::TlsConnector::from(Arc::clone(tls))
         .connect(name, s)
         .await?)
+}
+
+/// An open inspected connection: HTTP/1.1 on the TLS stream, or an
+/// HTTP/2 connection (driven by a task of its own).
+enum Open {
+    H1(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}
+
+/// A tunnel, TLS, and HTTP/2 when `h2` is asked and the proxy chose it.
+async fn open(p: &Proxy, up: u16, h2: bool) -> Result<Open> {
+    let s = tunnel(p, up, if h2 { &p.tls_h2 } else { &p.tls }).await?;
+    if s.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Ok(Open::H1(Box::new(s)));
+    }
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(Open::H2(sender))
+}
+
+/// One request on an open connection; whether it went as HTTP/2.
+async fn exchange(c: &mut Open, p: &Proxy, up: u16, buf: &mut Vec<u8>) -> Result<bool> {
+    match c {
+        Open::H1(s) => request(s, p, up, buf).await.map(|()| false),
+        Open::H2(sender) => {
+            use http_body_util::BodyExt;
+            sender.ready().await?;
+            let req = hyper::Request::get(format!("https://{HOST}:{up}/"))
+                .header("authorization", &p.authorization)
+                .body(http_body_util::Empty::new())?;
+            let res = sender.send_request(req).await?;
+            let status = res.status();
+            res.into_body().collect().await?;
+            if status != 200 {
+                bail!("{}: HTTP/2 {status}", p.name);
+            }
+            Ok(true)
+        }
+    }
 }
 
 async fn request(
@@ -428,14 +489,22 @@ async fn request(
     }
 }
 
-/// Runs `workers` clients for `seconds`; `(requests/s, p99 µs)`.
-async fn load(p: &Proxy, up: u16, keepalive: bool, o: &Options) -> Result<(f64, f64)> {
+/// Runs `workers` clients for `seconds`; `(requests/s, p99 µs, how many
+/// went as HTTP/2)`.
+async fn load(
+    p: &Proxy,
+    up: u16,
+    keepalive: bool,
+    h2: bool,
+    o: &Options,
+) -> Result<(f64, f64, usize)> {
     let deadline = Instant::now() + Duration::from_secs_f64(o.seconds);
     let mut tasks = Vec::new();
     for _ in 0..o.workers {
         let p = p.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut as_h2 = 0;
             let mut buf = Vec::with_capacity(4096);
             let mut conn = None;
             // Bounded in time, and in count.
@@ -445,23 +514,57 @@ async fn load(p: &Proxy, up: u16, keepalive: bool, o: &Options) -> Result<(f64, 
                 }
                 let t = Instant::now();
                 if conn.is_none() || !keepalive {
-                    conn = Some(tunnel(&p, up).await?);
+                    conn = Some(open(&p, up, h2).await?);
                 }
-                if let Some(s) = conn.as_mut() {
-                    request(s, &p, up, &mut buf).await?;
+                if let Some(c) = conn.as_mut() {
+                    as_h2 += usize::from(exchange(c, &p, up, &mut buf).await?);
                 }
                 lat.push(t.elapsed().as_micros() as u64);
             }
-            anyhow::Ok(lat)
+            anyhow::Ok((lat, as_h2))
         }));
     }
     let mut all = Vec::new();
+    let mut as_h2 = 0;
     for t in tasks {
-        all.extend(t.await??);
+        let (lat, n) = t.await??;
+        all.extend(lat);
+        as_h2 += n;
     }
     all.sort_unstable();
     let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or(0) as f64;
-    Ok((all.len() as f64 / o.seconds, p99))
+    Ok((all.len() as f64 / o.seconds, p99, as_h2))
+}
+
+/// A process's resident set, KiB.
+fn rss_kib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// How many idle inspected connections the memory figure holds open.
+const IDLE: usize = 256;
+
+/// KiB of the proxy's RSS per open inspected connection: `n` tunnels
+/// opened, one request each, held while the RSS is read, then closed.
+async fn memory(p: &Proxy, up: u16, n: usize) -> Result<f64> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(p.pid)?;
+    let mut held = Vec::with_capacity(n);
+    let mut buf = Vec::new();
+    for _ in 0..n {
+        let mut c = open(p, up, false).await?;
+        exchange(&mut c, p, up, &mut buf).await?;
+        held.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(p.pid)?;
+    drop(held);
+    Ok((after - before) / n as f64)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -488,7 +591,8 @@ fn main() -> Result<()> {
     let up = free_port();
     nginx(dir.path(), up, &mut procs)?;
     let (px, proxy_auth, placeholder, sandbox_ca) = sluice(dir.path(), up, &mut procs)?;
-    let roots = |pems: &[&str]| -> Result<Arc<rustls::ClientConfig>> {
+    let sluice_pid = procs.0.last().map(Child::id).context("no sluice")?;
+    let roots = |pems: &[&str]| -> Result<(Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>)> {
         use rustls::pki_types::pem::PemObject;
         let mut store = rustls::RootCertStore::empty();
         for pem in pems {
@@ -496,23 +600,28 @@ fn main() -> Result<()> {
                 store.add(c?)?;
             }
         }
-        Ok(Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(store)
-                .with_no_client_auth(),
-        ))
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok((Arc::new(config), Arc::new(h2)))
     };
+    let (tls, tls_h2) = roots(&[&sandbox_ca])?;
     let mut proxies = vec![Proxy {
         name: "sluice",
         addr: px,
         connect_host: HOST,
         proxy_auth: Some(proxy_auth),
         authorization: format!("Bearer {placeholder}"),
-        tls: roots(&[&sandbox_ca])?,
+        tls,
+        tls_h2,
+        pid: sluice_pid,
     }];
     if with_squid {
-        let sq = squid(dir.path(), &mut procs)?;
+        let (sq, squid_pid) = squid(dir.path(), &mut procs)?;
         let bump = std::fs::read_to_string(dir.path().join("bump.pem"))?;
+        let (tls, tls_h2) = roots(&[&bump])?;
         proxies.push(Proxy {
             name: "squid-ssl-bump",
             addr: sq,
@@ -520,7 +629,9 @@ fn main() -> Result<()> {
             connect_host: "127.0.0.1",
             proxy_auth: None,
             authorization: "Bearer placeholder".into(),
-            tls: roots(&[&bump])?,
+            tls,
+            tls_h2,
+            pid: squid_pid,
         });
     } else {
         if bench && std::env::var("CI").is_ok() {
@@ -531,19 +642,25 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut table: Vec<(String, &'static str, Vec<f64>, Vec<f64>)> = Vec::new();
-    for keepalive in [true, false] {
-        let load_name = if keepalive {
-            "keep-alive"
-        } else {
-            "new connections"
-        };
+    // (load, proxy, requests/s, p99, requests that went as HTTP/2, all).
+    type Row = (String, &'static str, Vec<f64>, Vec<f64>, usize, f64);
+    let mut table: Vec<Row> = Vec::new();
+    for (keepalive, h2) in [(true, false), (true, true), (false, false), (false, true)] {
+        let load_name = format!(
+            "{}, {}",
+            if keepalive {
+                "keep-alive"
+            } else {
+                "new connections"
+            },
+            if h2 { "HTTP/2 offered" } else { "HTTP/1.1" }
+        );
         for p in &proxies {
-            table.push((load_name.into(), p.name, Vec::new(), Vec::new()));
+            table.push((load_name.clone(), p.name, Vec::new(), Vec::new(), 0, 0.0));
         }
         for _ in 0..o.rounds {
             for (i, p) in proxies.iter().enumerate() {
-                let (rps, p99) = match rt.block_on(load(p, up, keepalive, &o)) {
+                let (rps, p99, as_h2) = match rt.block_on(load(p, up, keepalive, h2, &o)) {
                     Ok(r) => r,
                     Err(e) => {
                         let log = |f: &str| {
@@ -560,8 +677,17 @@ fn main() -> Result<()> {
                 let row = table.len() - proxies.len() + i;
                 table[row].2.push(rps);
                 table[row].3.push(p99);
+                table[row].4 += as_h2;
+                table[row].5 += rps * o.seconds;
             }
         }
+    }
+    let mut kib = Vec::new();
+    for p in &proxies {
+        let m = rt
+            .block_on(memory(p, up, if bench { IDLE } else { 8 }))
+            .with_context(|| format!("{} memory", p.name))?;
+        kib.push((p.name, m));
     }
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -575,21 +701,39 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         out,
-        "| load | proxy | requests/s | p99 (µs) | requests/s vs Squid |"
+        "| load | proxy | spoken | requests/s | p99 (µs) | requests/s vs Squid | p99 vs Squid |"
     )?;
-    writeln!(out, "|---|---|---:|---:|---:|")?;
-    let mut rows: Vec<(String, &str, f64, f64)> = table
+    writeln!(out, "|---|---|---|---:|---:|---:|---:|")?;
+    let rows: Vec<(String, &str, &str, f64, f64)> = table
         .iter_mut()
-        .map(|(l, n, r, p)| (l.clone(), *n, median(r), median(p)))
+        .map(|(l, n, r, p, as_h2, all)| {
+            let spoken = if *as_h2 as f64 >= *all * 0.99 && *all > 0.0 {
+                "HTTP/2"
+            } else if *as_h2 == 0 {
+                "HTTP/1.1"
+            } else {
+                "mixed"
+            };
+            (l.clone(), *n, spoken, median(r), median(p))
+        })
         .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    for (l, n, r, p) in &rows {
+    for (l, n, spoken, r, p) in &rows {
         let squid = rows
             .iter()
             .find(|x| x.0 == *l && x.1 == "squid-ssl-bump")
-            .map(|x| x.2);
-        let ratio = squid.map(|s| format!("{:.2}×", r / s)).unwrap_or_default();
-        writeln!(out, "| {l} | {n} | {r:.0} | {p:.0} | {ratio} |")?;
+            .map(|x| (x.3, x.4));
+        let (ratio, p99) = squid
+            .map(|(sr, sp)| (format!("{:.2}×", r / sr), format!("{:.2}×", p / sp)))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "| {l} | {n} | {spoken} | {r:.0} | {p:.0} | {ratio} | {p99} |"
+        )?;
+    }
+    writeln!(out, "\n| memory per open inspected connection | KiB |")?;
+    writeln!(out, "|---|---:|")?;
+    for (n, m) in &kib {
+        writeln!(out, "| {n} | {m:.1} |")?;
     }
     // The secret reached nginx each time (it answers 401 otherwise), and
     // the client only ever held the placeholder.
