@@ -244,9 +244,12 @@ impl Running {
                     .collect(),
             )
         })?;
+        // A new pool: a connection pooled under the old secrets is not
+        // reused under the new ones.
         self.gateway.set_seal(crate::proxy::Seal {
             authority: seal.authority.clone(),
             credentials: Arc::new(credentials),
+            pool: Arc::default(),
         });
         if !restart.is_empty() {
             tracing::warn!(
@@ -449,6 +452,7 @@ pub async fn run(config: Config, options: Options) -> Result<Running, AppError> 
     gateway.set_seal(crate::proxy::Seal {
         authority: Some(Arc::new(authority)),
         credentials: Arc::new(credentials),
+        pool: Arc::default(),
     });
 
     let signer = state.signer.map(Arc::new);

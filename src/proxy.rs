@@ -12,6 +12,7 @@ pub mod explicit;
 pub mod http;
 pub mod inspect;
 pub mod pipeline;
+pub mod pool;
 pub mod record;
 pub mod relay;
 pub mod sniff;
@@ -84,6 +85,8 @@ pub enum InspectError {
 pub struct Seal {
     pub authority: Option<Arc<crate::authority::Authority>>,
     pub credentials: Arc<crate::credentials::Credentials>,
+    /// Idle upstream connections of inspected hosts, per sandbox.
+    pub pool: Arc<pool::Pool>,
 }
 
 impl Gateway {
@@ -149,6 +152,8 @@ impl Gateway {
         {
             s.replace(token, Arc::clone(grant), generation);
         }
+        // Its idle upstream connections were opened under the old grant.
+        self.seal().pool.forget(&grant.claims.container_id);
         let (kept, closed) =
             self.registry
                 .tenants()

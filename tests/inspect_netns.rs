@@ -65,7 +65,8 @@ printf '<a href="../../packages/sealedpkg-1.0-py3-none-any.whl">sealedpkg-1.0-py
 }
 
 /// nginx in the upstream namespace: 443 (TLS, HTTP/1.1 and HTTP/2) and 80,
-/// each request logged as `protocol|method|uri|authorization|x-leak`.
+/// each request logged as `protocol|method|uri|authorization|x-leak|n`,
+/// `n` the number nginx gives the connection it came on.
 fn start_nginx(lab: &mut Lab) {
     let dir = lab.dir.path().to_owned();
     let d = dir.display();
@@ -76,7 +77,7 @@ fn start_nginx(lab: &mut Lab) {
             "user root; worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err;
 events {{}}
 http {{
-  log_format hdrs '$server_protocol|$request_method|$request_uri|$http_authorization|$http_x_leak';
+  log_format hdrs '$server_protocol|$request_method|$request_uri|$http_authorization|$http_x_leak|$connection';
   client_body_temp_path {d}/ngx-body; proxy_temp_path {d}/ngx-proxy;
   fastcgi_temp_path {d}/ngx-fcgi; uwsgi_temp_path {d}/ngx-uwsgi; scgi_temp_path {d}/ngx-scgi;
   server {{
@@ -402,6 +403,43 @@ fn sealed_credentials_reach_only_their_host_and_only_inspected() {
             "{log}"
         );
     }
+    // A connection per request, one after the other: the second goes on
+    // the first one's upstream connection (sluice keeps it for the same
+    // sandbox and host), and carries the secret as every request does.
+    for (flag, proto) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+        let mut seen = Vec::new();
+        for n in 0..2 {
+            let path = format!("/pool-{proto}-{n}");
+            let r = curl(
+                &lab,
+                &[
+                    "-sS",
+                    flag,
+                    "--cacert",
+                    &sb.bundle,
+                    "--resolve",
+                    &api,
+                    "-H",
+                    &bearer,
+                    &format!("https://api.cred.test{path}"),
+                ],
+            );
+            assert_eq!(r.code, 0, "{r:?}\n{}", lab.sluice_log());
+            let log = access(&lab, 443);
+            let line = log
+                .lines()
+                .find(|l| l.contains(&format!("{proto}|GET|{path}|Bearer {SECRET}|")))
+                .unwrap_or_else(|| panic!("{path} not seen with the secret:\n{log}"));
+            seen.push(line.rsplit('|').next().unwrap_or_default().to_owned());
+            // The first connection's end puts its upstream back.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "{proto}: not the same upstream connection"
+        );
+    }
+
     // Python requests, with only the placeholder in its environment.
     let py = lab.exec_in(
         &lab.sb,

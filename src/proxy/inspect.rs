@@ -26,7 +26,8 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
-use super::pipeline::Conn;
+use super::pipeline::{Conn, Upstream};
+use super::pool::{Pool, Pooled, Sender};
 use super::stream::{Joined, Stream};
 use crate::authority::Authority;
 use crate::credentials::Sealed;
@@ -41,6 +42,8 @@ pub struct Plan {
     pub sealed: Arc<Sealed>,
     pub authority: Arc<Authority>,
     pub host: HostName,
+    /// Where its upstream connection waits for the next, once done.
+    pub pool: Arc<Pool>,
 }
 
 /// The TLS alert a client is sent when the upstream cannot be used:
@@ -80,7 +83,7 @@ pub async fn serve(
     permit: &Permit,
     caller: Caller,
     target: Target,
-    upstream: TcpStream,
+    upstream: Upstream,
     hello: Vec<u8>,
     plan: Plan,
 ) {
@@ -115,57 +118,60 @@ pub async fn serve(
                 .collect()
         })
         .unwrap_or_default();
-    let mut config = (*plan.authority.upstream).clone();
-    config.alpn_protocols = offered;
-    let name = match ServerName::try_from(plan.host.as_str().to_owned()) {
-        Ok(n) => n,
-        Err(_) => return refuse_before(conn, &mut start.io, Deny::NoHost).await,
+    // The upstream: an idle one of the sandbox's that speaks a protocol
+    // the client offered (HTTP/1.1 when it offered none), or a new one.
+    let key = super::pipeline::pool_key(permit, &plan, &target);
+    // An idle connection of the sandbox's that speaks the client's first
+    // choice (HTTP/1.1 when it offered none), or a new one.
+    let want: &[u8] = offered.first().map_or(b"http/1.1", Vec::as_slice);
+    let pooled = match &upstream {
+        Upstream::Pooled(d) => d.pool.take(&d.key, want),
+        Upstream::Dialled(_) => None,
     };
-    // A limited sandbox's bytes are metered under the TLS, as they go.
-    let upstream = super::stream::Metered::new(upstream, permit.live.meter().cloned());
-    let connect = TlsConnector::from(Arc::new(config)).connect(name, upstream);
-    let upstream = match tokio::time::timeout(handshake, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let deny = if certificate_error(&e) {
-                tracing::info!(
-                    host = %plan.host,
-                    error = %e,
-                    "an inspected upstream's certificate did not verify"
-                );
-                Deny::UpstreamCertificate
-            } else {
-                Deny::UpstreamUnreachable
-            };
-            return refuse_before(conn, &mut start.io, deny).await;
+    let upstream = match pooled {
+        Some(p) => {
+            conn.record.upstream = Some(p.addr);
+            Ok(p.sender)
         }
-        Err(_) => return refuse_before(conn, &mut start.io, Deny::UpstreamTimeout).await,
+        None => match upstream.tcp(conn, &target).await {
+            Ok(s) => Err(s),
+            Err(d) => return refuse_before(conn, &mut start.io, d).await,
+        },
     };
-    let h2 = upstream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let chosen = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let (sender, chosen) = match upstream {
+        // The client's first choice, which the pooled connection speaks.
+        Ok(sender) => {
+            let chosen = (!offered.is_empty()).then(|| sender.alpn().to_vec());
+            (sender, chosen)
+        }
+        Err(tcp) => match dial(permit, &plan, tcp, offered, handshake).await {
+            Ok(dialled) => dialled,
+            Err(Some(d)) => return refuse_before(conn, &mut start.io, d).await,
+            Err(None) => {
+                conn.record.end = "upstream_error";
+                return;
+            }
+        },
+    };
 
     // The client's side: a leaf for the name, the upstream's protocol.
     let container = Arc::clone(&permit.grant.container);
     let ruled = permit.grant.allowlist.ruled_names();
-    let leaf = plan
+    let server = plan
         .authority
         .ca(&container, Authority::permitted(&plan.sealed, &ruled))
-        .and_then(|ca| plan.authority.leaf(&container, &ca, &plan.host));
-    let leaf = match leaf {
-        Ok(l) => l,
+        .and_then(|ca| {
+            plan.authority
+                .server_config(&container, &ca, &plan.host, chosen)
+        });
+    let server = match server {
+        Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot make an inspection leaf");
             return refuse_before(conn, &mut start.io, Deny::Overloaded).await;
         }
     };
-    let server = match server_config(leaf, chosen) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot configure inspection TLS");
-            return refuse_before(conn, &mut start.io, Deny::Overloaded).await;
-        }
-    };
-    let client = match tokio::time::timeout(handshake, start.into_stream(Arc::new(server))).await {
+    let client = match tokio::time::timeout(handshake, start.into_stream(server)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if client_alert(&e) => {
             conn.record.end = "client_rejected_certificate";
@@ -199,7 +205,6 @@ pub async fn serve(
         stop: permit.revoked.clone(),
     });
     let stop = permit.revoked.clone();
-    let up_io = TokioIo::new(upstream);
     let client_io = TokioIo::new(client);
     let svc = {
         let session = Arc::clone(&session);
@@ -208,43 +213,37 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(session.handle(req).await) }
         })
     };
-    let end = if h2 {
-        let (sender, up_conn) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(up_io)
-            .await
-        {
-            Ok(p) => p,
-            Err(_) => {
-                conn.record.end = "upstream_error";
-                return;
-            }
-        };
-        *session.h2_sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(client_io, svc);
-        run(served, up_conn, &traffic, idle, &stop, &reset).await
-    } else {
-        let (sender, up_conn) = match hyper::client::conn::http1::handshake(up_io).await {
-            Ok(p) => p,
-            Err(_) => {
-                conn.record.end = "upstream_error";
-                return;
-            }
-        };
-        *session.sender.lock().await = Some(sender);
-        let served = hyper::server::conn::http1::Builder::new()
-            .serve_connection(client_io, svc)
-            .with_upgrades();
-        run(
-            served,
-            up_conn.with_upgrades(),
-            &traffic,
-            idle,
-            &stop,
-            &reset,
-        )
-        .await
+    let end = match sender {
+        Sender::H2(sender) => {
+            *session.h2_sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(client_io, svc);
+            run(served, &traffic, idle, &stop, &reset).await
+        }
+        Sender::H1(sender) => {
+            *session.sender.lock().await = Some(sender);
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(client_io, svc)
+                .with_upgrades();
+            run(served, &traffic, idle, &stop, &reset).await
+        }
     };
+    // The client is gone (closed, reset, or idle: its side says nothing of
+    // the upstream's): the upstream waits for the sandbox's next connection
+    // to the host, if it can carry a request (not mid-answer, not
+    // upgraded, not closed). Not when the token was cancelled, nor after
+    // a request was refused for misusing a credential.
+    if !session.refused.load(Ordering::Acquire) && !stop.is_cancelled() {
+        let h1 = session.sender.lock().await.take().map(Sender::H1);
+        let h2 = session
+            .h2_sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(sender), Some(addr)) = (h1.or(h2.map(Sender::H2)), conn.record.upstream) {
+            plan.pool.put(key, Pooled { sender, addr });
+        }
+    }
     conn.record.end = end;
     if session.refused.load(Ordering::Acquire) {
         conn.record.decide(Err(Deny::CredentialMisuse));
@@ -252,31 +251,27 @@ pub async fn serve(
     }
 }
 
-/// Runs the client's connection and the upstream's together until the
-/// client's ends, the token is cancelled, or nothing moves for `idle`.
-/// Cancelled, the client's close is a reset (`reset` set before the
-/// connection is dropped): bytes still queued for it are not delivered.
-async fn run<C, U, E1, E2>(
+/// Runs the client's connection (the upstream's runs in a task of its
+/// own) until it ends, the token is cancelled, or nothing moves for
+/// `idle`. Cancelled, the client's close is a reset (`reset` set before
+/// the connection is dropped): bytes still queued for it are not
+/// delivered.
+async fn run<C, E>(
     served: C,
-    upstream: U,
     traffic: &super::relay::Traffic,
     idle: Duration,
     stop: &CancellationToken,
     reset: &AtomicBool,
 ) -> &'static str
 where
-    C: Future<Output = Result<(), E1>>,
-    U: Future<Output = Result<(), E2>>,
+    C: Future<Output = Result<(), E>>,
 {
     let mut served = std::pin::pin!(served);
-    let mut upstream = std::pin::pin!(upstream);
-    let mut upstream_done = false;
     traffic.touch();
     loop {
         let idle_at = traffic.last() + idle;
         tokio::select! {
             r = &mut served => return if r.is_ok() { "closed" } else { "reset" },
-            _ = &mut upstream, if !upstream_done => upstream_done = true,
             _ = stop.cancelled() => {
                 reset.store(true, Ordering::Release);
                 return "cancelled";
@@ -287,6 +282,62 @@ where
                 }
             }
         }
+    }
+}
+
+/// TLS to the dialled upstream (verified, offering the client's
+/// protocols), then HTTP over it, driven by a task of its own; with the
+/// protocol the upstream chose. `Err` with the refusal when TLS fails,
+/// `Err(None)` when HTTP's handshake does.
+async fn dial(
+    permit: &Permit,
+    plan: &Plan,
+    tcp: TcpStream,
+    offered: Vec<Vec<u8>>,
+    handshake: Duration,
+) -> Result<(Sender, Option<Vec<u8>>), Option<Deny>> {
+    let mut config = (*plan.authority.upstream).clone();
+    config.alpn_protocols = offered;
+    let name =
+        ServerName::try_from(plan.host.as_str().to_owned()).map_err(|_| Some(Deny::NoHost))?;
+    // A limited sandbox's bytes are metered under the TLS, as they go.
+    let upstream = super::stream::Metered::new(tcp, permit.live.meter().cloned());
+    let connect = TlsConnector::from(Arc::new(config)).connect(name, upstream);
+    let upstream = match tokio::time::timeout(handshake, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            if certificate_error(&e) {
+                tracing::info!(
+                    host = %plan.host,
+                    error = %e,
+                    "an inspected upstream's certificate did not verify"
+                );
+                return Err(Some(Deny::UpstreamCertificate));
+            }
+            return Err(Some(Deny::UpstreamUnreachable));
+        }
+        Err(_) => return Err(Some(Deny::UpstreamTimeout)),
+    };
+    let chosen = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let h2 = chosen.as_deref() == Some(b"h2");
+    let io = TokioIo::new(upstream);
+    if h2 {
+        let (sender, up_conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+            .map_err(|_| None)?;
+        tokio::spawn(async move {
+            let _ = up_conn.await;
+        });
+        Ok((Sender::H2(sender), chosen))
+    } else {
+        let (sender, up_conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|_| None)?;
+        tokio::spawn(async move {
+            let _ = up_conn.with_upgrades().await;
+        });
+        Ok((Sender::H1(sender), chosen))
     }
 }
 
@@ -304,19 +355,6 @@ async fn refuse_before<IO: tokio::io::AsyncWrite + Unpin>(
         io.shutdown().await
     })
     .await;
-}
-
-fn server_config(
-    leaf: Arc<rustls::sign::CertifiedKey>,
-    alpn: Option<Vec<u8>>,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(leaf)));
-    config.alpn_protocols = alpn.into_iter().collect();
-    Ok(config)
 }
 
 type Body = Either<Incoming, Full<Bytes>>;

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::http::{self, Exchange, HttpEnd, Rewrite, Verdict};
 use super::inspect;
+use super::pool::{Deferred, Key};
 use super::record::Record;
 use super::relay::{self, RelayEnd};
 use super::sniff::{
@@ -99,6 +100,25 @@ impl Conn {
         Ok(stream)
     }
 
+    /// Not dialled, when the connection will be inspected (TLS, or a
+    /// tunnel, to a host inspection opens) and the sandbox has an idle
+    /// upstream connection to the target: it will take one.
+    fn deferred(&self, opened: &Opened, permit: &Permit, target: &Target) -> Option<Deferred> {
+        if !matches!(
+            opened,
+            Opened::FirstBytes(Protocol::Tls) | Opened::Tunnel { .. }
+        ) {
+            return None;
+        }
+        let pool = Arc::clone(&self.gw.seal().pool);
+        if pool.is_empty() {
+            return None;
+        }
+        let plan = inspection(&self.gw, permit, target).ok()??;
+        let key = pool_key(permit, &plan, target);
+        pool.has(&key).then_some(Deferred { pool, key })
+    }
+
     /// The one decision, holding the container's slot: taken now, or the
     /// one this connection already holds.
     fn permit(&mut self, caller: &Caller, target: &Target) -> Result<Permit, Deny> {
@@ -134,7 +154,7 @@ impl Conn {
         opened: &Opened,
         caller: &Caller,
         target: &Target,
-    ) -> Option<(Permit, TcpStream)> {
+    ) -> Option<(Permit, Upstream)> {
         let protocol = opened.protocol();
         self.record.set_target(protocol, &target.host, target.port);
         let permit = match self.permit(caller, target) {
@@ -173,10 +193,14 @@ impl Conn {
             self.refuse(protocol, d, opened.refusal(protocol, d)).await;
             return None;
         }
+        if let Some(deferred) = self.deferred(opened, &permit, target) {
+            self.record.decide(Ok(()));
+            return Some((permit, Upstream::Pooled(deferred)));
+        }
         match self.connect(target).await {
             Ok(upstream) => {
                 self.record.decide(Ok(()));
-                Some((permit, upstream))
+                Some((permit, Upstream::Dialled(upstream)))
             }
             Err(d) => {
                 self.slot = Some(permit.slot);
@@ -349,6 +373,44 @@ fn carried(relay: &Relay) -> Carried {
     }
 }
 
+/// A decided connection's upstream: dialled for it, or to be taken from
+/// the sandbox's idle ones (for a host inspection opens).
+pub enum Upstream {
+    Dialled(TcpStream),
+    Pooled(Deferred),
+}
+
+impl Upstream {
+    /// The dialled socket, if it is one.
+    fn dialled(&self) -> Option<&TcpStream> {
+        match self {
+            Upstream::Dialled(s) => Some(s),
+            Upstream::Pooled(_) => None,
+        }
+    }
+
+    /// A TCP connection: the dialled one, or (for a deferred one not
+    /// inspected after all: a tunnel's first bytes not TLS) the target
+    /// dialled now.
+    pub async fn tcp(self, conn: &mut Conn, target: &Target) -> Result<TcpStream, Deny> {
+        match self {
+            Upstream::Dialled(s) => Ok(s),
+            Upstream::Pooled(_) => conn.connect(target).await,
+        }
+    }
+}
+
+/// The pool key of an inspected connection: the sandbox, the host and
+/// port, the meter its bytes go to.
+pub fn pool_key(permit: &Permit, plan: &inspect::Plan, target: &Target) -> Key {
+    Key {
+        container: Arc::clone(&permit.grant.container),
+        host: plan.host.clone(),
+        port: target.port,
+        meter: permit.live.meter().map_or(0, |m| Arc::as_ptr(m) as usize),
+    }
+}
+
 /// A connection decided, dialled and opened: what the relay needs.
 struct Ready {
     permit: Permit,
@@ -370,7 +432,7 @@ enum Relay {
 struct Inspected {
     caller: Caller,
     target: Target,
-    upstream: TcpStream,
+    upstream: Upstream,
     plan: inspect::Plan,
 }
 
@@ -392,27 +454,48 @@ async fn to_origin(
     permit: Permit,
     caller: Caller,
     target: Target,
-    upstream: TcpStream,
+    upstream: Upstream,
     protocol: Protocol,
     buf: Vec<u8>,
 ) -> Result<Ready, Ending> {
-    let relay = match protocol {
-        Protocol::Tls => match inspection(&conn.gw, &permit, &target) {
-            Ok(Some(plan)) => Relay::Inspect(Box::new(Inspected {
+    let inspect = match protocol {
+        Protocol::Tls => Some(inspection(&conn.gw, &permit, &target)),
+        _ => None,
+    };
+    let inspect = match inspect {
+        Some(Ok(Some(plan))) => {
+            let relay = Relay::Inspect(Box::new(Inspected {
                 caller,
                 target,
                 upstream,
                 plan,
-            })),
-            Ok(None) if !permit.restricted => Relay::Raw(Stream::Tcp(upstream)),
+            }));
+            return Ok(Ready { permit, buf, relay });
+        }
+        Some(Err(d)) => Err(d),
+        Some(Ok(None)) | None => Ok(()),
+    };
+    // Not inspected: a TCP connection of its own.
+    let upstream = match upstream.tcp(conn, &target).await {
+        Ok(s) => s,
+        Err(d) => {
+            conn.slot = Some(permit.slot);
+            conn.refuse(protocol, d, refusal(protocol, d)).await;
+            return Err(Ending::Closed);
+        }
+    };
+    let relay = match protocol {
+        // Not opened (an inspected one went above).
+        Protocol::Tls => match inspect {
+            Ok(()) if !permit.restricted => Relay::Raw(Stream::Tcp(upstream)),
             // Report mode: what cannot be judged is let through, recorded.
-            Ok(None) if reports(&permit) => {
+            Ok(()) if reports(&permit) => {
                 conn.record.would_deny = Some(Deny::RequestNotAllowed);
                 Relay::Raw(Stream::Tcp(upstream))
             }
             // A host with request rules whose TLS is not opened: its
             // requests cannot be judged, so none pass.
-            Ok(None) => {
+            Ok(()) => {
                 drop(upstream);
                 conn.slot = Some(permit.slot);
                 let d = Deny::RequestNotAllowed;
@@ -504,6 +587,7 @@ fn inspection(
         sealed: sealed.unwrap_or_default(),
         authority,
         host: name.clone(),
+        pool: Arc::clone(&gw.seal().pool),
     }))
 }
 
@@ -545,13 +629,23 @@ async fn open(
                     rewrite: Rewrite::OriginForm,
                     answer: proxy_deny_response,
                 };
+                // Never pooled (only what is inspected is), so no dial here.
+                let upstream = match upstream.tcp(conn, &target).await {
+                    Ok(s) => s,
+                    Err(d) => {
+                        conn.slot = Some(permit.slot);
+                        conn.refuse(Protocol::Http, d, Some(proxy_deny_response(d)))
+                            .await;
+                        return Err(Ending::Closed);
+                    }
+                };
                 let relay = Relay::Http(Stream::Tcp(upstream), rules);
                 return Ok(Ready { permit, buf, relay });
             }
             Opened::Answered => {}
         }
         let peek = Duration::from_millis(conn.gw.policy().gateway.peek_timeout_ms);
-        let opening = open_tunnel(conn, &upstream, &mut buf, &permit, peek).await;
+        let opening = open_tunnel(conn, upstream.dialled(), &mut buf, &permit, peek).await;
         let (opening, upstream) = settle(conn, opening, upstream).await?;
         let Some(opening) = opening else {
             let other = Protocol::Other;
@@ -741,7 +835,7 @@ async fn tunnel(
     permit: Permit,
     caller: Caller,
     target: Target,
-    upstream: TcpStream,
+    upstream: Upstream,
     mut buf: Vec<u8>,
 ) -> Result<Ready, Ending> {
     let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
@@ -755,7 +849,7 @@ async fn tunnel(
     }
     // However late a tunnel's first bytes come, they are read and judged.
     let idle = Duration::from_millis(conn.gw.policy().gateway.idle_timeout_ms);
-    let opening = open_tunnel(conn, &upstream, &mut buf, &permit, idle).await;
+    let opening = open_tunnel(conn, upstream.dialled(), &mut buf, &permit, idle).await;
     let (opening, upstream) = settle(conn, opening, upstream).await?;
     let opening = opening.unwrap_or(Opening::Other);
     if let Err((protocol, d)) = tunnel_target_check(&opening, &target.host, permit.explicit_port) {
@@ -777,8 +871,8 @@ async fn tunnel(
 async fn settle(
     conn: &mut Conn,
     opening: TunnelOpening,
-    upstream: TcpStream,
-) -> Result<(Option<Opening>, TcpStream), Ending> {
+    upstream: Upstream,
+) -> Result<(Option<Opening>, Upstream), Ending> {
     match opening {
         TunnelOpening::Client(o) => Ok((Some(o), upstream)),
         TunnelOpening::ServerFirst => Ok((None, upstream)),
@@ -842,7 +936,7 @@ pub enum TunnelOpening {
 /// when an allowlist entry names the port.
 async fn open_tunnel(
     conn: &mut Conn,
-    upstream: &TcpStream,
+    upstream: Option<&TcpStream>,
     buf: &mut Vec<u8>,
     permit: &Permit,
     read_limit: Duration,
@@ -853,7 +947,9 @@ async fn open_tunnel(
     let mut reader = OpeningReader::new(g.max_client_hello_bytes, g.max_request_head_bytes);
     let idle = Duration::from_millis(g.idle_timeout_ms);
     drop(policy);
-    if explicit_port && buf.is_empty() {
+    // A pooled upstream (an inspected host's) has spoken HTTP already: the
+    // client speaks first.
+    if let Some(upstream) = upstream.filter(|_| explicit_port && buf.is_empty()) {
         // Only while the client has sent nothing: a hello under way is
         // read to its end and checked. The client's first bytes are read
         // (a cancelled read keeps what it read); the upstream's are only
