@@ -69,10 +69,14 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
     // Decode once, unreserved characters only.
     let bytes = rest.as_bytes();
     let mut decoded = String::with_capacity(rest.len());
-    let mut i = 0;
+    // Plain bytes are copied a run at a time: a run breaks only at an
+    // ASCII byte, so always between characters (multi-byte UTF-8 is kept
+    // as it is; a valid &str is valid here).
+    let (mut i, mut run) = (0, 0);
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
+            decoded.push_str(&rest[run..i]);
             let (Some(h), Some(l)) = (
                 bytes.get(i + 1).copied().and_then(hex),
                 bytes.get(i + 2).copied().and_then(hex),
@@ -91,16 +95,15 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
                 decoded.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
             }
             i += 3;
+            run = i;
             continue;
         }
         if b == b'\\' || b < 0x20 || b == 0x7f {
             return Err(PathError::BadChar);
         }
-        // Multi-byte UTF-8 is kept as it is (a valid &str is valid here).
-        let ch_len = utf8_len(b);
-        decoded.push_str(&rest[i..i + ch_len]);
-        i += ch_len;
+        i += 1;
     }
+    decoded.push_str(&rest[run..]);
     let segments: Vec<&str> = decoded.split('/').collect();
     let last = segments.len() - 1;
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
@@ -135,15 +138,6 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
         normal.push('/');
     }
     Ok(normal)
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0xf0..=0xf7 => 4,
-        0xe0..=0xef => 3,
-        0xc0..=0xdf => 2,
-        _ => 1,
-    }
 }
 
 /// The methods a rule admits.
