@@ -460,6 +460,23 @@ mod tests {
         assert!(Arc::ptr_eq(&leaf, &a.leaf(&id, &ca, &host).unwrap()));
     }
 
+    /// What `from` has to send, read and processed by `to`.
+    fn pass<A, B, D, E>(from: &mut A, to: &mut B)
+    where
+        A: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+        B: std::ops::DerefMut<Target = rustls::ConnectionCommon<E>>,
+    {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+        }
+        to.process_new_packets().unwrap();
+    }
+
     /// One full handshake between a client configuration and `server`,
     /// in memory; how it went (full, or resumed) and the suite chosen.
     fn handshake(
@@ -472,24 +489,8 @@ mod tests {
         // Both ways until neither has more to say; then the tickets, which
         // the client reads with the server's first data.
         for _ in 0..10 {
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).unwrap();
-            }
-            s.process_new_packets().unwrap();
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).unwrap();
-            }
-            c.process_new_packets().unwrap();
+            pass(&mut c, &mut s);
+            pass(&mut s, &mut c);
         }
         assert!(!c.is_handshaking() && !s.is_handshaking());
         let suite = c.negotiated_cipher_suite().unwrap().suite();
