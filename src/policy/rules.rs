@@ -104,37 +104,39 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
         i += 1;
     }
     decoded.push_str(&rest[run..]);
-    let segments: Vec<&str> = decoded.split('/').collect();
-    let last = segments.len() - 1;
-    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
-    let mut trailing = false;
-    for (n, seg) in segments.iter().enumerate() {
-        let bare = seg.split(';').next().unwrap_or("");
-        if seg.contains(';') && (bare == "." || bare == "..") {
+    // One pass over the segments, straight into the result: a `..` cuts
+    // the last segment written (a segment holds no `/`).
+    let mut normal = String::with_capacity(decoded.len() + 1);
+    let (mut depth, mut trailing) = (0usize, false);
+    let mut segments = decoded.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if let Some((bare, _)) = seg.split_once(';')
+            && (bare == "." || bare == "..")
+        {
             return Err(PathError::DotParameter);
         }
-        match *seg {
-            "" if n == last => trailing = true,
+        match seg {
+            "" if last => trailing = true,
             "" => return Err(PathError::EmptySegment),
-            "." => trailing = n == last,
+            "." => trailing = last,
             ".." => {
-                if out.pop().is_none() {
+                if depth == 0 {
                     return Err(PathError::AboveRoot);
                 }
-                trailing = n == last;
+                depth -= 1;
+                normal.truncate(normal.rfind('/').unwrap_or(0));
+                trailing = last;
             }
             s => {
-                out.push(s);
+                normal.push('/');
+                normal.push_str(s);
+                depth += 1;
                 trailing = false;
             }
         }
     }
-    let mut normal = String::with_capacity(decoded.len() + 1);
-    for s in &out {
-        normal.push('/');
-        normal.push_str(s);
-    }
-    if trailing || out.is_empty() {
+    if trailing || depth == 0 {
         normal.push('/');
     }
     Ok(normal)
