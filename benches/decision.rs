@@ -5,8 +5,9 @@
 //! the claims cache; and the whole decision (parse + lookup + match) at
 //! each allowlist size; and the incremental readers fed a byte at a time
 //! (a ClientHello or a head sent one byte per segment) at 2 KiB and 16 KiB,
-//! whose cost must grow linearly with the size. `cargo bench --bench
-//! decision`.
+//! whose cost must grow linearly with the size; and what a connection's
+//! record costs when it ends (audit line, metrics, destinations).
+//! `cargo bench --bench decision`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -203,6 +204,41 @@ fn identity(c: &mut Criterion) {
     c.bench_function("identity/lookup_100k", |b| {
         b.iter(|| registry.get(black_box(probe)).unwrap())
     });
+
+    // What every connection leaves behind when it ends: its record turned
+    // into the audit event (the log line, through the same formatter as
+    // `sluice serve`, to a sink), the metrics, the destinations table and
+    // the live feed.
+    {
+        use sluice::metrics::Mode;
+        use sluice::proxy::record::Record;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::sink)
+            .with_ansi(false)
+            .try_init();
+        let _ = sluice::metrics::install();
+        let events = Arc::new(sluice::events::Events::default());
+        let source = "10.0.0.7:40000".parse().unwrap();
+        let upstream = "198.18.0.9:443".parse().unwrap();
+        let host = Host::parse("api.example.test").unwrap();
+        c.bench_function("audit/connection_record", |b| {
+            b.iter(|| {
+                let mut r = Record::new(Mode::Transparent, source, Arc::clone(&events));
+                r.grant = Some(Arc::clone(&grant));
+                r.container_id = Some(Arc::clone(&grant.container));
+                r.host = Some(host.clone());
+                r.port = 443;
+                r.protocol = sluice::proxy::sniff::Protocol::Tls;
+                r.upstream = Some(upstream);
+                r.matched = Some("api.example.test".into());
+                r.connect_ms = Some(1);
+                r.decide(Ok(()));
+                r.end = "closed";
+                drop(black_box(r));
+            })
+        });
+    }
 
     // The whole decision for one connection, as the transparent listener
     // makes it: parse the post-quantum ClientHello (SNI past byte 1024),

@@ -11,7 +11,11 @@
 //!
 //! ```text
 //! cargo bench --bench inspect -- --seconds 5 --rounds 3 --workers 16
+//! cargo bench --bench inspect -- --only "new connections, HTTP/2"
 //! ```
+//!
+//! Beside requests/s and p99, each proxy's own CPU time per request
+//! (`/proc`), which a shared two-core machine swings less.
 //!
 //! Under `cargo test --all-targets` (no `--bench`) it runs a short smoke
 //! load, so the harness is checked on every CI run. Needs nginx and
@@ -29,6 +33,10 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "load/procfs.rs"]
+#[allow(dead_code)] // the load bench uses the rest
+mod procfs;
+
 const SECRET: &str = "b3nch-S3CRET";
 const HOST: &str = "api.bench.test";
 
@@ -36,6 +44,8 @@ struct Options {
     seconds: f64,
     rounds: usize,
     workers: usize,
+    /// Only the loads whose name holds this (`new`, `HTTP/2`).
+    only: Option<String>,
 }
 
 fn options() -> (Options, bool) {
@@ -46,12 +56,14 @@ fn options() -> (Options, bool) {
             seconds: 5.0,
             rounds: 3,
             workers: 16,
+            only: None,
         }
     } else {
         Options {
             seconds: 0.5,
             rounds: 1,
             workers: 2,
+            only: None,
         }
     };
     let mut it = args.iter();
@@ -61,6 +73,7 @@ fn options() -> (Options, bool) {
             "--seconds" => o.seconds = val().parse().unwrap_or(o.seconds),
             "--rounds" => o.rounds = val().parse().unwrap_or(o.rounds),
             "--workers" => o.workers = val().parse().unwrap_or(o.workers),
+            "--only" => o.only = Some(val()),
             _ => {}
         }
     }
@@ -536,16 +549,6 @@ async fn load(
     Ok((all.len() as f64 / o.seconds, p99, as_h2))
 }
 
-/// A process's resident set, KiB.
-fn rss_kib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
 /// How many idle inspected connections the memory figure holds open.
 const IDLE: usize = 256;
 
@@ -553,7 +556,7 @@ const IDLE: usize = 256;
 /// opened, one request each, held while the RSS is read, then closed.
 async fn memory(p: &Proxy, up: u16, n: usize) -> Result<f64> {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(p.pid)?;
+    let before = procfs::status_kib(p.pid, "VmRSS:") as f64;
     let mut held = Vec::with_capacity(n);
     let mut buf = Vec::new();
     for _ in 0..n {
@@ -562,7 +565,7 @@ async fn memory(p: &Proxy, up: u16, n: usize) -> Result<f64> {
         held.push(c);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(p.pid)?;
+    let after = procfs::status_kib(p.pid, "VmRSS:") as f64;
     drop(held);
     Ok((after - before) / n as f64)
 }
@@ -642,8 +645,17 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    // (load, proxy, requests/s, p99, requests that went as HTTP/2, all).
-    type Row = (String, &'static str, Vec<f64>, Vec<f64>, usize, f64);
+    // (load, proxy, requests/s, p99, requests that went as HTTP/2, all,
+    // the proxy's CPU µs per request).
+    type Row = (
+        String,
+        &'static str,
+        Vec<f64>,
+        Vec<f64>,
+        usize,
+        f64,
+        Vec<f64>,
+    );
     let mut table: Vec<Row> = Vec::new();
     for (keepalive, h2) in [(true, false), (true, true), (false, false), (false, true)] {
         let load_name = format!(
@@ -655,11 +667,26 @@ fn main() -> Result<()> {
             },
             if h2 { "HTTP/2 offered" } else { "HTTP/1.1" }
         );
+        if o.only
+            .as_ref()
+            .is_some_and(|only| !load_name.contains(only))
+        {
+            continue;
+        }
         for p in &proxies {
-            table.push((load_name.clone(), p.name, Vec::new(), Vec::new(), 0, 0.0));
+            table.push((
+                load_name.clone(),
+                p.name,
+                Vec::new(),
+                Vec::new(),
+                0,
+                0.0,
+                Vec::new(),
+            ));
         }
         for _ in 0..o.rounds {
             for (i, p) in proxies.iter().enumerate() {
+                let cpu = procfs::cpu_seconds(p.pid);
                 let (rps, p99, as_h2) = match rt.block_on(load(p, up, keepalive, h2, &o)) {
                     Ok(r) => r,
                     Err(e) => {
@@ -679,6 +706,8 @@ fn main() -> Result<()> {
                 table[row].3.push(p99);
                 table[row].4 += as_h2;
                 table[row].5 += rps * o.seconds;
+                let cpu = procfs::cpu_seconds(p.pid) - cpu;
+                table[row].6.push(cpu * 1e6 / (rps * o.seconds).max(1.0));
             }
         }
     }
@@ -701,12 +730,12 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         out,
-        "| load | proxy | spoken | requests/s | p99 (µs) | requests/s vs Squid | p99 vs Squid |"
+        "| load | proxy | spoken | requests/s | p99 (µs) | CPU µs per request | requests/s vs Squid | p99 vs Squid | CPU vs Squid |"
     )?;
-    writeln!(out, "|---|---|---|---:|---:|---:|---:|")?;
-    let rows: Vec<(String, &str, &str, f64, f64)> = table
+    writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---:|")?;
+    let rows: Vec<(String, &str, &str, f64, f64, f64)> = table
         .iter_mut()
-        .map(|(l, n, r, p, as_h2, all)| {
+        .map(|(l, n, r, p, as_h2, all, cpu)| {
             let spoken = if *as_h2 as f64 >= *all * 0.99 && *all > 0.0 {
                 "HTTP/2"
             } else if *as_h2 == 0 {
@@ -714,20 +743,26 @@ fn main() -> Result<()> {
             } else {
                 "mixed"
             };
-            (l.clone(), *n, spoken, median(r), median(p))
+            (l.clone(), *n, spoken, median(r), median(p), median(cpu))
         })
         .collect();
-    for (l, n, spoken, r, p) in &rows {
+    for (l, n, spoken, r, p, c) in &rows {
         let squid = rows
             .iter()
             .find(|x| x.0 == *l && x.1 == "squid-ssl-bump")
-            .map(|x| (x.3, x.4));
-        let (ratio, p99) = squid
-            .map(|(sr, sp)| (format!("{:.2}×", r / sr), format!("{:.2}×", p / sp)))
+            .map(|x| (x.3, x.4, x.5));
+        let (ratio, p99, cpu) = squid
+            .map(|(sr, sp, sc)| {
+                (
+                    format!("{:.2}×", r / sr),
+                    format!("{:.2}×", p / sp),
+                    format!("{:.2}×", c / sc),
+                )
+            })
             .unwrap_or_default();
         writeln!(
             out,
-            "| {l} | {n} | {spoken} | {r:.0} | {p:.0} | {ratio} | {p99} |"
+            "| {l} | {n} | {spoken} | {r:.0} | {p:.0} | {c:.0} | {ratio} | {p99} | {cpu} |"
         )?;
     }
     writeln!(out, "\n| memory per open inspected connection | KiB |")?;

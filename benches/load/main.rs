@@ -32,6 +32,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod lab;
+mod procfs;
 mod roles;
 mod targets;
 
@@ -300,10 +301,11 @@ fn measure(lab: &Lab, target: Target, o: &Options) -> Result<Vec<(Figure, f64)>>
     let pids = gw.pids();
     let rss = |pids: &[u32]| -> f64 {
         pids.iter()
-            .map(|&p| lab::status_kib(p, "VmRSS:"))
+            .map(|&p| procfs::status_kib(p, "VmRSS:"))
             .sum::<u64>() as f64
     };
-    let fds = |pids: &[u32]| -> f64 { pids.iter().map(|&p| lab::open_fds(p)).sum::<u64>() as f64 };
+    let fds =
+        |pids: &[u32]| -> f64 { pids.iter().map(|&p| procfs::open_fds(p)).sum::<u64>() as f64 };
     let runs = |load: &str| o.only.is_empty() || o.only.iter().any(|l| l == load);
     if !pids.is_empty() && runs("idle") {
         let (rss0, fds0) = (rss(&pids), fds(&pids));
@@ -430,17 +432,17 @@ fn read_until_end(client: &mut Child, pids: &[u32], limit_s: f64) -> Result<End>
             drop(tx);
         }
     });
-    let cpu = |pids: &[u32]| pids.iter().map(|&p| lab::cpu_seconds(p)).sum::<f64>();
+    let cpu = |pids: &[u32]| pids.iter().map(|&p| procfs::cpu_seconds(p)).sum::<f64>();
     let mut start = None;
     let mut stop = None;
     let mut kv = None;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         match line.split_whitespace().next() {
-            Some("start") => start = Some((cpu(pids), lab::machine_cpu_seconds())),
-            Some("stop") => stop = Some((cpu(pids), lab::machine_cpu_seconds())),
+            Some("start") => start = Some((cpu(pids), procfs::machine_cpu_seconds())),
+            Some("stop") => stop = Some((cpu(pids), procfs::machine_cpu_seconds())),
             Some("end") => {
-                let now = (cpu(pids), lab::machine_cpu_seconds());
+                let now = (cpu(pids), procfs::machine_cpu_seconds());
                 stop.get_or_insert(now);
                 kv = Some(
                     line.split_whitespace()

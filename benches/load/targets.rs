@@ -106,7 +106,7 @@ impl Gateway {
     pub fn pids(&self) -> Vec<u32> {
         match &self.child {
             None => Vec::new(),
-            Some(c) => lab::family(c.id()),
+            Some(c) => crate::procfs::family(c.id()),
         }
     }
 
@@ -192,12 +192,11 @@ listen = "127.0.0.1:19090"
         ),
     )?;
     let config = config.to_string_lossy().into_owned();
-    spawn(
-        lab,
-        env!("CARGO_BIN_EXE_sluice"),
-        &["serve", "--config", &config],
-        "sluice.log",
-    )
+    // SLUICE_BENCH_BIN runs another build (an earlier commit's) in the
+    // same lab, for a side-by-side run.
+    let exe = std::env::var("SLUICE_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_owned());
+    spawn(lab, &exe, &["serve", "--config", &config], "sluice.log")
 }
 
 /// Mints a token for the three names and registers the client's address,
