@@ -135,7 +135,9 @@ impl Pool {
     }
 
     /// Keeps `p` for `key`'s next connection, if it can carry a request
-    /// and there is room; else it is dropped (and its connection closed).
+    /// and the pool has room (else it is dropped, and its connection
+    /// closed). A key holds at most `PER_KEY`: past that, its longest
+    /// idle connection is dropped for `p`.
     pub fn put(self: &Arc<Self>, key: Key, p: Pooled) {
         if !p.sender.usable() {
             return;
@@ -148,12 +150,20 @@ impl Pool {
             if idle.count >= MAX {
                 return;
             }
+            let now = Instant::now();
             let v = idle.by_key.entry(key).or_default();
             if v.len() >= PER_KEY {
-                return;
+                v.retain(|(p, at)| now.duration_since(*at) < IDLE && p.sender.usable());
             }
-            v.push((p, Instant::now()));
-            idle.count += 1;
+            if v.len() >= PER_KEY {
+                // The longest idle goes (put in order, it is the first):
+                // a key full of one protocol's connections, left by an
+                // earlier burst, must not keep the other's from being
+                // reused until they lapse.
+                v.remove(0);
+            }
+            v.push((p, now));
+            idle.count = idle.by_key.values().map(Vec::len).sum();
         }
         // One sweeper at a time, until the pool is empty: an idle
         // connection is closed within two IDLEs even if no one asks.
@@ -218,6 +228,23 @@ mod tests {
         });
         s.ready().await.unwrap();
         Sender::H1(s)
+    }
+
+    /// An HTTP/2 sender over an in-memory pipe (no server answers: it
+    /// is ready for its first streams all the same).
+    async fn h2_sender() -> Sender {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (s, conn) = http2::handshake::<_, _, Incoming>(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(ours),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(async move {
+            let _theirs = theirs;
+            let _ = conn.await;
+        });
+        Sender::H2(s)
     }
 
     fn key(container: &str, port: u16) -> Key {
@@ -288,6 +315,12 @@ mod tests {
             pool.put(key("c1", 443), pooled(sender().await));
         }
         assert_eq!(pool.lock().count, PER_KEY);
+        // Full of HTTP/1.1: an HTTP/2 connection takes the longest idle's
+        // place, and is there for the next HTTP/2 client.
+        pool.put(key("c1", 443), pooled(h2_sender().await));
+        assert_eq!(pool.lock().count, PER_KEY);
+        assert!(pool.take(&key("c1", 443), b"h2").is_some(), "not kept");
+        assert_eq!(pool.lock().count, PER_KEY - 1);
         // Nobody asks: the sweeper closes them within two IDLEs.
         for _ in 0..4 {
             tokio::time::sleep(IDLE).await;
