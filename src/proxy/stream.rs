@@ -183,6 +183,24 @@ impl AsyncWrite for WriteHalf {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteHalf::Other(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WriteHalf::Tcp(w) => w.is_write_vectored(),
+            WriteHalf::Other(w) => w.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
@@ -281,6 +299,29 @@ impl AsyncWrite for Joined {
             this.traffic.touch();
         }
         r
+    }
+
+    /// A TLS stream hands every record it has queued at once (a
+    /// handshake's flight, tickets, HTTP/2 frames): one `writev`, not a
+    /// `sendto` per record.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.split.write).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.traffic
+                .to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
+            this.traffic.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.split.write.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -428,6 +469,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         r
     }
 
+    /// Unlimited, all at once; limited, the first slice within what the
+    /// meter allows, as a plain write.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.meter.is_none() {
+            return Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs);
+        }
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
+        self.poll_write(cx, first)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.meter.is_none() && self.inner.is_write_vectored()
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
@@ -469,5 +531,77 @@ mod tests {
             .unwrap();
         let split = Stream::from(c).split();
         assert!(split.tcp().is_some() && split.write.tcp().is_some());
+    }
+
+    /// A TLS stream hands every record it has queued in one vectored
+    /// write (a handshake's flight): the client's joined stream and an
+    /// unlimited upstream pass it to the socket whole, one `writev`, and
+    /// the joined stream counts it; a limited upstream writes what its
+    /// meter allows of the first slice.
+    #[tokio::test]
+    async fn vectored_writes_reach_the_socket_whole_unless_metered() {
+        use std::future::poll_fn;
+        use std::io::IoSlice;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let slices = [
+            IoSlice::new(b"server hello,"),
+            IoSlice::new(b""),
+            IoSlice::new(b" change cipher spec,"),
+            IoSlice::new(b" finished"),
+        ];
+        let all: usize = slices.iter().map(|s| s.len()).sum();
+        let read_all = |mut peer: TcpStream, n: usize| async move {
+            let mut got = vec![0; n];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        };
+
+        let client = TcpStream::connect(at).await.unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let traffic = std::sync::Arc::new(super::super::relay::Traffic::default());
+        let mut joined = Joined::new(
+            Vec::new(),
+            Stream::from(peer).split(),
+            std::sync::Arc::clone(&traffic),
+        );
+        assert!(joined.is_write_vectored());
+        let n = poll_fn(|cx| Pin::new(&mut joined).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        assert_eq!(n, all);
+        assert_eq!(traffic.to_client.load(Ordering::Relaxed), all as u64);
+        assert_eq!(
+            read_all(client, all).await,
+            b"server hello, change cipher spec, finished"
+        );
+
+        let up = TcpStream::connect(at).await.unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let mut unlimited = Metered::new(up, None);
+        assert!(unlimited.is_write_vectored());
+        let n = poll_fn(|cx| Pin::new(&mut unlimited).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        assert_eq!(n, all);
+        assert_eq!(
+            read_all(peer, all).await,
+            b"server hello, change cipher spec, finished"
+        );
+
+        let limits = crate::limits::Limits {
+            egress_bytes_per_s: Some(1 << 20),
+            ..Default::default()
+        };
+        let meter = crate::limits::Meter::new(&limits, None, None).map(std::sync::Arc::new);
+        let up = TcpStream::connect(at).await.unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let mut limited = Metered::new(up, meter);
+        assert!(!limited.is_write_vectored());
+        let n = poll_fn(|cx| Pin::new(&mut limited).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        assert_eq!(n, slices[0].len());
+        assert_eq!(read_all(peer, n).await, b"server hello,");
     }
 }
