@@ -32,6 +32,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod lab;
+#[allow(dead_code)] // what the inspection bench uses as well
 mod procfs;
 mod roles;
 mod targets;
