@@ -190,6 +190,7 @@ fn identity(c: &mut Criterion) {
             container: Arc::from(claims.container_id.as_str()),
             claims,
             allowlist: grant.allowlist.clone(),
+            placeholders: Default::default(),
         };
         registry
             .bind(Sandbox::new(
@@ -369,8 +370,38 @@ fn dns_cache_hit(c: &mut Criterion) {
     });
 }
 
+/// What a connection of a sandbox with credentials asks for, a few times
+/// (the door, the misuse check, the decision to inspect): its sealed
+/// credentials. Made each time (an HMAC per placeholder), as before the
+/// grant remembered them, and remembered under the same seal.
+fn sealed_credentials(c: &mut Criterion) {
+    use sluice::credentials::{Credentials, Placeholders, Sealed, placeholder};
+    let key = Arc::new([7u8; 32].to_vec());
+    let names = vec!["github".to_owned(), "openai".to_owned()];
+    let all = Credentials::default();
+    c.bench_function("credentials/placeholder", |b| {
+        b.iter(|| placeholder(black_box(&key), black_box("c-12345"), black_box("github")))
+    });
+    c.bench_function("credentials/sealed_made", |b| {
+        b.iter(|| Arc::new(Sealed::new(black_box(&key), "c-12345", &names, &all)))
+    });
+    let memo = Placeholders::<Vec<u8>>::default();
+    c.bench_function("credentials/sealed_remembered", |b| {
+        b.iter(|| {
+            let placeholders = memo.under(black_box(&key), || {
+                names
+                    .iter()
+                    .map(|n| placeholder(&key, "c-12345", n))
+                    .collect()
+            });
+            Arc::new(Sealed::with_placeholders(&names, &placeholders, &all))
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    sealed_credentials,
     parsers,
     dribbles,
     allowlists,

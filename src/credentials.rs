@@ -344,10 +344,55 @@ pub fn placeholder(key: &[u8], container_id: &str, name: &str) -> String {
     out.push_str(PLACEHOLDER_PREFIX);
     out.push_str(name);
     out.push('-');
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for b in &tag[..16] {
-        out.push_str(&format!("{b:02x}"));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
+}
+
+/// A grant's placeholders as last made, against the seal they were made
+/// under (its key): every connection of a sandbox that has credentials
+/// asks for its sealed credentials, and each placeholder is an HMAC.
+/// The seal is held weakly and compared by identity, so a new one
+/// (SIGHUP: a new key or new credentials) makes them anew and an old one
+/// is not kept alive here. Only placeholders are held, never a secret.
+pub struct Placeholders<K> {
+    last: std::sync::Mutex<Option<MadeUnder<K>>>,
+}
+
+/// Placeholders, and the seal they were made under.
+type MadeUnder<K> = (std::sync::Weak<K>, Arc<[String]>);
+
+impl<K> Default for Placeholders<K> {
+    fn default() -> Self {
+        Placeholders {
+            last: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<K> fmt::Debug for Placeholders<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Placeholders")
+    }
+}
+
+impl<K> Placeholders<K> {
+    /// The placeholders made under `seal`: remembered ones if they were,
+    /// else `make`'s, remembered.
+    pub fn under(&self, seal: &Arc<K>, make: impl FnOnce() -> Vec<String>) -> Arc<[String]> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((made_under, made)) = &*last
+            && std::ptr::eq(made_under.as_ptr(), Arc::as_ptr(seal))
+        {
+            return Arc::clone(made);
+        }
+        let made: Arc<[String]> = make().into();
+        *last = Some((Arc::downgrade(seal), Arc::clone(&made)));
+        made
+    }
 }
 
 /// One sandbox's credentials: each name with its placeholder and the
@@ -360,16 +405,24 @@ pub struct Sealed {
 
 impl Sealed {
     pub fn new(key: &[u8], container_id: &str, names: &[String], all: &Credentials) -> Sealed {
+        let placeholders: Vec<String> = names
+            .iter()
+            .map(|n| placeholder(key, container_id, n))
+            .collect();
+        Sealed::with_placeholders(names, &placeholders, all)
+    }
+
+    /// `names` with their placeholders, made already (in the same order).
+    pub fn with_placeholders(
+        names: &[String],
+        placeholders: &[String],
+        all: &Credentials,
+    ) -> Sealed {
         Sealed {
             items: names
                 .iter()
-                .map(|n| {
-                    (
-                        Arc::from(n.as_str()),
-                        placeholder(key, container_id, n),
-                        all.get(n).cloned(),
-                    )
-                })
+                .zip(placeholders)
+                .map(|(n, p)| (Arc::from(n.as_str()), p.clone(), all.get(n).cloned()))
                 .collect(),
         }
     }
@@ -571,11 +624,43 @@ mod tests {
     #[test]
     fn placeholders_are_per_sandbox_and_credential() {
         let a = placeholder(b"k", "c1", "github");
-        assert!(a.starts_with("sluice-sealed-github-"));
+        // Every gateway of a fleet, of any version, makes the same one:
+        // HMAC-SHA-256("k", "sluice placeholder\0c1\0github"), 128 bits, hex.
+        assert_eq!(a, "sluice-sealed-github-e3557c48e0a4db9035ca5a7edafc0186");
         assert_eq!(a, placeholder(b"k", "c1", "github"));
         assert_ne!(a, placeholder(b"k", "c2", "github"));
         assert_ne!(a, placeholder(b"k", "c1", "openai"));
         assert_ne!(a, placeholder(b"other", "c1", "github"));
+    }
+
+    /// A sandbox's placeholders are made once per seal: asked again under
+    /// the same seal, the same ones without an HMAC; under a new seal (a
+    /// SIGHUP's new key), made anew; the old seal is not kept alive.
+    #[test]
+    fn placeholders_are_remembered_per_seal() {
+        let memo = Placeholders::<Vec<u8>>::default();
+        let made = std::cell::Cell::new(0);
+        let make = |key: &[u8]| {
+            made.set(made.get() + 1);
+            vec![placeholder(key, "c1", "github")]
+        };
+        let first = Arc::new(b"k".to_vec());
+        let a = memo.under(&first, || make(&first));
+        let b = memo.under(&first, || make(&first));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(made.get(), 1);
+        let second = Arc::new(b"other".to_vec());
+        let c = memo.under(&second, || make(&second));
+        assert_eq!(made.get(), 2);
+        assert_ne!(a, c);
+        assert_eq!(&*c, &[placeholder(b"other", "c1", "github")]);
+        let weak = Arc::downgrade(&second);
+        drop(second);
+        assert!(weak.upgrade().is_none(), "the memo keeps no seal alive");
+        // A seal made after the remembered one is gone is a new seal.
+        let third = Arc::new(b"third".to_vec());
+        memo.under(&third, || make(&third));
+        assert_eq!(made.get(), 3);
     }
 
     #[test]

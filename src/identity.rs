@@ -508,6 +508,7 @@ mod tests {
             .unwrap(),
             container: Arc::from("c1"),
             claims,
+            placeholders: Default::default(),
         })
     }
 

@@ -240,13 +240,15 @@ impl Gateway {
             return None;
         }
         let seal = self.seal();
-        let key = seal.authority.as_ref().map(|a| a.key()).unwrap_or(&[]);
-        let sealed = crate::credentials::Sealed::new(
-            key,
-            &grant.claims.container_id,
-            names,
-            &seal.credentials,
-        );
+        let placeholders = grant.placeholders.under(&seal, || {
+            let key = seal.authority.as_ref().map(|a| a.key()).unwrap_or(&[]);
+            names
+                .iter()
+                .map(|n| crate::credentials::placeholder(key, &grant.claims.container_id, n))
+                .collect()
+        });
+        let sealed =
+            crate::credentials::Sealed::with_placeholders(names, &placeholders, &seal.credentials);
         Some((Arc::new(sealed), seal))
     }
 

@@ -135,6 +135,8 @@ pub struct Grant {
     /// `claims.container_id`, shared: what each connection's slot and
     /// record hold without copying it.
     pub container: Arc<str>,
+    /// Its credentials' placeholders, made once per seal.
+    pub placeholders: crate::credentials::Placeholders<crate::proxy::Seal>,
 }
 
 impl Grant {

@@ -353,6 +353,7 @@ impl Verifier {
             container: Arc::from(claims.container_id.as_str()),
             claims,
             allowlist,
+            placeholders: Default::default(),
         })
     }
 }
@@ -384,6 +385,7 @@ impl Verifier {
             allowlist: compile_hosts(&claims.allowed_hosts.0, &self.presets())?,
             container: Arc::from(claims.container_id.as_str()),
             claims,
+            placeholders: Default::default(),
         };
         if grant.expired_at(now_s(), self.leeway) {
             return Err(TokenError::Expired);
