@@ -252,6 +252,17 @@ impl Joined {
             reset: Default::default(),
         }
     }
+
+    /// A write's outcome, its bytes counted to the client.
+    fn sent(&self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = r {
+            self.traffic
+                .to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.traffic.touch();
+        }
+        r
+    }
 }
 
 impl AsyncRead for Joined {
@@ -292,13 +303,7 @@ impl AsyncWrite for Joined {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.split.write).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.traffic
-                .to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
-            this.traffic.touch();
-        }
-        r
+        this.sent(r)
     }
 
     /// A TLS stream hands every record it has queued at once (a
@@ -311,13 +316,7 @@ impl AsyncWrite for Joined {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.split.write).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            this.traffic
-                .to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
-            this.traffic.touch();
-        }
-        r
+        this.sent(r)
     }
 
     fn is_write_vectored(&self) -> bool {
